@@ -1,0 +1,15 @@
+//! valet's vocabulary: scopes, API tokens and run tokens (the valet key).
+//!
+//! This crate does no I/O. Randomness comes from the OS through `getrandom`,
+//! and time is always passed in by the caller, so every rule here can be
+//! tested with fixed inputs.
+
+pub mod api_token;
+pub mod live_runs;
+pub mod run_token;
+pub mod scope;
+
+pub use api_token::{ApiToken, TokenFormatError, TokenHash};
+pub use live_runs::LiveRuns;
+pub use run_token::{KeyRing, RunClaims, RunGrant, RunTokenError, SigningKey};
+pub use scope::{Access, Resource, Scope, ScopeError, ScopeSet, TokenScopes};
