@@ -1,0 +1,40 @@
+//! valet's persistence: the control-plane database (users, vals, tokens,
+//! runs, audit, signing keys, scope requests, outbox), the per-user blob
+//! store and the per-user SQLite databases.
+//!
+//! Everything here is synchronous. Async callers go through
+//! [`Store::call`], which runs the closure on tokio's blocking pool, so a
+//! disk write never stalls an async worker.
+
+mod audit;
+mod blobs;
+mod db;
+mod error;
+mod keys;
+mod migrations;
+mod outbox;
+mod runs;
+mod scope_requests;
+pub mod time;
+mod tokens;
+mod user_sqlite;
+mod users;
+mod vals;
+
+pub use audit::{AuditEvent, AuditSink, Principal};
+pub use blobs::{BlobKey, BlobMeta, BlobStore};
+pub use db::Store;
+pub use error::StoreError;
+pub use outbox::{EmailMessage, OutboxEntry, OutboxStatus};
+pub use runs::{NewRun, Outcome, RunRecord};
+pub use scope_requests::{ScopeRequest, ScopeRequestState};
+pub use tokens::{MigrationState, TokenRecord};
+pub use user_sqlite::{Access as SqlAccess, BatchMode, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement, UserDatabases};
+pub use users::User;
+pub use vals::{NewVal, Val, ValKind, ValPatch};
+
+/// A fresh id with a readable prefix: `tok_0193…`. UUIDv7, so ids sort by
+/// creation time.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}

@@ -1,0 +1,161 @@
+//! Run records: one row per run, with its outcome and its (bounded) logs.
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use valet_core::ScopeSet;
+
+use crate::{Store, StoreError, time};
+
+/// How a run ended (DESIGN §5), or that it has not yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Oom,
+    Killed,
+    Lost,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Oom => "oom",
+            Outcome::Killed => "killed",
+            Outcome::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Outcome {
+        match s {
+            "running" => Outcome::Running,
+            "succeeded" => Outcome::Succeeded,
+            "failed" => Outcome::Failed,
+            "timed_out" => Outcome::TimedOut,
+            "oom" => Outcome::Oom,
+            "killed" => Outcome::Killed,
+            _ => Outcome::Lost,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRun<'a> {
+    pub id: &'a str,
+    pub user_id: &'a str,
+    pub val_id: Option<&'a str>,
+    pub trigger: &'a str,
+    pub scopes: ScopeSet,
+    pub started_at: i64,
+    pub deadline: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub id: String,
+    #[serde(skip)]
+    pub user_id: String,
+    pub val_id: Option<String>,
+    pub trigger: String,
+    pub scopes: ScopeSet,
+    pub outcome: Outcome,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub exit_detail: Option<String>,
+    pub logs: String,
+}
+
+const COLUMNS: &str =
+    "id, user_id, val_id, trigger, scopes, status, started_at, ended_at, exit_detail, logs";
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    let scopes: String = row.get(4)?;
+    let status: String = row.get(5)?;
+    let started: i64 = row.get(6)?;
+    let ended: Option<i64> = row.get(7)?;
+    Ok(RunRecord {
+        id: row.get(0)?,
+        user_id: row.get(1)?,
+        val_id: row.get(2)?,
+        trigger: row.get(3)?,
+        scopes: ScopeSet::parse(&scopes).unwrap_or_default(),
+        outcome: Outcome::parse(&status),
+        started_at: time::iso(started),
+        ended_at: ended.map(time::iso),
+        duration_ms: ended.map(|e| e - started),
+        exit_detail: row.get(8)?,
+        logs: row.get(9)?,
+    })
+}
+
+impl Store {
+    pub fn insert_run(&self, run: &NewRun<'_>) -> Result<(), StoreError> {
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7)",
+                params![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline],
+            )?;
+            if let Some(val_id) = run.val_id {
+                c.execute("UPDATE vals SET last_run_at = ?1 WHERE id = ?2", params![run.started_at, val_id])?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn finish_run(
+        &self,
+        id: &str,
+        outcome: Outcome,
+        detail: &str,
+        logs: &str,
+    ) -> Result<(), StoreError> {
+        self.write(|c| {
+            c.execute(
+                "UPDATE runs SET status = ?1, ended_at = ?2, exit_detail = ?3, logs = ?4 WHERE id = ?5",
+                params![outcome.as_str(), time::now_ms(), detail, logs, id],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Runs left `running` by a supervisor that died: marks them `lost`.
+    pub fn mark_lost_runs(&self) -> Result<usize, StoreError> {
+        self.write(|c| {
+            Ok(c.execute(
+                "UPDATE runs SET status = 'lost', ended_at = ?1, exit_detail = 'the supervisor stopped during the run'
+                 WHERE status = 'running'",
+                [time::now_ms()],
+            )?)
+        })
+    }
+
+    pub fn run_of_user(&self, user_id: &str, id: &str) -> Result<RunRecord, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM runs WHERE id = ?1 AND user_id = ?2"),
+                params![id, user_id],
+                from_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("run '{id}'")))
+        })
+    }
+
+    pub fn runs_of_val(&self, val_id: &str, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM runs WHERE val_id = ?1 ORDER BY started_at DESC, id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![val_id, limit as i64], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+}

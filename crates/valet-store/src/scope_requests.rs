@@ -1,0 +1,109 @@
+//! Scope requests, the iOS-style opt-in: a run refused for a missing scope
+//! leaves a request on its val, which the owner can allow or deny.
+
+use rusqlite::params;
+use serde::Serialize;
+use valet_core::Scope;
+
+use crate::{Store, StoreError, time};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeRequestState {
+    Pending,
+    Allowed,
+    Denied,
+}
+
+impl ScopeRequestState {
+    fn parse(s: &str) -> ScopeRequestState {
+        match s {
+            "allowed" => ScopeRequestState::Allowed,
+            "denied" => ScopeRequestState::Denied,
+            _ => ScopeRequestState::Pending,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScopeRequest {
+    pub scope: Scope,
+    pub state: ScopeRequestState,
+    pub first_at: String,
+    pub last_at: String,
+    pub count: i64,
+    pub sample_route: String,
+}
+
+impl Store {
+    /// Notes that a run of `val_id` was refused `scope`. A denied request
+    /// stays denied (silenced) but keeps counting.
+    pub fn record_scope_request(&self, val_id: &str, scope: Scope, route: &str) -> Result<(), StoreError> {
+        let now = time::now_ms();
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO scope_requests (val_id, scope, first_at, last_at, count, sample_route)
+                 VALUES (?1, ?2, ?3, ?3, 1, ?4)
+                 ON CONFLICT(val_id, scope) DO UPDATE SET last_at = excluded.last_at, count = count + 1,
+                     state = CASE WHEN state = 'allowed' THEN 'pending' ELSE state END",
+                params![val_id, scope.to_string(), now, route],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn scope_requests(&self, val_id: &str) -> Result<Vec<ScopeRequest>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT scope, state, first_at, last_at, count, sample_route FROM scope_requests
+                 WHERE val_id = ?1 ORDER BY last_at DESC",
+            )?;
+            let rows = stmt.query_map([val_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (scope, state, first, last, count, route) = row?;
+                out.push(ScopeRequest {
+                    scope: scope.parse()?,
+                    state: ScopeRequestState::parse(&state),
+                    first_at: time::iso(first),
+                    last_at: time::iso(last),
+                    count,
+                    sample_route: route,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Allows (adding the scope to the val) or denies a request, in one
+    /// transaction.
+    pub fn decide_scope_request(
+        &self,
+        user_id: &str,
+        val_id: &str,
+        scope: Scope,
+        allow: bool,
+    ) -> Result<(), StoreError> {
+        let val = self.val_of_user(user_id, val_id)?;
+        self.write(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE scope_requests SET state = ?1 WHERE val_id = ?2 AND scope = ?3",
+                params![if allow { "allowed" } else { "denied" }, val_id, scope.to_string()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("scope request '{scope}' on val '{val_id}'")));
+            }
+            if allow {
+                tx.execute(
+                    "UPDATE vals SET scopes = ?1, updated_at = ?2 WHERE id = ?3",
+                    params![val.scopes.with(scope).to_claim(), time::now_ms(), val_id],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,351 @@
+//! API tokens as stored: only their SHA-256, never the token itself.
+
+use rusqlite::{OptionalExtension, Row, params};
+use valet_core::{ApiToken, ScopeSet, TokenHash, TokenScopes};
+
+use crate::{Store, StoreError, new_id, time};
+
+/// Where a legacy token stands in the scope migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationState {
+    /// Rewritten to the safe defaults.
+    Migrated,
+    /// Kept at full scopes because its owner uses `val:write`/`user:write`.
+    Held,
+    /// Held, then moved to the defaults after the grace period.
+    Finished,
+}
+
+impl MigrationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Migrated => "migrated",
+            MigrationState::Held => "held",
+            MigrationState::Finished => "finished",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MigrationState> {
+        match s {
+            "migrated" => Some(MigrationState::Migrated),
+            "held" => Some(MigrationState::Held),
+            "finished" => Some(MigrationState::Finished),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub hash: TokenHash,
+    pub hint: String,
+    pub scopes: TokenScopes,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub revoked_reason: Option<String>,
+    pub leak_url: Option<String>,
+    pub migration_state: Option<MigrationState>,
+    pub migration_note: Option<String>,
+}
+
+impl TokenRecord {
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now_ms)
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at.is_some()
+    }
+
+    pub fn is_active(&self, now_ms: i64) -> bool {
+        !self.is_revoked() && !self.is_expired(now_ms)
+    }
+}
+
+pub(crate) const COLUMNS: &str = "id, user_id, name, hash, hint, scopes, created_at, last_used_at, \
+     expires_at, revoked_at, revoked_reason, leak_url, migration_state, migration_note";
+
+pub(crate) fn from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    let hash: Vec<u8> = row.get(3)?;
+    let hash: [u8; 32] = hash.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Blob, "bad hash".into())
+    })?;
+    let scopes: Option<String> = row.get(5)?;
+    let scopes = match scopes {
+        None => TokenScopes::Legacy,
+        Some(text) => TokenScopes::Scoped(ScopeSet::parse(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e))
+        })?),
+    };
+    let state: Option<String> = row.get(12)?;
+    Ok(TokenRecord {
+        id: row.get(0)?,
+        user_id: row.get(1)?,
+        name: row.get(2)?,
+        hash: TokenHash::from_bytes(hash),
+        hint: row.get(4)?,
+        scopes,
+        created_at: row.get(6)?,
+        last_used_at: row.get(7)?,
+        expires_at: row.get(8)?,
+        revoked_at: row.get(9)?,
+        revoked_reason: row.get(10)?,
+        leak_url: row.get(11)?,
+        migration_state: state.as_deref().and_then(MigrationState::parse),
+        migration_note: row.get(13)?,
+    })
+}
+
+pub(crate) fn scopes_column(scopes: TokenScopes) -> Option<String> {
+    match scopes {
+        TokenScopes::Legacy => None,
+        TokenScopes::Scoped(set) => Some(set.to_claim()),
+    }
+}
+
+pub fn validate_token_name(name: &str) -> Result<(), StoreError> {
+    if name.trim().is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+        return Err(StoreError::Invalid(format!(
+            "invalid token name '{}': use 1-100 printable characters",
+            name.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Creates a token and returns it; this is the only time the token
+    /// itself exists outside its owner's hands.
+    pub fn create_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        scopes: TokenScopes,
+        expires_at: Option<i64>,
+    ) -> Result<(TokenRecord, ApiToken), StoreError> {
+        validate_token_name(name)?;
+        let token = ApiToken::generate()
+            .map_err(|e| StoreError::Invalid(format!("no randomness available: {e}")))?;
+        let record = TokenRecord {
+            id: new_id("tok"),
+            user_id: user_id.to_owned(),
+            name: name.to_owned(),
+            hash: token.hash(),
+            hint: token.hint(),
+            scopes,
+            created_at: time::now_ms(),
+            last_used_at: None,
+            expires_at,
+            revoked_at: None,
+            revoked_reason: None,
+            leak_url: None,
+            migration_state: None,
+            migration_note: None,
+        };
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO api_tokens (id, user_id, name, hash, hint, scopes, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    record.id,
+                    record.user_id,
+                    record.name,
+                    &record.hash.as_bytes()[..],
+                    record.hint,
+                    scopes_column(scopes),
+                    record.created_at,
+                    record.expires_at
+                ],
+            )?;
+            Ok(())
+        })?;
+        Ok((record, token))
+    }
+
+    /// Tokens of a user in creation order.
+    pub fn list_tokens(&self, user_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM api_tokens WHERE user_id = ?1 ORDER BY seq"
+            ))?;
+            let rows = stmt.query_map([user_id], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    pub fn token_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached(&format!("SELECT {COLUMNS} FROM api_tokens WHERE hash = ?1"))?;
+            let record = stmt.query_row([&hash.as_bytes()[..]], from_row).optional()?;
+            // The index found the row by hash; compare again in constant time
+            // so equality is never decided by a short-circuiting memcmp.
+            Ok(record.filter(|r| r.hash.ct_eq(hash)))
+        })
+    }
+
+    /// A token of `user_id`; another user's token is "not found".
+    pub fn token_of_user(&self, user_id: &str, id: &str) -> Result<TokenRecord, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM api_tokens WHERE id = ?1 AND user_id = ?2"),
+                params![id, user_id],
+                from_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("token '{id}'")))
+        })
+    }
+
+    pub fn token_by_id(&self, id: &str) -> Result<TokenRecord, StoreError> {
+        self.read(|c| {
+            c.query_row(&format!("SELECT {COLUMNS} FROM api_tokens WHERE id = ?1"), [id], from_row)
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("token '{id}'")))
+        })
+    }
+
+    pub fn set_token_scopes(
+        &self,
+        user_id: &str,
+        id: &str,
+        scopes: ScopeSet,
+    ) -> Result<TokenRecord, StoreError> {
+        self.write(|c| {
+            let n = c.execute(
+                "UPDATE api_tokens SET scopes = ?1,
+                     migration_state = CASE WHEN migration_state = 'held' THEN 'finished' ELSE migration_state END
+                 WHERE id = ?2 AND user_id = ?3",
+                params![scopes.to_claim(), id, user_id],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("token '{id}'")));
+            }
+            Ok(())
+        })?;
+        self.token_of_user(user_id, id)
+    }
+
+    pub fn rename_token(&self, user_id: &str, id: &str, name: &str) -> Result<(), StoreError> {
+        validate_token_name(name)?;
+        self.write(|c| {
+            let n = c.execute(
+                "UPDATE api_tokens SET name = ?1 WHERE id = ?2 AND user_id = ?3",
+                params![name, id, user_id],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("token '{id}'")));
+            }
+            Ok(())
+        })
+    }
+
+    /// Revokes a token of `user_id`. Revoking twice keeps the first reason.
+    pub fn revoke_token(
+        &self,
+        user_id: &str,
+        id: &str,
+        reason: &str,
+    ) -> Result<TokenRecord, StoreError> {
+        self.write(|c| {
+            let n = c.execute(
+                "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?1),
+                     revoked_reason = COALESCE(revoked_reason, ?2)
+                 WHERE id = ?3 AND user_id = ?4",
+                params![time::now_ms(), reason, id, user_id],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("token '{id}'")));
+            }
+            Ok(())
+        })?;
+        self.token_of_user(user_id, id)
+    }
+
+    /// Revokes a token reported as leaked. Returns the record and whether
+    /// this call revoked it (false when it was revoked already), in one
+    /// transaction so two concurrent reports cannot both claim it.
+    pub fn revoke_leaked(
+        &self,
+        hash: &TokenHash,
+        url: &str,
+    ) -> Result<Option<(TokenRecord, bool)>, StoreError> {
+        let revoked_now = self.write(|c| {
+            let n = c.execute(
+                "UPDATE api_tokens SET revoked_at = ?1, revoked_reason = 'leaked', leak_url = ?2
+                 WHERE hash = ?3 AND revoked_at IS NULL",
+                params![time::now_ms(), url, &hash.as_bytes()[..]],
+            )?;
+            Ok(n == 1)
+        })?;
+        Ok(self.token_by_hash(hash)?.map(|r| (r, revoked_now)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store.create_user("ada", "ada@example.com", None).expect("user");
+        (dir, store, user.id)
+    }
+
+    #[test]
+    fn tokens_are_stored_as_hashes_and_found_by_hash() {
+        let (_dir, store, user) = store();
+        let (record, token) = store
+            .create_token(&user, "ci", TokenScopes::Scoped(ScopeSet::default_val()), None)
+            .expect("create");
+        let found = store.token_by_hash(&token.hash()).expect("lookup").expect("found");
+        assert_eq!(found.id, record.id);
+        assert_eq!(found.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
+        let raw = std::fs::read(store.db_path()).expect("read db");
+        let needle = token.expose().as_bytes();
+        assert!(!raw.windows(needle.len()).any(|w| w == needle), "token in plain text on disk");
+    }
+
+    #[test]
+    fn legacy_tokens_have_no_scope_list() {
+        let (_dir, store, user) = store();
+        let (_, token) = store.create_token(&user, "old", TokenScopes::Legacy, None).expect("create");
+        let found = store.token_by_hash(&token.hash()).expect("lookup").expect("found");
+        assert_eq!(found.scopes, TokenScopes::Legacy);
+    }
+
+    #[test]
+    fn other_users_tokens_are_not_found() {
+        let (_dir, store, user) = store();
+        let bob = store.create_user("bob", "bob@example.com", None).expect("bob");
+        let (record, _) = store
+            .create_token(&user, "ci", TokenScopes::Scoped(ScopeSet::EMPTY), None)
+            .expect("create");
+        assert!(matches!(
+            store.revoke_token(&bob.id, &record.id, "x"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(store.token_of_user(&user, &record.id).expect("own").revoked_at.is_none());
+    }
+
+    #[test]
+    fn revoke_leaked_is_idempotent() {
+        let (_dir, store, user) = store();
+        let (_, token) = store
+            .create_token(&user, "ci", TokenScopes::Scoped(ScopeSet::EMPTY), None)
+            .expect("create");
+        let (first, revoked) = store.revoke_leaked(&token.hash(), "https://x").expect("r").expect("some");
+        assert!(revoked);
+        assert_eq!(first.revoked_reason.as_deref(), Some("leaked"));
+        let (_, again) = store.revoke_leaked(&token.hash(), "https://y").expect("r").expect("some");
+        assert!(!again);
+        let unknown = ApiToken::generate().expect("rng");
+        assert!(store.revoke_leaked(&unknown.hash(), "u").expect("r").is_none());
+    }
+}

@@ -1,0 +1,306 @@
+//! Vals: a user's code, its kind, and the scopes and env its runs get.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use valet_core::ScopeSet;
+
+use crate::{Store, StoreError, new_id, time};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValKind {
+    Http,
+    Script,
+    Cron,
+}
+
+impl ValKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValKind::Http => "http",
+            ValKind::Script => "script",
+            ValKind::Cron => "cron",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ValKind, StoreError> {
+        match s {
+            "http" => Ok(ValKind::Http),
+            "script" => Ok(ValKind::Script),
+            "cron" => Ok(ValKind::Cron),
+            _ => Err(StoreError::Invalid(format!(
+                "invalid val type '{s}': use http, script or cron"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Val {
+    pub id: String,
+    pub user_id: String,
+    pub name: String,
+    pub kind: ValKind,
+    pub code: String,
+    pub scopes: ScopeSet,
+    pub env: BTreeMap<String, String>,
+    pub timeout_ms: i64,
+    pub schedule: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub last_run_at: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewVal {
+    pub name: String,
+    pub kind: ValKind,
+    pub code: String,
+    pub scopes: ScopeSet,
+    pub env: BTreeMap<String, String>,
+    pub timeout_ms: i64,
+    pub schedule: Option<String>,
+}
+
+/// A partial update; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ValPatch {
+    pub name: Option<String>,
+    pub kind: Option<ValKind>,
+    pub code: Option<String>,
+    pub scopes: Option<ScopeSet>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub timeout_ms: Option<i64>,
+    pub schedule: Option<Option<String>>,
+}
+
+pub const MAX_TIMEOUT_MS: i64 = 15 * 60 * 1000;
+pub const MAX_CODE_BYTES: usize = 1 << 20;
+
+/// Names the runtime sets itself; a val's env cannot override them.
+pub const RESERVED_ENV: &[&str] = &["valtown", "VAL_TOWN_API_KEY", "VALTOWN_API_URL"];
+
+pub fn validate_val_name(name: &str) -> Result<(), StoreError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphabetic();
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "invalid val name '{name}': use 1-64 letters, digits, '-' or '_', starting with a letter"
+        )))
+    }
+}
+
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), StoreError> {
+    for (name, value) in env {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !name.as_bytes()[0].is_ascii_digit();
+        if !ok {
+            return Err(StoreError::Invalid(format!(
+                "invalid env var name '{name}': use letters, digits and '_', not starting with a digit"
+            )));
+        }
+        if RESERVED_ENV.contains(&name.as_str()) || name.starts_with("DENO_") {
+            return Err(StoreError::Invalid(format!(
+                "env var '{name}' is set by valet itself and cannot be configured"
+            )));
+        }
+        if value.contains('\0') || value.len() > 32 * 1024 {
+            return Err(StoreError::Invalid(format!("env var '{name}' has an invalid value")));
+        }
+    }
+    Ok(())
+}
+
+fn validate_timeout(ms: i64) -> Result<(), StoreError> {
+    if (100..=MAX_TIMEOUT_MS).contains(&ms) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "invalid timeout {ms} ms: use 100 ms to {} minutes",
+            MAX_TIMEOUT_MS / 60_000
+        )))
+    }
+}
+
+fn validate_code(code: &str) -> Result<(), StoreError> {
+    if code.len() > MAX_CODE_BYTES {
+        return Err(StoreError::Invalid(format!("code is larger than {MAX_CODE_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+const COLUMNS: &str = "id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at, last_run_at";
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Val> {
+    let kind: String = row.get(3)?;
+    let scopes: String = row.get(5)?;
+    let env: String = row.get(6)?;
+    let conv = |i, e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
+    };
+    Ok(Val {
+        id: row.get(0)?,
+        user_id: row.get(1)?,
+        name: row.get(2)?,
+        kind: ValKind::parse(&kind).map_err(|e| conv(3, Box::new(e)))?,
+        code: row.get(4)?,
+        scopes: ScopeSet::parse(&scopes).map_err(|e| conv(5, Box::new(e)))?,
+        env: serde_json::from_str(&env).map_err(|e| conv(6, Box::new(e)))?,
+        timeout_ms: row.get(7)?,
+        schedule: row.get(8)?,
+        created_at: row.get(9)?,
+        updated_at: row.get(10)?,
+        last_run_at: row.get(11)?,
+    })
+}
+
+impl Store {
+    pub fn create_val(&self, user_id: &str, new: NewVal) -> Result<Val, StoreError> {
+        validate_val_name(&new.name)?;
+        validate_env(&new.env)?;
+        validate_timeout(new.timeout_ms)?;
+        validate_code(&new.code)?;
+        let now = time::now_ms();
+        let val = Val {
+            id: new_id("val"),
+            user_id: user_id.to_owned(),
+            name: new.name,
+            kind: new.kind,
+            code: new.code,
+            scopes: new.scopes,
+            env: new.env,
+            timeout_ms: new.timeout_ms,
+            schedule: new.schedule,
+            created_at: now,
+            updated_at: now,
+            last_run_at: None,
+        };
+        let env = serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.write(|c| {
+            let n = c.execute(
+                "INSERT INTO vals (id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) ON CONFLICT(user_id, name) DO NOTHING",
+                params![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, now],
+            )?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)));
+            }
+            Ok(())
+        })?;
+        Ok(val)
+    }
+
+    /// A val of `user_id`; another user's val is "not found", never "forbidden".
+    pub fn val_of_user(&self, user_id: &str, id: &str) -> Result<Val, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2"),
+                params![id, user_id],
+                from_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("val '{id}'")))
+        })
+    }
+
+    pub fn val_by_name(&self, user_id: &str, name: &str) -> Result<Option<Val>, StoreError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {COLUMNS} FROM vals WHERE user_id = ?1 AND name = ?2"),
+                params![user_id, name],
+                from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    pub fn val_by_id(&self, id: &str) -> Result<Option<Val>, StoreError> {
+        self.read(|c| {
+            Ok(c.query_row(&format!("SELECT {COLUMNS} FROM vals WHERE id = ?1"), [id], from_row)
+                .optional()?)
+        })
+    }
+
+    pub fn list_vals(&self, user_id: &str) -> Result<Vec<Val>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {COLUMNS} FROM vals WHERE user_id = ?1 ORDER BY name"))?;
+            let rows = stmt.query_map([user_id], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Every cron val with a schedule, for the scheduler.
+    pub fn cron_vals(&self) -> Result<Vec<Val>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM vals WHERE kind = 'cron' AND schedule IS NOT NULL"
+            ))?;
+            let rows = stmt.query_map([], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    pub fn update_val(&self, user_id: &str, id: &str, patch: ValPatch) -> Result<Val, StoreError> {
+        let mut val = self.val_of_user(user_id, id)?;
+        if let Some(name) = patch.name {
+            validate_val_name(&name)?;
+            val.name = name;
+        }
+        if let Some(kind) = patch.kind {
+            val.kind = kind;
+        }
+        if let Some(code) = patch.code {
+            validate_code(&code)?;
+            val.code = code;
+        }
+        if let Some(scopes) = patch.scopes {
+            val.scopes = scopes;
+        }
+        if let Some(env) = patch.env {
+            validate_env(&env)?;
+            val.env = env;
+        }
+        if let Some(timeout) = patch.timeout_ms {
+            validate_timeout(timeout)?;
+            val.timeout_ms = timeout;
+        }
+        if let Some(schedule) = patch.schedule {
+            val.schedule = schedule;
+        }
+        val.updated_at = time::now_ms();
+        let env = serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        self.write(|c| {
+            let n = c.execute(
+                "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
+                     schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10",
+                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id],
+            );
+            match n {
+                Ok(0) => Err(StoreError::NotFound(format!("val '{id}'"))),
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })?;
+        Ok(val)
+    }
+
+    pub fn delete_val(&self, user_id: &str, id: &str) -> Result<(), StoreError> {
+        self.write(|c| {
+            let n = c.execute("DELETE FROM vals WHERE id = ?1 AND user_id = ?2", params![id, user_id])?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("val '{id}'")));
+            }
+            Ok(())
+        })
+    }
+}
