@@ -7,9 +7,11 @@
 pub mod api_token;
 pub mod live_runs;
 pub mod run_token;
+pub mod schedule;
 pub mod scope;
 
 pub use api_token::{ApiToken, TokenFormatError, TokenHash};
 pub use live_runs::LiveRuns;
 pub use run_token::{KeyRing, RunClaims, RunGrant, RunTokenError, SigningKey};
+pub use schedule::Schedule;
 pub use scope::{Access, Resource, Scope, ScopeError, ScopeSet, TokenScopes};

@@ -26,6 +26,11 @@ pub use blobs::{BlobKey, BlobMeta, BlobStore};
 pub use db::Store;
 pub use error::StoreError;
 pub use outbox::{EmailMessage, OutboxEntry, OutboxStatus};
+pub use users::validate_email;
+/// Types that make up an [`EmailMessage`].
+pub mod outbox_types {
+    pub use crate::outbox::Attachment;
+}
 pub use runs::{NewRun, Outcome, RunRecord};
 pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use tokens::{MigrationState, TokenRecord};

@@ -1,0 +1,90 @@
+//! valet's HTTP API: the `/v1` routes the std shims call with a run's valet
+//! key, behind one auth extractor and per-route scope checks.
+//!
+//! [`app`] builds the router from an [`AppState`] so tests can drive it on
+//! any socket; [`serve`] runs it until the shutdown future resolves.
+
+mod auth;
+mod error;
+pub mod mailer;
+mod routes;
+mod runner;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use valet_core::{KeyRing, LiveRuns};
+use valet_store::Store;
+
+pub use auth::{Caller, Grant};
+pub use error::ApiError;
+pub use runner::{BoxFuture, RunSummary, Runner};
+
+/// Limits and settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Bytes of blob storage per user.
+    pub blob_quota: u64,
+    /// Largest request body (a blob, an email with attachments).
+    pub max_body_bytes: usize,
+    /// The address valet sends email from.
+    pub email_from: String,
+    /// The URL people reach this server at, for links in messages.
+    pub public_url: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> ApiConfig {
+        ApiConfig {
+            blob_quota: 100 << 20,
+            max_body_bytes: 10 << 20,
+            email_from: "valet@valet.localhost".into(),
+            public_url: "http://127.0.0.1:7070".into(),
+        }
+    }
+}
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    /// The run-token key ring. Rotation replaces the whole ring, so readers
+    /// take a cheap `Arc` clone and never hold a lock while verifying.
+    pub keys: Arc<KeyRing>,
+    pub live_runs: LiveRuns,
+    pub config: Arc<ApiConfig>,
+    /// The supervisor, when this process runs vals (`valet serve`, `valet
+    /// run`); absent in tests of the API alone.
+    pub runner: Option<Arc<dyn Runner>>,
+}
+
+impl AppState {
+    pub fn new(store: Store, live_runs: LiveRuns, config: ApiConfig) -> Result<AppState, valet_store::StoreError> {
+        let keys = Arc::new(store.key_ring()?);
+        Ok(AppState { store, keys, live_runs, config: Arc::new(config), runner: None })
+    }
+
+    pub fn with_runner(mut self, runner: Arc<dyn Runner>) -> AppState {
+        self.runner = Some(runner);
+        self
+    }
+}
+
+/// The whole router: `/v1`, `/.well-known/jwks.json` and `/x/{user}/{val}`.
+pub fn app(state: AppState) -> Router {
+    routes::router(state)
+}
+
+/// Serves `app(state)` on `listener` until `shutdown` resolves, then lets
+/// requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

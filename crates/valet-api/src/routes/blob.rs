@@ -1,0 +1,70 @@
+//! Blob routes. The body is raw bytes both ways; keys arrive percent-encoded
+//! in the path and are data, never paths.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use valet_core::Scope;
+use valet_store::{BlobKey, BlobMeta};
+
+use super::blocking;
+use crate::{ApiError, AppState, Caller};
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+}
+
+fn key(raw: &str) -> Result<BlobKey, ApiError> {
+    BlobKey::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<BlobMeta>>, ApiError> {
+    let grant = caller.require(Scope::BLOB_READ)?;
+    Ok(Json(blocking(&state, move |s| s.blob_list(grant.user_id(), &q.prefix)).await?))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let grant = caller.require(Scope::BLOB_READ)?;
+    let key = key(&raw)?;
+    let body = blocking(&state, move |s| s.blob_get(grant.user_id(), &key))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("blob '{raw}'")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+pub async fn set(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let grant = caller.require(Scope::BLOB_WRITE)?;
+    let key = key(&raw)?;
+    let quota = state.config.blob_quota;
+    blocking(&state, move |s| s.blob_put(grant.user_id(), &key, &body, quota)).await?;
+    Ok(StatusCode::CREATED)
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let grant = caller.require(Scope::BLOB_WRITE)?;
+    let key = key(&raw)?;
+    blocking(&state, move |s| s.blob_delete(grant.user_id(), &key)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,206 @@
+//! `POST /v1/email`: validate, store in the outbox, answer 202; the mailer
+//! delivers. No field may carry CR or LF, so header injection is impossible.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use valet_core::Scope;
+use valet_store::outbox_types::Attachment;
+use valet_store::{EmailMessage, OutboxEntry};
+
+use super::blocking;
+use crate::{ApiError, AppState, Caller};
+
+/// One address as the std library may send it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Address {
+    Plain(String),
+    Named { email: String, name: Option<String> },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Addresses {
+    One(Address),
+    Many(Vec<Address>),
+}
+
+impl Addresses {
+    fn into_vec(self) -> Vec<Address> {
+        match self {
+            Addresses::One(a) => vec![a],
+            Addresses::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailBody {
+    to: Option<Addresses>,
+    from: Option<Address>,
+    cc: Option<Addresses>,
+    bcc: Option<Addresses>,
+    #[serde(rename = "replyTo")]
+    reply_to: Option<Addresses>,
+    subject: Option<String>,
+    text: Option<String>,
+    html: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    attachments: Vec<Attachment>,
+}
+
+const MAX_RECIPIENTS: usize = 50;
+
+fn no_newlines(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.contains(['\r', '\n', '\0']) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_email",
+            format!("{field} must not contain line breaks"),
+        ));
+    }
+    Ok(())
+}
+
+fn render(field: &str, address: Address) -> Result<String, ApiError> {
+    let (email, name) = match address {
+        Address::Plain(s) => match s.split_once('<') {
+            Some((name, rest)) => (rest.trim_end().trim_end_matches('>').to_owned(), Some(name.trim().trim_matches('"').to_owned())),
+            None => (s, None),
+        },
+        Address::Named { email, name } => (email, name),
+    };
+    no_newlines(field, &email)?;
+    valet_store::validate_email(email.trim())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("{field}: {e}")))?;
+    match name.filter(|n| !n.is_empty()) {
+        Some(name) => {
+            no_newlines(field, &name)?;
+            if name.contains(['"', '<', '>']) {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("{field}: a name must not contain quotes or angle brackets")));
+            }
+            Ok(format!("\"{name}\" <{}>", email.trim()))
+        }
+        None => Ok(email.trim().to_owned()),
+    }
+}
+
+fn render_all(field: &str, list: Option<Addresses>) -> Result<Vec<String>, ApiError> {
+    list.map(Addresses::into_vec)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| render(field, a))
+        .collect()
+}
+
+/// The bare address of a rendered `"Name" <a@b>` or `a@b`.
+fn bare(rendered: &str) -> &str {
+    match rendered.rsplit_once('<') {
+        Some((_, rest)) => rest.trim_end_matches('>'),
+        None => rendered,
+    }
+}
+
+pub async fn send(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<EmailBody>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let grant = caller.require(Scope::EMAIL_WRITE)?;
+    let user_id = grant.user_id().to_owned();
+    let user = blocking(&state, move |s| s.user_by_id(&user_id))
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+
+    let mut to = render_all("to", body.to)?;
+    if to.is_empty() {
+        to.push(user.email.clone());
+    }
+    let cc = render_all("cc", body.cc)?;
+    let bcc = render_all("bcc", body.bcc)?;
+    let reply_to = render_all("replyTo", body.reply_to)?;
+    let recipients: Vec<&String> = to.iter().chain(&cc).chain(&bcc).collect();
+    if recipients.len() > MAX_RECIPIENTS {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("at most {MAX_RECIPIENTS} recipients")));
+    }
+    // Free accounts may only email themselves, so a leaked key cannot turn
+    // valet into a spam relay.
+    if user.tier != "pro" && recipients.iter().any(|r| !bare(r).eq_ignore_ascii_case(&user.email)) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "recipient_not_allowed",
+            "this account can only send email to its own address",
+        ));
+    }
+    // The address is always valet's; a val chooses only the display name.
+    let from_name = match body.from {
+        Some(Address::Named { name: Some(name), .. }) => Some(name),
+        Some(Address::Plain(s)) => s.split_once('<').map(|(n, _)| n.trim().trim_matches('"').to_owned()),
+        _ => None,
+    }
+    .filter(|n| !n.is_empty())
+    .unwrap_or_else(|| format!("{} via valet", user.username));
+    let from = render("from", Address::Named { email: state.config.email_from.clone(), name: Some(from_name) })?;
+
+    let subject = body.subject.unwrap_or_default();
+    no_newlines("subject", &subject)?;
+    for (name, value) in &body.headers {
+        no_newlines("header", name)?;
+        no_newlines("header", value)?;
+        let valid_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid_name {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("invalid header name '{name}'")));
+        }
+    }
+    for a in &body.attachments {
+        no_newlines("attachment filename", &a.filename)?;
+        if let Some(t) = &a.content_type {
+            no_newlines("attachment type", t)?;
+        }
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &a.content).map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("attachment '{}' is not base64", a.filename))
+        })?;
+    }
+    if body.text.is_none() && body.html.is_none() && body.attachments.is_empty() && subject.is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", "an email needs a subject, text, html or an attachment"));
+    }
+    let message = EmailMessage {
+        from,
+        to,
+        cc,
+        bcc,
+        reply_to,
+        subject,
+        text: body.text,
+        html: body.html,
+        headers: body.headers,
+        attachments: body.attachments,
+    };
+    let user_id = user.id.clone();
+    let id = blocking(&state, move |s| s.enqueue_email(&user_id, &message)).await?;
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "status": "queued" }))))
+}
+
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<OutboxEntry>>, ApiError> {
+    let grant = caller.require(Scope::EMAIL_READ)?;
+    Ok(Json(blocking(&state, move |s| s.list_emails(grant.user_id(), 100)).await?))
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<i64>,
+) -> Result<Json<OutboxEntry>, ApiError> {
+    let grant = caller.require(Scope::EMAIL_READ)?;
+    blocking(&state, move |s| s.email_of_user(grant.user_id(), id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("email {id}")))
+}

@@ -1,0 +1,93 @@
+//! The router: every route, its layers, and the JSON 404.
+
+mod blob;
+mod email;
+mod http_trigger;
+mod me;
+mod runs;
+mod sqlite;
+mod tokens;
+mod vals;
+mod well_known;
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Router, middleware};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::{ApiError, AppState, error};
+
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    let api = Router::new()
+        .route("/v1/me", get(me::me))
+        .route("/v1/blob", get(blob::list))
+        .route("/v1/blob/{*key}", get(blob::get).post(blob::set).delete(blob::delete))
+        .route("/v1/sqlite/execute", post(sqlite::execute))
+        .route("/v1/sqlite/batch", post(sqlite::batch))
+        .route("/v1/email", post(email::send).get(email::list))
+        .route("/v1/email/{id}", get(email::status))
+        .route("/v1/vals", get(vals::list).post(vals::create))
+        .route("/v1/vals/{id}", get(vals::get).patch(vals::update).delete(vals::delete))
+        .route("/v1/vals/{id}/run", post(runs::run_val))
+        .route("/v1/vals/{id}/runs", get(runs::list))
+        .route("/v1/vals/{id}/scope-requests", get(vals::scope_requests))
+        .route("/v1/vals/{id}/scope-requests/{scope}/{decision}", post(vals::decide_scope_request))
+        .route("/v1/runs/{id}", get(runs::get))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{id}", get(tokens::get).patch(tokens::update).delete(tokens::revoke))
+        .route("/.well-known/jwks.json", get(well_known::jwks))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body));
+    let trigger = Router::new()
+        .route("/x/{user}/{val}", axum::routing::any(http_trigger::handle))
+        .route("/x/{user}/{val}/", axum::routing::any(http_trigger::handle))
+        .route("/x/{user}/{val}/{*rest}", axum::routing::any(http_trigger::handle))
+        .layer(DefaultBodyLimit::max(max_body));
+    api.merge(trigger)
+        .fallback(not_found)
+        .layer(middleware::from_fn(error::jsonify_errors))
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            tracing::error!("a request handler panicked");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; the server log has the details")
+                .into_response()
+        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    // The matched route, never the raw URI: URIs carry blob
+                    // keys and, for careless clients, tokens.
+                    let route = request
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map(|p| p.as_str().to_owned())
+                        .unwrap_or_else(|| "unmatched".into());
+                    tracing::info_span!("request", method = %request.method(), route, principal = tracing::field::Empty)
+                })
+                .on_response(|response: &axum::response::Response, latency: Duration, _span: &tracing::Span| {
+                    tracing::info!(status = response.status().as_u16(), latency_us = latency.as_micros() as u64, "response");
+                }),
+        )
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see DESIGN §4 for the API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not accept that method")
+}
+
+/// Runs blocking store work and maps its error.
+pub(crate) async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&valet_store::Store) -> Result<T, valet_store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(state.store.call(f).await?)
+}

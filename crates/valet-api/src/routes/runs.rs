@@ -1,0 +1,59 @@
+//! Runs of a val: start one (`val:write`), list them and read their logs
+//! (`val:read`).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use valet_core::Scope;
+use valet_store::{RunRecord, ValKind};
+
+use super::blocking;
+use crate::{ApiError, AppState, Caller, RunSummary};
+
+pub async fn run_val(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<RunSummary>, ApiError> {
+    let grant = caller.require(Scope::VAL_WRITE)?;
+    let val = blocking(&state, move |s| s.val_of_user(grant.user_id(), &id)).await?;
+    if val.kind == ValKind::Http {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "wrong_val_type",
+            "http vals run per request: call /x/{user}/{val} instead",
+        ));
+    }
+    let runner = state
+        .runner
+        .clone()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_runner", "this server does not run vals"))?;
+    let summary = runner
+        .run_val(val, "api")
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(summary))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<RunRecord>>, ApiError> {
+    let grant = caller.require(Scope::VAL_READ)?;
+    let runs = blocking(&state, move |s| {
+        let val = s.val_of_user(grant.user_id(), &id)?;
+        s.runs_of_val(&val.id, 50)
+    })
+    .await?;
+    Ok(Json(runs))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<RunRecord>, ApiError> {
+    let grant = caller.require(Scope::VAL_READ)?;
+    Ok(Json(blocking(&state, move |s| s.run_of_user(grant.user_id(), &id)).await?))
+}

@@ -1,0 +1,127 @@
+//! `/v1/tokens`: the caller's API tokens. A token can create or widen
+//! tokens only within its own scopes, and only with `user:write`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use valet_core::{Scope, ScopeSet, TokenScopes};
+use valet_store::{TokenRecord, time};
+
+use super::blocking;
+use crate::{ApiError, AppState, Caller};
+
+pub fn token_json(t: &TokenRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id,
+        "name": t.name,
+        "hint": t.hint,
+        "scopes": t.scopes.effective(),
+        "legacy": t.scopes == TokenScopes::Legacy,
+        "created_at": time::iso(t.created_at),
+        "last_used_at": t.last_used_at.map(time::iso),
+        "expires_at": t.expires_at.map(time::iso),
+        "revoked_at": t.revoked_at.map(time::iso),
+        "revoked_reason": t.revoked_reason,
+        "leak_url": t.leak_url,
+        "migration_state": t.migration_state.map(|m| m.as_str()),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    name: String,
+    scopes: Option<ScopeSet>,
+    expires_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBody {
+    name: Option<String>,
+    scopes: Option<ScopeSet>,
+}
+
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let grant = caller.require(Scope::USER_READ)?;
+    let tokens = blocking(&state, move |s| s.list_tokens(grant.user_id())).await?;
+    Ok(Json(tokens.iter().map(token_json).collect()))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let grant = caller.require(Scope::USER_READ)?;
+    let token = blocking(&state, move |s| s.token_of_user(grant.user_id(), &id)).await?;
+    Ok(Json(token_json(&token)))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<CreateBody>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let grant = caller.require(Scope::USER_WRITE)?;
+    let scopes = body.scopes.unwrap_or_else(ScopeSet::default_val);
+    caller.require_all(scopes)?;
+    let expires_at = match body.expires_at.as_deref() {
+        None => None,
+        Some(text) => {
+            let at = time::parse(text).ok_or_else(|| {
+                ApiError::bad_request(format!("invalid expires_at '{text}': use ISO-8601, e.g. 2027-01-31T00:00:00Z"))
+            })?;
+            if at <= time::now_ms() {
+                return Err(ApiError::bad_request("expires_at is in the past"));
+            }
+            Some(at)
+        }
+    };
+    let (record, token) = blocking(&state, move |s| {
+        s.create_token(grant.user_id(), &body.name, TokenScopes::Scoped(scopes), expires_at)
+    })
+    .await?;
+    let mut json = token_json(&record);
+    json["token"] = token.expose().into();
+    Ok((StatusCode::CREATED, Json(json)))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let grant = caller.require(Scope::USER_WRITE)?;
+    if let Some(scopes) = body.scopes {
+        caller.require_all(scopes)?;
+    }
+    let token = blocking(&state, move |s| {
+        let user = grant.user_id();
+        let current = s.token_of_user(user, &id)?;
+        if current.is_revoked() {
+            return Err(valet_store::StoreError::Conflict("a revoked token cannot be changed".into()));
+        }
+        if let Some(name) = body.name {
+            s.rename_token(user, &id, &name)?;
+        }
+        match body.scopes {
+            Some(scopes) => s.set_token_scopes(user, &id, scopes),
+            None => s.token_of_user(user, &id),
+        }
+    })
+    .await?;
+    Ok(Json(token_json(&token)))
+}
+
+pub async fn revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let grant = caller.require(Scope::USER_WRITE)?;
+    let token = blocking(&state, move |s| s.revoke_token(grant.user_id(), &id, "revoked by its owner")).await?;
+    Ok(Json(token_json(&token)))
+}

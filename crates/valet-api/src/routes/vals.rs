@@ -1,0 +1,199 @@
+//! `/v1/vals`: a user's vals, and the scope requests their runs left.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use valet_core::{Schedule, Scope, ScopeSet};
+use valet_store::{NewVal, ScopeRequest, Val, ValKind, ValPatch};
+
+use super::blocking;
+use crate::{ApiError, AppState, Caller};
+
+pub const DEFAULT_TIMEOUT_MS: i64 = 30_000;
+
+/// A val as the API shows it. Env values are write-only: only the names
+/// come back.
+pub fn val_json(val: &Val) -> serde_json::Value {
+    let env: BTreeMap<&String, &str> = val.env.keys().map(|k| (k, "********")).collect();
+    serde_json::json!({
+        "id": val.id,
+        "name": val.name,
+        "type": val.kind,
+        "code": val.code,
+        "scopes": val.scopes,
+        "env": env,
+        "timeout_ms": val.timeout_ms,
+        "schedule": val.schedule,
+        "created_at": valet_store::time::iso(val.created_at),
+        "updated_at": valet_store::time::iso(val.updated_at),
+        "last_run_at": val.last_run_at.map(valet_store::time::iso),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    name: String,
+    #[serde(rename = "type")]
+    kind: ValKind,
+    code: String,
+    scopes: Option<ScopeSet>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    timeout_ms: Option<i64>,
+    schedule: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBody {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<ValKind>,
+    code: Option<String>,
+    scopes: Option<ScopeSet>,
+    env: Option<BTreeMap<String, String>>,
+    timeout_ms: Option<i64>,
+    #[serde(default, with = "double_option")]
+    schedule: Option<Option<String>>,
+}
+
+/// Tells a missing field (leave as is) from an explicit `null` (clear).
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+        Ok(Some(Option::deserialize(d)?))
+    }
+}
+
+fn check_schedule(kind: ValKind, schedule: Option<&str>) -> Result<(), ApiError> {
+    match (kind, schedule) {
+        (ValKind::Cron, None) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", "a cron val needs a schedule")),
+        (_, Some(s)) => Schedule::parse(s)
+            .map(|_| ())
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())),
+        _ => Ok(()),
+    }
+}
+
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+    let grant = caller.require(Scope::VAL_READ)?;
+    let vals = blocking(&state, move |s| s.list_vals(grant.user_id())).await?;
+    Ok(Json(vals.iter().map(val_json).collect()))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let grant = caller.require(Scope::VAL_READ)?;
+    let val = blocking(&state, move |s| s.val_of_user(grant.user_id(), &id)).await?;
+    Ok(Json(val_json(&val)))
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<CreateBody>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let grant = caller.require(Scope::VAL_WRITE)?;
+    let scopes = body.scopes.unwrap_or_else(ScopeSet::default_val);
+    // A val's runs act for the caller: they may not get more than it holds.
+    caller.require_all(scopes)?;
+    check_schedule(body.kind, body.schedule.as_deref())?;
+    let new = NewVal {
+        name: body.name,
+        kind: body.kind,
+        code: body.code,
+        scopes,
+        env: body.env,
+        timeout_ms: body.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+        schedule: body.schedule,
+    };
+    let val = blocking(&state, move |s| s.create_val(grant.user_id(), new)).await?;
+    Ok((StatusCode::CREATED, Json(val_json(&val))))
+}
+
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let grant = caller.require(Scope::VAL_WRITE)?;
+    if let Some(scopes) = body.scopes {
+        caller.require_all(scopes)?;
+    }
+    let user_id = grant.user_id().to_owned();
+    let lookup_id = id.clone();
+    let current = blocking(&state, move |s| s.val_of_user(&user_id, &lookup_id)).await?;
+    let kind = body.kind.unwrap_or(current.kind);
+    let schedule = match &body.schedule {
+        Some(s) => s.clone(),
+        None => current.schedule.clone(),
+    };
+    check_schedule(kind, schedule.as_deref())?;
+    let patch = ValPatch {
+        name: body.name,
+        kind: body.kind,
+        code: body.code,
+        scopes: body.scopes,
+        env: body.env,
+        timeout_ms: body.timeout_ms,
+        schedule: body.schedule,
+    };
+    let val = blocking(&state, move |s| s.update_val(grant.user_id(), &id, patch)).await?;
+    Ok(Json(val_json(&val)))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let grant = caller.require(Scope::VAL_WRITE)?;
+    blocking(&state, move |s| s.delete_val(grant.user_id(), &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn scope_requests(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<ScopeRequest>>, ApiError> {
+    let grant = caller.require(Scope::VAL_READ)?;
+    let requests = blocking(&state, move |s| {
+        let val = s.val_of_user(grant.user_id(), &id)?;
+        s.scope_requests(&val.id)
+    })
+    .await?;
+    Ok(Json(requests))
+}
+
+pub async fn decide_scope_request(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, scope, decision)): Path<(String, String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let grant = caller.require(Scope::VAL_WRITE)?;
+    let scope: Scope = scope.parse().map_err(|e: valet_core::ScopeError| ApiError::bad_request(e.to_string()))?;
+    let allow = match decision.as_str() {
+        "allow" => true,
+        "deny" => false,
+        other => return Err(ApiError::not_found(format!("decision '{other}' (use allow or deny)"))),
+    };
+    if allow {
+        // Allowing hands the val's runs this scope: the caller must hold it.
+        caller.require_all(ScopeSet::EMPTY.with(scope))?;
+    }
+    let val = blocking(&state, move |s| {
+        s.decide_scope_request(grant.user_id(), &id, scope, allow)?;
+        s.val_of_user(grant.user_id(), &id)
+    })
+    .await?;
+    Ok(Json(val_json(&val)))
+}
