@@ -32,7 +32,8 @@ impl Schedule {
 
     /// The first time strictly after `after_ms` (unix milliseconds).
     pub fn next_after(&self, after_ms: i64) -> Option<i64> {
-        let start = Utc.timestamp_millis_opt(after_ms).single()?;
+        // Whole seconds: cron times fall on second boundaries.
+        let start = Utc.timestamp_millis_opt(after_ms - after_ms.rem_euclid(1000)).single()?;
         self.cron
             .find_next_occurrence(&start, false)
             .ok()
