@@ -20,7 +20,13 @@ use valet_store::Store;
 
 pub use auth::{Caller, Grant};
 pub use error::ApiError;
-pub use runner::{BoxFuture, RunSummary, Runner};
+pub use routes::tokens_json::token_json;
+pub use runner::{BoxFuture, RunSummary, Runner, ValResponse};
+
+/// The marker a runner puts on an http val's response.
+pub fn runner_marker() -> ValResponse {
+    ValResponse
+}
 
 /// Limits and settings of the API.
 #[derive(Debug, Clone)]

@@ -84,6 +84,13 @@ impl Store {
         Ok(user)
     }
 
+    pub fn set_tier(&self, user_id: &str, tier: &str) -> Result<(), StoreError> {
+        self.write(|c| {
+            c.execute("UPDATE users SET tier = ?1 WHERE id = ?2", params![tier, user_id])?;
+            Ok(())
+        })
+    }
+
     pub fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<(), StoreError> {
         self.write(|c| {
             c.execute("UPDATE users SET password_hash = ?1 WHERE id = ?2", params![hash, user_id])?;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -111,9 +112,10 @@ fn bare(rendered: &str) -> &str {
 pub async fn send(
     State(state): State<AppState>,
     caller: Caller,
-    Json(body): Json<EmailBody>,
+    body: Result<Json<EmailBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let grant = caller.require(Scope::EMAIL_WRITE)?;
+    let body = super::json_body(body)?;
     let user_id = grant.user_id().to_owned();
     let user = blocking(&state, move |s| s.user_by_id(&user_id))
         .await?

@@ -10,6 +10,11 @@ mod tokens;
 mod vals;
 mod well_known;
 
+/// The JSON shape of a token, shared with the CLI's `--json`.
+pub mod tokens_json {
+    pub use super::tokens::token_json;
+}
+
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -90,4 +95,26 @@ pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&valet_store::Store) -> Result<T, valet_store::StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
     Ok(state.store.call(f).await?)
+}
+
+/// A JSON body, or a 4xx that names what is wrong with it. Handlers call
+/// this after their scope check, so a caller without the scope learns
+/// nothing about the body's shape.
+pub(crate) fn json_body<T>(
+    body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    match body {
+        Ok(axum::Json(body)) => Ok(body),
+        Err(rejection) => {
+            let (code, status) = match &rejection {
+                axum::extract::rejection::JsonRejection::MissingJsonContentType(_) => {
+                    ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE)
+                }
+                axum::extract::rejection::JsonRejection::JsonDataError(_) => ("invalid_body", StatusCode::UNPROCESSABLE_ENTITY),
+                axum::extract::rejection::JsonRejection::BytesRejection(_) => ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+                _ => ("invalid_json", StatusCode::BAD_REQUEST),
+            };
+            Err(ApiError::new(status, code, rejection.body_text()))
+        }
+    }
 }

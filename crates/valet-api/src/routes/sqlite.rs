@@ -2,6 +2,7 @@
 //! each statement reads or writes; the caller's scopes decide whether it may.
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use serde::Deserialize;
 use valet_core::Scope;
@@ -59,8 +60,10 @@ async fn run(
 pub async fn execute(
     State(state): State<AppState>,
     caller: Caller,
-    Json(body): Json<ExecuteBody>,
+    body: Result<Json<ExecuteBody>, JsonRejection>,
 ) -> Result<Json<SqlResult>, ApiError> {
+    caller.require_any(&[Scope::SQLITE_READ, Scope::SQLITE_WRITE])?;
+    let body = super::json_body(body)?;
     let mut results = run(state, caller, vec![body.statement], BatchMode::Deferred).await?;
     results.pop().map(Json).ok_or_else(|| ApiError::internal("empty result"))
 }
@@ -68,7 +71,9 @@ pub async fn execute(
 pub async fn batch(
     State(state): State<AppState>,
     caller: Caller,
-    Json(body): Json<BatchBody>,
+    body: Result<Json<BatchBody>, JsonRejection>,
 ) -> Result<Json<Vec<SqlResult>>, ApiError> {
+    caller.require_any(&[Scope::SQLITE_READ, Scope::SQLITE_WRITE])?;
+    let body = super::json_body(body)?;
     Ok(Json(run(state, caller, body.statements, body.mode).await?))
 }

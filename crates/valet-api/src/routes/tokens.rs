@@ -2,6 +2,7 @@
 //! tokens only within its own scopes, and only with `user:write`.
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -62,9 +63,10 @@ pub async fn get(
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    Json(body): Json<CreateBody>,
+    body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let grant = caller.require(Scope::USER_WRITE)?;
+    let body = super::json_body(body)?;
     let scopes = body.scopes.unwrap_or_else(ScopeSet::default_val);
     caller.require_all(scopes)?;
     let expires_at = match body.expires_at.as_deref() {
@@ -92,9 +94,10 @@ pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Json(body): Json<UpdateBody>,
+    body: Result<Json<UpdateBody>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let grant = caller.require(Scope::USER_WRITE)?;
+    let body = super::json_body(body)?;
     if let Some(scopes) = body.scopes {
         caller.require_all(scopes)?;
     }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -98,9 +99,10 @@ pub async fn get(
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    Json(body): Json<CreateBody>,
+    body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let grant = caller.require(Scope::VAL_WRITE)?;
+    let body = super::json_body(body)?;
     let scopes = body.scopes.unwrap_or_else(ScopeSet::default_val);
     // A val's runs act for the caller: they may not get more than it holds.
     caller.require_all(scopes)?;
@@ -122,9 +124,10 @@ pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Json(body): Json<UpdateBody>,
+    body: Result<Json<UpdateBody>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let grant = caller.require(Scope::VAL_WRITE)?;
+    let body = super::json_body(body)?;
     if let Some(scopes) = body.scopes {
         caller.require_all(scopes)?;
     }

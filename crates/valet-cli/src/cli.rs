@@ -1,0 +1,70 @@
+//! Flags, parsed in two stages: clap takes raw strings, then each command
+//! turns them into validated types before calling into the library crates.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::cmd;
+
+#[derive(Parser)]
+#[command(name = "valet", version, about = "Run vals in sandboxed Deno processes, each with its own short-lived, scoped valet key.")]
+pub struct Cli {
+    /// Where valet keeps its database, blobs and keys.
+    #[arg(long, global = true, env = "VALET_DATA_DIR", default_value = "./.valet")]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the API, the pages, http vals and cron on the embedded stores.
+    Serve(cmd::serve::Args),
+    /// Manage users.
+    #[command(subcommand)]
+    User(cmd::user::Command),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(cmd::token::Command),
+    /// Manage stored vals.
+    #[command(subcommand)]
+    Val(cmd::val::Command),
+    /// Run a file once, as a val, against an in-process API on the data dir.
+    Run(cmd::run::Args),
+    /// Serve an http val from a file, a fresh run per request.
+    Dev(cmd::dev::Args),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VALET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log_filter(&cli.command))),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cmd::dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Serve(_) | Command::Dev(_) => "info,tower_http=warn",
+        _ => "warn",
+    }
+}

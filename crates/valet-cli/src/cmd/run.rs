@@ -1,0 +1,93 @@
+//! `valet run FILE`: one run of a file against an in-process API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args as ClapArgs;
+use valet_runtime::{EgressAllow, Host, HostConfig, RunSpec, Source};
+use valet_store::{Outcome, Store, User, ValKind};
+
+#[derive(ClapArgs)]
+pub struct Args {
+    file: PathBuf,
+    /// The user the run acts for (created if it does not exist).
+    #[arg(long, default_value = "dev")]
+    user: String,
+    /// Default: every scope but val:write and user:write.
+    #[arg(long)]
+    scopes: Option<String>,
+    /// NAME=VALUE, repeatable.
+    #[arg(long)]
+    env: Vec<String>,
+    #[arg(long, default_value = "10s")]
+    timeout: String,
+    /// script or cron.
+    #[arg(long = "type", default_value = "script")]
+    kind: String,
+    /// Open HOST:PORT to the run. Repeatable.
+    #[arg(long)]
+    egress_allow: Vec<String>,
+    /// SMTP relay for email the run sends.
+    #[arg(long, env = "VALET_SMTP")]
+    smtp: Option<String>,
+    /// Print {run_id, outcome, logs, duration_ms} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The local user, created on first use.
+pub fn local_user(store: &Store, name: &str) -> anyhow::Result<User> {
+    if let Some(user) = store.user_by_name(name)? {
+        return Ok(user);
+    }
+    let user = store.create_user(name, &format!("{name}@valet.localhost"), None)?;
+    store.set_tier(&user.id, "pro")?;
+    Ok(user)
+}
+
+pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
+    let kind = ValKind::parse(&args.kind)?;
+    if kind == ValKind::Http {
+        anyhow::bail!("http vals answer requests: use `valet dev {}`", args.file.display());
+    }
+    let scopes = super::parse_scopes(args.scopes.as_deref())?;
+    let env = super::parse_env(&args.env)?;
+    let timeout = super::parse_duration(&args.timeout)?;
+    if !args.file.is_file() {
+        anyhow::bail!("no such file: {}", args.file.display());
+    }
+    let mut config = HostConfig::new("127.0.0.1:0".parse()?);
+    config.cron = false;
+    config.smtp = args.smtp;
+    config.egress_allow = args
+        .egress_allow
+        .iter()
+        .map(|s| s.parse::<EgressAllow>())
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let user = local_user(&store, &args.user)?;
+    let host = Host::start(store, config).await?;
+    let output = host
+        .supervisor
+        .run(RunSpec {
+            user_id: user.id,
+            val_id: None,
+            kind,
+            source: Source::File(args.file),
+            scopes,
+            env,
+            timeout,
+            trigger: "cli",
+            last_run_at: None,
+        })
+        .await;
+    host.shutdown().await;
+    let output = output?;
+    if args.json {
+        println!("{}", serde_json::to_string(&output)?);
+    } else {
+        print!("{}", output.logs);
+        eprintln!("run {} {} in {} ms ({})", output.run_id, output.outcome.as_str(), output.duration_ms, output.detail);
+    }
+    Ok(if output.outcome == Outcome::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,48 @@
+//! `valet serve`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Args as ClapArgs;
+use valet_runtime::{EgressAllow, Host, HostConfig};
+use valet_store::Store;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// SMTP relay for outgoing email, e.g. smtp://127.0.0.1:2525. Without
+    /// one, email stays in the outbox.
+    #[arg(long, env = "VALET_SMTP")]
+    smtp: Option<String>,
+    /// Open HOST:PORT to runs (tests, local development). Repeatable.
+    #[arg(long)]
+    egress_allow: Vec<String>,
+    /// The URL people reach this server at (for links in emails).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// V8 heap cap per run, in MiB.
+    #[arg(long, default_value_t = 128)]
+    heap_mb: u64,
+}
+
+pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
+    let mut config = HostConfig::new(args.listen);
+    config.smtp = args.smtp;
+    config.heap_mb = args.heap_mb;
+    config.egress_allow = args
+        .egress_allow
+        .iter()
+        .map(|s| s.parse::<EgressAllow>())
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    if let Some(url) = args.public_url {
+        config.api.public_url = url;
+    }
+    let host = Host::start(store, config).await?;
+    eprintln!("valet is serving on http://{}", host.addr);
+    super::shutdown_signal().await;
+    eprintln!("shutting down: waiting for runs in flight");
+    host.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}

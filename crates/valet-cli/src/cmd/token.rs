@@ -1,0 +1,115 @@
+//! `valet token create|list|scopes|revoke`.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use valet_core::{ScopeSet, TokenScopes};
+use valet_store::{Store, time};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create an API token; prints the token alone on stdout.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        name: String,
+        /// Space- or comma-separated, e.g. "blob:read sqlite:read".
+        /// Default: every scope but val:write and user:write.
+        #[arg(long, conflicts_with = "legacy")]
+        scopes: Option<String>,
+        /// Lifetime, e.g. 30d or 12h. Default: no expiry.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Make a token the way tokens were made before scopes existed (no
+        /// scope list: everything), for imports from older installations.
+        #[arg(long)]
+        legacy: bool,
+    },
+    /// List a user's tokens in creation order.
+    List {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a token's scopes.
+    Scopes {
+        id: String,
+        #[arg(long)]
+        set: String,
+    },
+    /// Revoke a token.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        user: String,
+    },
+}
+
+pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Create { user, name, scopes, expires, legacy } => {
+            // Validate every flag before anything is written.
+            let scopes = if legacy {
+                TokenScopes::Legacy
+            } else {
+                // The maker here is the user, who holds every scope, so any
+                // valid set is within the maker's scopes.
+                TokenScopes::Scoped(super::parse_scopes(scopes.as_deref())?)
+            };
+            let expires_at = match expires {
+                Some(text) => Some(time::now_ms() + super::parse_duration(&text)?.as_millis() as i64),
+                None => None,
+            };
+            let user = store.require_user(&user)?;
+            let (record, token) = store.create_token(&user.id, &name, scopes, expires_at)?;
+            eprintln!(
+                "created token {} ({}) with scopes: {}",
+                record.name,
+                record.id,
+                describe(record.scopes)
+            );
+            eprintln!("this is the only time the token is shown; store it now");
+            println!("{}", token.expose());
+        }
+        Command::List { user, json } => {
+            let user = store.require_user(&user)?;
+            let tokens = store.list_tokens(&user.id)?;
+            if json {
+                let list: Vec<_> = tokens.iter().map(valet_api::token_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for t in &tokens {
+                    let status = match (t.revoked_reason.as_deref(), t.is_expired(time::now_ms())) {
+                        (Some(reason), _) => format!("revoked ({reason})"),
+                        (None, true) => "expired".to_owned(),
+                        (None, false) => "active".to_owned(),
+                    };
+                    println!("{}  {:<20} …{}  {:<10} {}", t.id, t.name, t.hint, status, describe(t.scopes));
+                }
+            }
+        }
+        Command::Scopes { id, set } => {
+            let scopes = ScopeSet::parse(&set)?;
+            let token = store.token_by_id(&id).context("no such token")?;
+            let token = store.set_token_scopes(&token.user_id, &id, scopes)?;
+            eprintln!("token {} now has scopes: {}", token.id, describe(token.scopes));
+        }
+        Command::Revoke { id, user } => {
+            let user = store.require_user(&user)?;
+            let token = store.revoke_token(&user.id, &id, "revoked by its owner")?;
+            eprintln!("revoked token {} ({})", token.name, token.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(scopes: TokenScopes) -> String {
+    match scopes {
+        TokenScopes::Legacy => "legacy (every scope)".to_owned(),
+        TokenScopes::Scoped(set) if set.is_empty() => "none".to_owned(),
+        TokenScopes::Scoped(set) => set.to_claim(),
+    }
+}

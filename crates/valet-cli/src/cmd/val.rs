@@ -1,0 +1,60 @@
+//! `valet val create`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use valet_store::{NewVal, Store, ValKind};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Store a val from a file.
+    Create {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        /// http, script or cron.
+        #[arg(long = "type", default_value = "script")]
+        kind: String,
+        /// Default: every scope but val:write and user:write.
+        #[arg(long)]
+        scopes: Option<String>,
+        /// NAME=VALUE, repeatable.
+        #[arg(long)]
+        env: Vec<String>,
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+        /// Cron schedule (cron vals), e.g. "*/5 * * * *".
+        #[arg(long)]
+        schedule: Option<String>,
+    },
+}
+
+pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Create { user, name, file, kind, scopes, env, timeout, schedule } => {
+            let kind = ValKind::parse(&kind)?;
+            let scopes = super::parse_scopes(scopes.as_deref())?;
+            let env = super::parse_env(&env)?;
+            let timeout = super::parse_duration(&timeout)?;
+            if let Some(s) = &schedule {
+                valet_core::Schedule::parse(s)?;
+            } else if kind == ValKind::Cron {
+                anyhow::bail!("a cron val needs --schedule, e.g. --schedule '*/5 * * * *'");
+            }
+            let code = std::fs::read_to_string(&file).with_context(|| format!("could not read {}", file.display()))?;
+            let user = store.require_user(&user)?;
+            let val = store.create_val(
+                &user.id,
+                NewVal { name, kind, code, scopes, env, timeout_ms: timeout.as_millis() as i64, schedule },
+            )?;
+            eprintln!("created {} val {} ({}) with scopes: {}", kind.as_str(), val.name, val.id, val.scopes);
+            println!("{}", val.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,117 @@
+//! A run's logs: stdout and stderr lines with timestamps, bounded in size,
+//! with the run's own token masked out.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Lines longer than this are split.
+const MAX_LINE: usize = 16 * 1024;
+
+#[derive(Clone)]
+pub struct LogBuffer {
+    /// A std `Mutex`: held only to append a line, never across an `.await`.
+    inner: Arc<Mutex<Inner>>,
+}
+
+struct Inner {
+    text: String,
+    max_bytes: usize,
+    dropped: usize,
+    secrets: Vec<String>,
+    saw_oom: bool,
+}
+
+impl LogBuffer {
+    pub fn new(max_bytes: usize, secrets: Vec<String>) -> LogBuffer {
+        LogBuffer {
+            inner: Arc::new(Mutex::new(Inner {
+                text: String::new(),
+                max_bytes,
+                dropped: 0,
+                secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
+                saw_oom: false,
+            })),
+        }
+    }
+
+    pub fn push(&self, stream: &str, line: &str) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        if line.contains("out of memory") || line.contains("Reached heap limit") {
+            inner.saw_oom = true;
+        }
+        let mut line = line.trim_end_matches('\r').to_owned();
+        for secret in &inner.secrets {
+            if line.contains(secret.as_str()) {
+                line = line.replace(secret.as_str(), "[valet key]");
+            }
+        }
+        let entry = format!("{} [{stream}] {line}\n", valet_store::time::iso(valet_store::time::now_ms()));
+        if inner.text.len() + entry.len() > inner.max_bytes {
+            inner.dropped += entry.len();
+        } else {
+            inner.text.push_str(&entry);
+        }
+    }
+
+    pub fn saw_oom(&self) -> bool {
+        self.inner.lock().map(|i| i.saw_oom).unwrap_or(false)
+    }
+
+    /// The logs, with a note when some were dropped.
+    pub fn finish(&self) -> String {
+        let Ok(inner) = self.inner.lock() else { return String::new() };
+        let mut text = inner.text.clone();
+        if inner.dropped > 0 {
+            text.push_str(&format!(
+                "[valet] logs truncated: {} bytes over the {}-byte limit were dropped\n",
+                inner.dropped, inner.max_bytes
+            ));
+        }
+        text
+    }
+}
+
+/// Reads `reader` to its end, line by line, into `logs`. Keeps draining
+/// after the limit so the child never blocks on a full pipe.
+pub async fn collect(mut reader: impl AsyncRead + Unpin, stream: &'static str, logs: LogBuffer) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        let n = match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&chunk[..n]);
+        while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            logs.push(stream, &String::from_utf8_lossy(&line[..line.len() - 1]));
+        }
+        if pending.len() > MAX_LINE {
+            let line: Vec<u8> = pending.drain(..MAX_LINE).collect();
+            logs.push(stream, &String::from_utf8_lossy(&line));
+        }
+    }
+    if !pending.is_empty() {
+        logs.push(stream, &String::from_utf8_lossy(&pending));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_secrets_and_bounds_size() {
+        let logs = LogBuffer::new(200, vec!["s3cret".into()]);
+        logs.push("out", "token=s3cret!");
+        for _ in 0..10 {
+            logs.push("out", "0123456789012345678901234567890123456789");
+        }
+        let text = logs.finish();
+        assert!(text.contains("token=[valet key]!"));
+        assert!(!text.contains("s3cret"));
+        assert!(text.contains("logs truncated"));
+        assert!(text.len() < 400);
+    }
+}

@@ -1,0 +1,116 @@
+// The first module of every run. It locks the environment, routes the API
+// origin (and any explicitly allowed egress) through the run's private Unix
+// sockets, then, when the entry module calls `start`, runs the val: serves
+// one HTTP request, calls a script's default export, or calls a cron val
+// with `{ lastRunAt }`.
+//
+// Runs before the val's own module is evaluated (it is imported first), so
+// the val never sees an unpatched `fetch` or a writable `Deno.env`.
+
+interface Route {
+  origin: string;
+  socket: string;
+  /** Host the request is sent with: the allowed address is loopback, which
+   * the sandbox denies by name, so the URL is rewritten to this host. */
+  alias?: string;
+}
+
+interface Config {
+  kind: "http" | "script" | "cron";
+  api: Route;
+  egress: Route[];
+  httpSocket?: string;
+  lastRunAt?: string | null;
+  envNames: string[];
+}
+
+const config: Config = JSON.parse(Deno.args[0] ?? "{}");
+
+// --- Environment: read-only, and only the injected names. ---
+const env = Deno.env;
+const frozenEnv: Record<string, string> = {};
+for (const name of config.envNames ?? []) {
+  const value = env.get(name);
+  if (value !== undefined) frozenEnv[name] = value;
+}
+const readOnly = () => {
+  throw new TypeError("the environment of a valet run is read-only");
+};
+for (const [name, value] of [
+  ["set", readOnly],
+  ["delete", readOnly],
+  ["toObject", () => ({ ...frozenEnv })],
+  ["has", (key: string) => Object.hasOwn(frozenEnv, key)],
+  ["get", (key: string) => (Object.hasOwn(frozenEnv, key) ? frozenEnv[key] : undefined)],
+] as const) {
+  Object.defineProperty(env, name, { value, writable: false, configurable: false });
+}
+// `process.env` (node compat) reads the same frozen view.
+try {
+  const proc = (globalThis as { process?: { env?: unknown } }).process;
+  if (proc) Object.defineProperty(proc, "env", { value: Object.freeze({ ...frozenEnv }) });
+} catch { /* not present */ }
+
+// --- Network: the API and allowed egress go through private sockets. ---
+const originalFetch = globalThis.fetch;
+const routes = new Map<string, { client: Deno.HttpClient; alias?: string }>();
+for (const route of [config.api, ...(config.egress ?? [])]) {
+  if (!route) continue;
+  const client = Deno.createHttpClient({ proxy: { transport: "unix", path: route.socket } });
+  routes.set(route.origin, { client, alias: route.alias });
+}
+
+function routed(input: RequestInfo | URL, init?: RequestInit): Promise<Response> {
+  const url = new URL(input instanceof Request ? input.url : String(input));
+  const route = routes.get(url.origin);
+  if (!route) return originalFetch(input, init);
+  let target: RequestInfo | URL = input;
+  if (route.alias) {
+    const aliased = new URL(url);
+    aliased.host = route.alias;
+    target = input instanceof Request ? new Request(aliased, input) : aliased;
+  }
+  return originalFetch(target, { ...init, client: route.client } as RequestInit);
+}
+Object.defineProperty(globalThis, "fetch", { value: routed, writable: false, configurable: false });
+
+function logError(prefix: string, error: unknown) {
+  const text = error instanceof Error ? (error.stack ?? String(error)) : String(error);
+  console.error(`${prefix}: ${text}`);
+}
+
+/** Called by the entry module with the val's namespace. */
+export async function start(val: Record<string, unknown>): Promise<void> {
+  const main = val.default;
+  switch (config.kind) {
+    case "script":
+      if (typeof main === "function") await main();
+      return;
+    case "cron": {
+      if (typeof main !== "function") {
+        throw new TypeError("a cron val must export a default function");
+      }
+      const lastRunAt = config.lastRunAt ? new Date(config.lastRunAt) : undefined;
+      await main({ lastRunAt });
+      return;
+    }
+    case "http": {
+      const handler = typeof main === "function"
+        ? main
+        : (main as { fetch?: unknown })?.fetch;
+      if (typeof handler !== "function") {
+        throw new TypeError("an http val must export a default function (req: Request) => Response");
+      }
+      Deno.serve({
+        path: config.httpSocket!,
+        transport: "unix",
+        onListen() {},
+        onError(error) {
+          logError("Uncaught error in http handler", error);
+          return new Response("Internal Server Error", { status: 500 });
+        },
+      }, (req) => handler.call(main, req));
+      return;
+    }
+  }
+}

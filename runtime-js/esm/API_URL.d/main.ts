@@ -1,0 +1,1 @@
+export * from "../../std/API_URL.ts";

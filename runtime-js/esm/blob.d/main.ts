@@ -1,0 +1,2 @@
+export * from "../../std/blob.ts";
+export { default } from "../../std/blob.ts";

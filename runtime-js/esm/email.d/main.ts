@@ -1,0 +1,2 @@
+export * from "../../std/email.ts";
+export { default } from "../../std/email.ts";

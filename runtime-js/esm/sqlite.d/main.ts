@@ -1,0 +1,2 @@
+export * from "../../std/sqlite.ts";
+export { default } from "../../std/sqlite.ts";
