@@ -257,12 +257,16 @@ impl UserDatabases {
 }
 
 fn classify(conn: &Connection, sql: &str) -> Result<Access, SqlError> {
-    let stmt = conn.prepare(sql).map_err(|e| map_sql_error(e, SqlLimits::default()))?;
     // A PRAGMA that assigns (`PRAGMA user_version = 3`) changes the
-    // database even where SQLite calls the statement read-only.
+    // database even where SQLite calls the statement read-only; it needs
+    // write access before the authorizer even looks at it.
     let assigns_pragma = sql.trim_start().get(..6).is_some_and(|p| p.eq_ignore_ascii_case("pragma"))
         && sql.contains('=');
-    Ok(if stmt.readonly() && !assigns_pragma { Access::Read } else { Access::Write })
+    if assigns_pragma {
+        return Ok(Access::Write);
+    }
+    let stmt = conn.prepare(sql).map_err(|e| map_sql_error(e, SqlLimits::default()))?;
+    Ok(if stmt.readonly() { Access::Read } else { Access::Write })
 }
 
 fn map_sql_error(e: rusqlite::Error, limits: SqlLimits) -> SqlError {

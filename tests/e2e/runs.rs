@@ -1,0 +1,323 @@
+//! Runs in real Deno processes: the valet key, the sandbox, the limits,
+//! http vals.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use valet_core::ScopeSet;
+use valet_runtime::{RunSpec, Source};
+use valet_store::{NewVal, Outcome, User, ValKind};
+
+use crate::support::{Server, Smtp, error_code};
+
+fn spec(user: &User, code: &str, scopes: ScopeSet, timeout_ms: u64) -> RunSpec {
+    RunSpec {
+        user_id: user.id.clone(),
+        val_id: None,
+        kind: ValKind::Script,
+        source: Source::Code(code.to_owned()),
+        scopes,
+        env: BTreeMap::new(),
+        timeout: Duration::from_millis(timeout_ms),
+        trigger: "test",
+        last_run_at: None,
+    }
+}
+
+fn store_val(server: &Server, user: &User, name: &str, kind: ValKind, code: &str, scopes: ScopeSet) -> valet_store::Val {
+    server
+        .store
+        .create_val(
+            &user.id,
+            NewVal {
+                name: name.into(),
+                kind,
+                code: code.into(),
+                scopes,
+                env: BTreeMap::new(),
+                timeout_ms: 10_000,
+                schedule: None,
+            },
+        )
+        .expect("val")
+}
+
+const STD_DEMO: &str = r#"
+import { blob } from "https://esm.town/v/std/blob";
+import { sqlite } from "https://esm.town/v/std/sqlite";
+import { email } from "https://esm.town/v/std/email";
+await blob.setJSON("visits", { n: 1 });
+const got = await blob.getJSON("visits");
+await sqlite.execute("CREATE TABLE IF NOT EXISTS visits (n INTEGER)");
+await sqlite.execute({ sql: "INSERT INTO visits VALUES (?)", args: [got.n] });
+const rows = await sqlite.execute("SELECT n FROM visits");
+await email({ subject: "visits", text: `n = ${rows.rows[0][0]}` });
+console.log("done", got.n, rows.rows.length);
+const res = await fetch(Deno.env.get("VALTOWN_API_URL") + "/v1/vals", {
+  method: "POST",
+  headers: { Authorization: `Bearer ${Deno.env.get("valtown")}`, "Content-Type": "application/json" },
+  body: JSON.stringify({ name: "spawned", type: "script", code: "1" }),
+});
+const body = await res.json();
+console.log("create val", res.status, body.error.code, body.error.required);
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn std_blob_sqlite_email_work_with_default_scopes_and_val_write_is_refused() {
+    let smtp = Smtp::start();
+    let server = Server::start_with(crate::support::Options { smtp: Some(smtp.url()), ..Default::default() }).await;
+    let ada = server.user("ada");
+    let val = store_val(&server, &ada, "demo", ValKind::Script, STD_DEMO, ScopeSet::default_val());
+    let out = server.supervisor().run(RunSpec::for_val(&val, "test")).await.expect("run");
+    assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
+    assert!(out.logs.contains("done 1 1"), "{}", out.logs);
+    assert!(out.logs.contains("create val 403 missing_scope val:write"), "{}", out.logs);
+    let messages = smtp.wait_for(1).await;
+    assert!(messages.iter().any(|m| m.contains("n = 1")), "{messages:?}");
+    assert!(server.store.val_by_name(&ada.id, "spawned").expect("lookup").is_none());
+    // The refusal left a scope request on the val.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let requests = server.store.scope_requests(&val.id).expect("requests");
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].scope, valet_core::Scope::VAL_WRITE);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_val_with_only_blob_read_cannot_set_and_the_error_names_the_scope() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let code = r#"
+import { blob } from "https://esm.town/v/std/blob";
+console.log("list ok", (await blob.list()).length);
+try { await blob.set("k", "v"); console.log("set succeeded"); }
+catch (e) { console.log("set refused:", e.message); }
+"#;
+    let out = server.supervisor().run(spec(&ada, code, ScopeSet::parse("blob:read").expect("s"), 10_000)).await.expect("run");
+    assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
+    assert!(out.logs.contains("list ok 0"), "{}", out.logs);
+    assert!(out.logs.contains("set refused: missing scope 'blob:write'"), "{}", out.logs);
+    assert!(!out.logs.contains("set succeeded"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_run_token_dies_with_the_run_and_expires_at_the_deadline() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let code = r#"
+import { blob } from "https://esm.town/v/std/blob";
+await blob.set("key", Deno.env.get("valtown"));
+console.log("my key is", Deno.env.get("valtown"));
+"#;
+    let before = valet_store::time::now_ms() / 1000;
+    let out = server.supervisor().run(spec(&ada, code, ScopeSet::default_val(), 7_000)).await.expect("run");
+    assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
+    assert!(out.logs.contains("my key is [valet key]"), "the token is masked: {}", out.logs);
+    let reader = server.token(&ada, ScopeSet::all());
+    let token = server.client.get(format!("{}/v1/blob/key", server.url)).bearer_auth(&reader).send().await.expect("get").text().await.expect("text");
+    assert!(token.starts_with("eyJ"), "{token}");
+    assert!(!out.logs.contains(&token));
+    // exp = start + timeout.
+    let claims: serde_json::Value = {
+        use base64::Engine;
+        let payload = token.split('.').nth(1).expect("payload");
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("b64")).expect("json")
+    };
+    let iat = claims["iat"].as_i64().expect("iat");
+    assert!((iat - before).abs() <= 1, "iat {iat} vs start {before}");
+    assert_eq!(claims["exp"].as_i64().expect("exp") - iat, 7);
+    assert_eq!(claims["scope"], ScopeSet::default_val().to_claim());
+    // After the run, the token is dead even though exp is in the future.
+    let (status, code, _) = error_code(server.client.get(format!("{}/v1/blob", server.url)).bearer_auth(&token).send().await.expect("get")).await;
+    assert_eq!((status, code.as_str()), (401, "run_ended"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sandbox_holds() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    // Neighbour ports of the API, on the API's own address.
+    let api_port = server.host.as_ref().expect("host").addr.port();
+    let neighbour = std::net::TcpListener::bind("127.0.0.1:0").expect("neighbour");
+    let neighbour_port = neighbour.local_addr().expect("addr").port();
+    let data_dir = server.data_dir().display().to_string();
+    let code = format!(
+        r#"
+const attempts = {{
+  readPasswd: () => Deno.readTextFile("/etc/passwd"),
+  readDataDir: () => Deno.readDir("{data_dir}")[Symbol.asyncIterator]().next(),
+  readDb: () => Deno.readFile("{data_dir}/valet.db"),
+  writeTmp: () => Deno.writeTextFile("/tmp/valet-escape.txt", "x"),
+  spawn: () => new Deno.Command("/bin/sh", {{ args: ["-c", "true"] }}).output(),
+  ffi: () => Deno.dlopen("libc.so.6", {{}}),
+  sys: () => Promise.resolve(Deno.hostname()),
+  envSet: () => Promise.resolve(Deno.env.set("valtown", "forged")),
+  envHome: () => Promise.resolve(Deno.env.get("HOME") ?? (() => {{ throw new Error("no HOME") }})()),
+  apiPort: () => fetch("http://127.0.0.1:{api_port}/v1/me"),
+  neighbour: () => Deno.connect({{ hostname: "127.0.0.1", port: {neighbour_port} }}),
+  localhost: () => fetch("http://localhost:{api_port}/"),
+  private10: () => Deno.connect({{ hostname: "10.0.0.1", port: 80 }}),
+  metadata: () => fetch("http://169.254.169.254/latest/meta-data/"),
+  listen: () => Promise.resolve(Deno.listen({{ port: 0 }})),
+}};
+for (const [name, attempt] of Object.entries(attempts)) {{
+  try {{ await attempt(); console.log("ALLOWED", name); }}
+  catch (e) {{ console.log("denied", name); }}
+}}
+console.log("env", JSON.stringify(Object.keys(Deno.env.toObject()).sort()));
+console.log("valtown still", Deno.env.get("valtown") !== "forged");
+"#
+    );
+    let mut run = spec(&ada, &code, ScopeSet::default_val(), 15_000);
+    run.env.insert("MY_SETTING".into(), "1".into());
+    let out = server.supervisor().run(run).await.expect("run");
+    assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
+    assert!(!out.logs.contains("ALLOWED"), "{}", out.logs);
+    assert_eq!(out.logs.matches("denied").count(), 15, "{}", out.logs);
+    assert!(out.logs.contains(r#"env ["MY_SETTING","VALTOWN_API_URL","VAL_TOWN_API_KEY","valtown"]"#), "{}", out.logs);
+    assert!(out.logs.contains("valtown still true"));
+    assert!(!std::path::Path::new("/tmp/valet-escape.txt").exists());
+    drop(neighbour);
+    server.stop().await;
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_matching(needle: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmd| String::from_utf8_lossy(cmd).contains(needle))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_end_runs_on_time_and_leave_nothing_behind() {
+    let server = Server::start_with(crate::support::Options { heap_mb: Some(64), ..Default::default() }).await;
+    let ada = server.user("ada");
+    let marker = server.data_dir().display().to_string();
+
+    let started = Instant::now();
+    let out = server.supervisor().run(spec(&ada, "while (true) {}", ScopeSet::EMPTY, 1_000)).await.expect("run");
+    let took = started.elapsed();
+    assert_eq!(out.outcome, Outcome::TimedOut, "{}", out.logs);
+    assert!(took < Duration::from_millis(2_000), "ended after {took:?}");
+
+    let started = Instant::now();
+    let forks = "const spin = () => Promise.resolve().then(spin); spin(); spin();";
+    let out = server.supervisor().run(spec(&ada, forks, ScopeSet::EMPTY, 1_000)).await.expect("run");
+    assert_eq!(out.outcome, Outcome::TimedOut, "{}", out.logs);
+    assert!(started.elapsed() < Duration::from_millis(2_000));
+
+    let hog = "const a = []; while (true) { a.push(new Array(1e6).fill(Math.random())); }";
+    let out = server.supervisor().run(spec(&ada, hog, ScopeSet::EMPTY, 20_000)).await.expect("run");
+    assert_eq!(out.outcome, Outcome::Oom, "{} / {}", out.detail, out.logs);
+
+    let out = server.supervisor().run(spec(&ada, "await Promise.reject(new Error('boom'))", ScopeSet::EMPTY, 5_000)).await.expect("run");
+    assert_eq!(out.outcome, Outcome::Failed);
+    assert!(out.logs.contains("boom"), "{}", out.logs);
+
+    // No Deno process of this server is left.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(processes_matching(&marker), 0, "a run outlived its end");
+    let record = server.store.run_of_user(&ada.id, &out.run_id).expect("record");
+    assert_eq!(record.outcome, Outcome::Failed);
+    assert!(record.ended_at.is_some());
+    server.stop().await;
+}
+
+const HTTP_VAL: &str = r#"
+export default async function (req: Request): Promise<Response> {
+  const url = new URL(req.url);
+  if (url.pathname === "/boom") throw new Error("kaboom");
+  if (url.pathname === "/stream") {
+    const body = new ReadableStream({
+      async start(c) {
+        for (let i = 0; i < 3; i++) { c.enqueue(new TextEncoder().encode(`chunk${i};`)); await new Promise(r => setTimeout(r, 20)); }
+        c.close();
+      },
+    });
+    return new Response(body, { headers: { "content-type": "text/plain" } });
+  }
+  const text = req.method === "POST" ? await req.text() : "";
+  return Response.json(
+    { who: "OWNER", method: req.method, path: url.pathname, q: url.searchParams.get("q"), h: req.headers.get("x-test"), body: text },
+    { status: 201, headers: { "x-val": "yes" } },
+  );
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let bob = server.user("bob");
+    store_val(&server, &ada, "api", ValKind::Http, &HTTP_VAL.replace("OWNER", "ada"), ScopeSet::default_val());
+    store_val(&server, &bob, "api", ValKind::Http, &HTTP_VAL.replace("OWNER", "bob"), ScopeSet::default_val());
+    let c = &server.client;
+    let r = c.post(format!("{}/x/ada/api/hello/world?q=1", server.url)).header("x-test", "t").body("payload").send().await.expect("post");
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-val"], "yes");
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body, json!({"who": "ada", "method": "POST", "path": "/hello/world", "q": "1", "h": "t", "body": "payload"}));
+    let body: serde_json::Value = c.get(format!("{}/x/bob/api", server.url)).send().await.expect("get").json().await.expect("json");
+    assert_eq!(body["who"], "bob");
+    assert_eq!(body["path"], "/");
+    let streamed = c.get(format!("{}/x/ada/api/stream", server.url)).send().await.expect("stream").text().await.expect("text");
+    assert_eq!(streamed, "chunk0;chunk1;chunk2;");
+    let r = c.get(format!("{}/x/ada/api/boom", server.url)).send().await.expect("boom");
+    assert_eq!(r.status(), 500);
+    let text = r.text().await.expect("text");
+    assert!(!text.contains("kaboom"), "the stack stays in the logs: {text}");
+    let r = c.get(format!("{}/x/ada/missing", server.url)).send().await.expect("missing");
+    assert_eq!(r.status(), 404);
+    // Each request was its own run, with logs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let val = server.store.val_by_name(&ada.id, "api").expect("lookup").expect("val");
+    let runs = server.store.runs_of_val(&val.id, 10).expect("runs");
+    assert_eq!(runs.len(), 3);
+    assert!(runs.iter().any(|r| r.logs.contains("kaboom")), "{runs:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scripts_run_through_the_api_and_cron_vals_get_last_run_at() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let val = store_val(&server, &ada, "hello", ValKind::Script, "export default () => console.log('hello from a script')", ScopeSet::default_val());
+    let writer = server.token(&ada, ScopeSet::all());
+    let r: serde_json::Value = server.client.post(format!("{}/v1/vals/{}/run", server.url, val.id)).bearer_auth(&writer).send().await.expect("run").json().await.expect("json");
+    assert_eq!(r["outcome"], "succeeded", "{r}");
+    assert!(r["logs"].as_str().expect("logs").contains("hello from a script"));
+    let run: serde_json::Value = server.client.get(format!("{}/v1/runs/{}", server.url, r["run_id"].as_str().expect("id"))).bearer_auth(&writer).send().await.expect("get").json().await.expect("json");
+    assert_eq!(run["outcome"], "succeeded");
+
+    let cron = server
+        .store
+        .create_val(&ada.id, NewVal {
+            name: "tick".into(),
+            kind: ValKind::Cron,
+            code: "export default (i) => console.log('last', i.lastRunAt?.toISOString() ?? 'never')".into(),
+            scopes: ScopeSet::default_val(),
+            env: BTreeMap::new(),
+            timeout_ms: 5_000,
+            schedule: Some("* * * * * *".into()),
+        })
+        .expect("cron val");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let runs = loop {
+        let runs = server.store.runs_of_val(&cron.id, 10).expect("runs");
+        if runs.iter().filter(|r| r.outcome == Outcome::Succeeded).count() >= 2 || Instant::now() > deadline {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let done: Vec<_> = runs.iter().filter(|r| r.outcome == Outcome::Succeeded).collect();
+    assert!(done.len() >= 2, "{runs:?}");
+    assert!(done.iter().any(|r| r.logs.contains("last never")), "{runs:?}");
+    assert!(done.iter().any(|r| r.logs.contains("last 20")), "{runs:?}");
+    server.stop().await;
+}

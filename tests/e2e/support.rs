@@ -1,0 +1,157 @@
+//! Test harness: a valet host on an ephemeral port with its own data dir,
+//! users and tokens, and a real SMTP server (aiosmtpd) when asked.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use valet_core::{ScopeSet, TokenScopes};
+use valet_runtime::{EgressAllow, Host, HostConfig};
+use valet_store::{Store, User};
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub host: Option<Host>,
+    pub url: String,
+    pub store: Store,
+    pub client: reqwest::Client,
+}
+
+#[derive(Default)]
+pub struct Options {
+    pub smtp: Option<String>,
+    pub egress_allow: Vec<EgressAllow>,
+    pub blob_quota: Option<u64>,
+    pub heap_mb: Option<u64>,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        Server::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open store");
+        let mut config = HostConfig::new("127.0.0.1:0".parse().expect("addr"));
+        config.cron = true;
+        config.smtp = options.smtp;
+        config.egress_allow = options.egress_allow;
+        if let Some(q) = options.blob_quota {
+            config.api.blob_quota = q;
+        }
+        if let Some(h) = options.heap_mb {
+            config.heap_mb = h;
+        }
+        let host = Host::start(store.clone(), config).await.expect("start host");
+        let url = format!("http://{}", host.addr);
+        Server { dir, host: Some(host), url, store, client: reqwest::Client::new() }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A user on the pro tier (may email anyone).
+    pub fn user(&self, name: &str) -> User {
+        let user = self.store.create_user(name, &format!("{name}@example.com"), None).expect("user");
+        self.store.set_tier(&user.id, "pro").expect("tier");
+        user
+    }
+
+    pub fn token(&self, user: &User, scopes: ScopeSet) -> String {
+        let (_, token) = self
+            .store
+            .create_token(&user.id, "test", TokenScopes::Scoped(scopes), None)
+            .expect("token");
+        token.expose().to_owned()
+    }
+
+    pub fn supervisor(&self) -> &valet_runtime::Supervisor {
+        &self.host.as_ref().expect("host").supervisor
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(host) = self.host.take() {
+            host.shutdown().await;
+        }
+    }
+}
+
+/// Reads `{"error": {"code": ...}}` from a response.
+pub async fn error_code(response: reqwest::Response) -> (u16, String, Option<String>) {
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (
+        status,
+        body["error"]["code"].as_str().unwrap_or("").to_owned(),
+        body["error"]["required"].as_str().map(str::to_owned),
+    )
+}
+
+/// A real SMTP server on loopback: Debian's aiosmtpd, writing each message
+/// into a maildir.
+pub struct Smtp {
+    child: Child,
+    pub port: u16,
+    maildir: tempfile::TempDir,
+}
+
+impl Smtp {
+    pub fn start() -> Smtp {
+        let maildir = tempfile::tempdir().expect("maildir");
+        let port = free_port();
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir.path().join("box"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start aiosmtpd: install python3-aiosmtpd (apt-get install python3-aiosmtpd)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "aiosmtpd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Smtp { child, port, maildir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    pub fn messages(&self) -> Vec<String> {
+        let dir: PathBuf = self.maildir.path().join("box").join("new");
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect()
+    }
+
+    /// Waits until at least `n` messages arrived.
+    pub async fn wait_for(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let messages = self.messages();
+            if messages.len() >= n || Instant::now() > deadline {
+                return messages;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
