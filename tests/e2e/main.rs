@@ -2,6 +2,9 @@
 //! socket, real Deno processes, a real SMTP server, and the built `valet`
 //! binary. One test binary, modules by topic.
 
+// Helpers outside #[test] functions panic on purpose: a broken fixture is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod api;
 mod cli;
 mod runs;

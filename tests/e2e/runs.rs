@@ -25,7 +25,14 @@ fn spec(user: &User, code: &str, scopes: ScopeSet, timeout_ms: u64) -> RunSpec {
     }
 }
 
-fn store_val(server: &Server, user: &User, name: &str, kind: ValKind, code: &str, scopes: ScopeSet) -> valet_store::Val {
+fn store_val(
+    server: &Server,
+    user: &User,
+    name: &str,
+    kind: ValKind,
+    code: &str,
+    scopes: ScopeSet,
+) -> valet_store::Val {
     server
         .store
         .create_val(
@@ -66,16 +73,41 @@ console.log("create val", res.status, body.error.code, body.error.required);
 #[tokio::test(flavor = "multi_thread")]
 async fn std_blob_sqlite_email_work_with_default_scopes_and_val_write_is_refused() {
     let smtp = Smtp::start();
-    let server = Server::start_with(crate::support::Options { smtp: Some(smtp.url()), ..Default::default() }).await;
+    let server = Server::start_with(crate::support::Options {
+        smtp: Some(smtp.url()),
+        ..Default::default()
+    })
+    .await;
     let ada = server.user("ada");
-    let val = store_val(&server, &ada, "demo", ValKind::Script, STD_DEMO, ScopeSet::default_val());
-    let out = server.supervisor().run(RunSpec::for_val(&val, "test")).await.expect("run");
+    let val = store_val(
+        &server,
+        &ada,
+        "demo",
+        ValKind::Script,
+        STD_DEMO,
+        ScopeSet::default_val(),
+    );
+    let out = server
+        .supervisor()
+        .run(RunSpec::for_val(&val, "test"))
+        .await
+        .expect("run");
     assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
     assert!(out.logs.contains("done 1 1"), "{}", out.logs);
-    assert!(out.logs.contains("create val 403 missing_scope val:write"), "{}", out.logs);
+    assert!(
+        out.logs.contains("create val 403 missing_scope val:write"),
+        "{}",
+        out.logs
+    );
     let messages = smtp.wait_for(1).await;
     assert!(messages.iter().any(|m| m.contains("n = 1")), "{messages:?}");
-    assert!(server.store.val_by_name(&ada.id, "spawned").expect("lookup").is_none());
+    assert!(
+        server
+            .store
+            .val_by_name(&ada.id, "spawned")
+            .expect("lookup")
+            .is_none()
+    );
     // The refusal left a scope request on the val.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let requests = server.store.scope_requests(&val.id).expect("requests");
@@ -94,10 +126,23 @@ console.log("list ok", (await blob.list()).length);
 try { await blob.set("k", "v"); console.log("set succeeded"); }
 catch (e) { console.log("set refused:", e.message); }
 "#;
-    let out = server.supervisor().run(spec(&ada, code, ScopeSet::parse("blob:read").expect("s"), 10_000)).await.expect("run");
+    let out = server
+        .supervisor()
+        .run(spec(
+            &ada,
+            code,
+            ScopeSet::parse("blob:read").expect("s"),
+            10_000,
+        ))
+        .await
+        .expect("run");
     assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
     assert!(out.logs.contains("list ok 0"), "{}", out.logs);
-    assert!(out.logs.contains("set refused: missing scope 'blob:write'"), "{}", out.logs);
+    assert!(
+        out.logs.contains("set refused: missing scope 'blob:write'"),
+        "{}",
+        out.logs
+    );
     assert!(!out.logs.contains("set succeeded"));
     server.stop().await;
 }
@@ -112,25 +157,56 @@ await blob.set("key", Deno.env.get("valtown"));
 console.log("my key is", Deno.env.get("valtown"));
 "#;
     let before = valet_store::time::now_ms() / 1000;
-    let out = server.supervisor().run(spec(&ada, code, ScopeSet::default_val(), 7_000)).await.expect("run");
+    let out = server
+        .supervisor()
+        .run(spec(&ada, code, ScopeSet::default_val(), 7_000))
+        .await
+        .expect("run");
     assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
-    assert!(out.logs.contains("my key is [valet key]"), "the token is masked: {}", out.logs);
+    assert!(
+        out.logs.contains("my key is [valet key]"),
+        "the token is masked: {}",
+        out.logs
+    );
     let reader = server.token(&ada, ScopeSet::all());
-    let token = server.client.get(format!("{}/v1/blob/key", server.url)).bearer_auth(&reader).send().await.expect("get").text().await.expect("text");
+    let token = server
+        .client
+        .get(format!("{}/v1/blob/key", server.url))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("text");
     assert!(token.starts_with("eyJ"), "{token}");
     assert!(!out.logs.contains(&token));
     // exp = start + timeout.
     let claims: serde_json::Value = {
         use base64::Engine;
         let payload = token.split('.').nth(1).expect("payload");
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("b64")).expect("json")
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .expect("b64"),
+        )
+        .expect("json")
     };
     let iat = claims["iat"].as_i64().expect("iat");
     assert!((iat - before).abs() <= 1, "iat {iat} vs start {before}");
     assert_eq!(claims["exp"].as_i64().expect("exp") - iat, 7);
     assert_eq!(claims["scope"], ScopeSet::default_val().to_claim());
     // After the run, the token is dead even though exp is in the future.
-    let (status, code, _) = error_code(server.client.get(format!("{}/v1/blob", server.url)).bearer_auth(&token).send().await.expect("get")).await;
+    let (status, code, _) = error_code(
+        server
+            .client
+            .get(format!("{}/v1/blob", server.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
     assert_eq!((status, code.as_str()), (401, "run_ended"));
     server.stop().await;
 }
@@ -177,7 +253,12 @@ console.log("valtown still", Deno.env.get("valtown") !== "forged");
     assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
     assert!(!out.logs.contains("ALLOWED"), "{}", out.logs);
     assert_eq!(out.logs.matches("denied").count(), 15, "{}", out.logs);
-    assert!(out.logs.contains(r#"env ["MY_SETTING","VALTOWN_API_URL","VAL_TOWN_API_KEY","valtown"]"#), "{}", out.logs);
+    assert!(
+        out.logs
+            .contains(r#"env ["MY_SETTING","VALTOWN_API_URL","VAL_TOWN_API_KEY","valtown"]"#),
+        "{}",
+        out.logs
+    );
     assert!(out.logs.contains("valtown still true"));
     assert!(!std::path::Path::new("/tmp/valet-escape.txt").exists());
     drop(neighbour);
@@ -186,7 +267,9 @@ console.log("valtown still", Deno.env.get("valtown") !== "forged");
 
 /// Processes whose command line mentions `needle`.
 fn processes_matching(needle: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
@@ -196,34 +279,62 @@ fn processes_matching(needle: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_end_runs_on_time_and_leave_nothing_behind() {
-    let server = Server::start_with(crate::support::Options { heap_mb: Some(64), ..Default::default() }).await;
+    let server = Server::start_with(crate::support::Options {
+        heap_mb: Some(64),
+        ..Default::default()
+    })
+    .await;
     let ada = server.user("ada");
     let marker = server.data_dir().display().to_string();
 
     let started = Instant::now();
-    let out = server.supervisor().run(spec(&ada, "while (true) {}", ScopeSet::EMPTY, 1_000)).await.expect("run");
+    let out = server
+        .supervisor()
+        .run(spec(&ada, "while (true) {}", ScopeSet::EMPTY, 1_000))
+        .await
+        .expect("run");
     let took = started.elapsed();
     assert_eq!(out.outcome, Outcome::TimedOut, "{}", out.logs);
     assert!(took < Duration::from_millis(2_000), "ended after {took:?}");
 
     let started = Instant::now();
     let forks = "const spin = () => Promise.resolve().then(spin); spin(); spin();";
-    let out = server.supervisor().run(spec(&ada, forks, ScopeSet::EMPTY, 1_000)).await.expect("run");
+    let out = server
+        .supervisor()
+        .run(spec(&ada, forks, ScopeSet::EMPTY, 1_000))
+        .await
+        .expect("run");
     assert_eq!(out.outcome, Outcome::TimedOut, "{}", out.logs);
     assert!(started.elapsed() < Duration::from_millis(2_000));
 
     let hog = "const a = []; while (true) { a.push(new Array(1e6).fill(Math.random())); }";
-    let out = server.supervisor().run(spec(&ada, hog, ScopeSet::EMPTY, 20_000)).await.expect("run");
+    let out = server
+        .supervisor()
+        .run(spec(&ada, hog, ScopeSet::EMPTY, 20_000))
+        .await
+        .expect("run");
     assert_eq!(out.outcome, Outcome::Oom, "{} / {}", out.detail, out.logs);
 
-    let out = server.supervisor().run(spec(&ada, "await Promise.reject(new Error('boom'))", ScopeSet::EMPTY, 5_000)).await.expect("run");
+    let out = server
+        .supervisor()
+        .run(spec(
+            &ada,
+            "await Promise.reject(new Error('boom'))",
+            ScopeSet::EMPTY,
+            5_000,
+        ))
+        .await
+        .expect("run");
     assert_eq!(out.outcome, Outcome::Failed);
     assert!(out.logs.contains("boom"), "{}", out.logs);
 
     // No Deno process of this server is left.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(processes_matching(&marker), 0, "a run outlived its end");
-    let record = server.store.run_of_user(&ada.id, &out.run_id).expect("record");
+    let record = server
+        .store
+        .run_of_user(&ada.id, &out.run_id)
+        .expect("record");
     assert_eq!(record.outcome, Outcome::Failed);
     assert!(record.ended_at.is_some());
     server.stop().await;
@@ -255,28 +366,80 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
     let server = Server::start().await;
     let ada = server.user("ada");
     let bob = server.user("bob");
-    store_val(&server, &ada, "api", ValKind::Http, &HTTP_VAL.replace("OWNER", "ada"), ScopeSet::default_val());
-    store_val(&server, &bob, "api", ValKind::Http, &HTTP_VAL.replace("OWNER", "bob"), ScopeSet::default_val());
+    store_val(
+        &server,
+        &ada,
+        "api",
+        ValKind::Http,
+        &HTTP_VAL.replace("OWNER", "ada"),
+        ScopeSet::default_val(),
+    );
+    store_val(
+        &server,
+        &bob,
+        "api",
+        ValKind::Http,
+        &HTTP_VAL.replace("OWNER", "bob"),
+        ScopeSet::default_val(),
+    );
     let c = &server.client;
-    let r = c.post(format!("{}/x/ada/api/hello/world?q=1", server.url)).header("x-test", "t").body("payload").send().await.expect("post");
+    let r = c
+        .post(format!("{}/x/ada/api/hello/world?q=1", server.url))
+        .header("x-test", "t")
+        .body("payload")
+        .send()
+        .await
+        .expect("post");
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["x-val"], "yes");
     let body: serde_json::Value = r.json().await.expect("json");
-    assert_eq!(body, json!({"who": "ada", "method": "POST", "path": "/hello/world", "q": "1", "h": "t", "body": "payload"}));
-    let body: serde_json::Value = c.get(format!("{}/x/bob/api", server.url)).send().await.expect("get").json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"who": "ada", "method": "POST", "path": "/hello/world", "q": "1", "h": "t", "body": "payload"})
+    );
+    let body: serde_json::Value = c
+        .get(format!("{}/x/bob/api", server.url))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(body["who"], "bob");
     assert_eq!(body["path"], "/");
-    let streamed = c.get(format!("{}/x/ada/api/stream", server.url)).send().await.expect("stream").text().await.expect("text");
+    let streamed = c
+        .get(format!("{}/x/ada/api/stream", server.url))
+        .send()
+        .await
+        .expect("stream")
+        .text()
+        .await
+        .expect("text");
     assert_eq!(streamed, "chunk0;chunk1;chunk2;");
-    let r = c.get(format!("{}/x/ada/api/boom", server.url)).send().await.expect("boom");
+    let r = c
+        .get(format!("{}/x/ada/api/boom", server.url))
+        .send()
+        .await
+        .expect("boom");
     assert_eq!(r.status(), 500);
     let text = r.text().await.expect("text");
-    assert!(!text.contains("kaboom"), "the stack stays in the logs: {text}");
-    let r = c.get(format!("{}/x/ada/missing", server.url)).send().await.expect("missing");
+    assert!(
+        !text.contains("kaboom"),
+        "the stack stays in the logs: {text}"
+    );
+    let r = c
+        .get(format!("{}/x/ada/missing", server.url))
+        .send()
+        .await
+        .expect("missing");
     assert_eq!(r.status(), 404);
     // Each request was its own run, with logs.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let val = server.store.val_by_name(&ada.id, "api").expect("lookup").expect("val");
+    let val = server
+        .store
+        .val_by_name(&ada.id, "api")
+        .expect("lookup")
+        .expect("val");
     let runs = server.store.runs_of_val(&val.id, 10).expect("runs");
     assert_eq!(runs.len(), 3);
     assert!(runs.iter().any(|r| r.logs.contains("kaboom")), "{runs:?}");
@@ -287,12 +450,46 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
 async fn scripts_run_through_the_api_and_cron_vals_get_last_run_at() {
     let server = Server::start().await;
     let ada = server.user("ada");
-    let val = store_val(&server, &ada, "hello", ValKind::Script, "export default () => console.log('hello from a script')", ScopeSet::default_val());
+    let val = store_val(
+        &server,
+        &ada,
+        "hello",
+        ValKind::Script,
+        "export default () => console.log('hello from a script')",
+        ScopeSet::default_val(),
+    );
     let writer = server.token(&ada, ScopeSet::all());
-    let r: serde_json::Value = server.client.post(format!("{}/v1/vals/{}/run", server.url, val.id)).bearer_auth(&writer).send().await.expect("run").json().await.expect("json");
+    let r: serde_json::Value = server
+        .client
+        .post(format!("{}/v1/vals/{}/run", server.url, val.id))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .expect("run")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(r["outcome"], "succeeded", "{r}");
-    assert!(r["logs"].as_str().expect("logs").contains("hello from a script"));
-    let run: serde_json::Value = server.client.get(format!("{}/v1/runs/{}", server.url, r["run_id"].as_str().expect("id"))).bearer_auth(&writer).send().await.expect("get").json().await.expect("json");
+    assert!(
+        r["logs"]
+            .as_str()
+            .expect("logs")
+            .contains("hello from a script")
+    );
+    let run: serde_json::Value = server
+        .client
+        .get(format!(
+            "{}/v1/runs/{}",
+            server.url,
+            r["run_id"].as_str().expect("id")
+        ))
+        .bearer_auth(&writer)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(run["outcome"], "succeeded");
 
     let cron = server
@@ -310,14 +507,26 @@ async fn scripts_run_through_the_api_and_cron_vals_get_last_run_at() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let runs = loop {
         let runs = server.store.runs_of_val(&cron.id, 10).expect("runs");
-        if runs.iter().filter(|r| r.outcome == Outcome::Succeeded).count() >= 2 || Instant::now() > deadline {
+        if runs
+            .iter()
+            .filter(|r| r.outcome == Outcome::Succeeded)
+            .count()
+            >= 2
+            || Instant::now() > deadline
+        {
             break runs;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let done: Vec<_> = runs.iter().filter(|r| r.outcome == Outcome::Succeeded).collect();
+    let done: Vec<_> = runs
+        .iter()
+        .filter(|r| r.outcome == Outcome::Succeeded)
+        .collect();
     assert!(done.len() >= 2, "{runs:?}");
-    assert!(done.iter().any(|r| r.logs.contains("last never")), "{runs:?}");
+    assert!(
+        done.iter().any(|r| r.logs.contains("last never")),
+        "{runs:?}"
+    );
     assert!(done.iter().any(|r| r.logs.contains("last 20")), "{runs:?}");
     server.stop().await;
 }

@@ -43,9 +43,17 @@ impl Server {
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;
         }
-        let host = Host::start(store.clone(), config).await.expect("start host");
+        let host = Host::start(store.clone(), config)
+            .await
+            .expect("start host");
         let url = format!("http://{}", host.addr);
-        Server { dir, host: Some(host), url, store, client: reqwest::Client::new() }
+        Server {
+            dir,
+            host: Some(host),
+            url,
+            store,
+            client: reqwest::Client::new(),
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -54,7 +62,10 @@ impl Server {
 
     /// A user on the pro tier (may email anyone).
     pub fn user(&self, name: &str) -> User {
-        let user = self.store.create_user(name, &format!("{name}@example.com"), None).expect("user");
+        let user = self
+            .store
+            .create_user(name, &format!("{name}@example.com"), None)
+            .expect("user");
         self.store.set_tier(&user.id, "pro").expect("tier");
         user
     }
@@ -102,7 +113,15 @@ impl Smtp {
         let maildir = tempfile::tempdir().expect("maildir");
         let port = free_port();
         let child = Command::new("/usr/bin/python3")
-            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
             .arg(maildir.path().join("box"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -113,7 +132,11 @@ impl Smtp {
             assert!(Instant::now() < deadline, "aiosmtpd did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Smtp { child, port, maildir }
+        Smtp {
+            child,
+            port,
+            maildir,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -122,7 +145,9 @@ impl Smtp {
 
     pub fn messages(&self) -> Vec<String> {
         let dir: PathBuf = self.maildir.path().join("box").join("new");
-        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
         entries
             .filter_map(|e| e.ok())
             .filter_map(|e| std::fs::read_to_string(e.path()).ok())

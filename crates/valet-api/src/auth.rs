@@ -73,7 +73,10 @@ impl Caller {
     /// [`Caller::audit`] with the scope it ends up using.
     pub fn require_any(&self, scopes: &[Scope]) -> Result<Grant, ApiError> {
         match scopes.iter().find(|s| self.scopes.contains(**s)) {
-            Some(scope) => Ok(Grant { user_id: self.principal.user_id().to_owned(), scope: *scope }),
+            Some(scope) => Ok(Grant {
+                user_id: self.principal.user_id().to_owned(),
+                scope: *scope,
+            }),
             None => Err(self.refuse(scopes.first().copied().unwrap_or(Scope::USER_READ))),
         }
     }
@@ -89,7 +92,10 @@ impl Caller {
 
     fn check(&self, scope: Scope) -> Result<Grant, ApiError> {
         if self.scopes.contains(scope) {
-            Ok(Grant { user_id: self.principal.user_id().to_owned(), scope })
+            Ok(Grant {
+                user_id: self.principal.user_id().to_owned(),
+                scope,
+            })
         } else {
             Err(self.refuse(scope))
         }
@@ -97,7 +103,11 @@ impl Caller {
 
     /// A 403, and for a run of a val, a scope request its owner can allow.
     pub fn refuse(&self, scope: Scope) -> ApiError {
-        if let Principal::Run { val_id: Some(val_id), .. } = &self.principal {
+        if let Principal::Run {
+            val_id: Some(val_id),
+            ..
+        } = &self.principal
+        {
             let store = self.state.store.clone();
             let (val_id, route) = (val_id.clone(), self.route.clone());
             tokio::task::spawn_blocking(move || {
@@ -107,7 +117,10 @@ impl Caller {
             });
         }
         let mut error = ApiError::missing_scope(scope);
-        if let Principal::Run { val_id: Some(_), .. } = &self.principal {
+        if let Principal::Run {
+            val_id: Some(_), ..
+        } = &self.principal
+        {
             error.message = format!(
                 "this val's runs lack the '{scope}' scope; its owner can allow it on the val's settings page"
             );
@@ -129,14 +142,21 @@ fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let header = parts
         .headers
         .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing_token", "send 'Authorization: Bearer <token>'"))?;
-    let value = header
-        .to_str()
-        .map_err(|_| ApiError::unauthorized("invalid_token", "the Authorization header is not text"))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized("missing_token", "send 'Authorization: Bearer <token>'")
+        })?;
+    let value = header.to_str().map_err(|_| {
+        ApiError::unauthorized("invalid_token", "the Authorization header is not text")
+    })?;
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| ApiError::unauthorized("invalid_token", "use the Bearer scheme: 'Authorization: Bearer <token>'"))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "invalid_token",
+                "use the Bearer scheme: 'Authorization: Bearer <token>'",
+            )
+        })?;
     Ok(token.trim())
 }
 
@@ -155,36 +175,61 @@ impl FromRequestParts<AppState> for Caller {
         } else {
             authenticate_run_token(state, token)?
         };
-        tracing::Span::current().record("principal", tracing::field::display(match principal {
-            Principal::Token { .. } => "token",
-            Principal::Run { .. } => "run",
-        }));
-        Ok(Caller { principal, scopes, route, state: state.clone() })
+        tracing::Span::current().record(
+            "principal",
+            tracing::field::display(match principal {
+                Principal::Token { .. } => "token",
+                Principal::Run { .. } => "run",
+            }),
+        );
+        Ok(Caller {
+            principal,
+            scopes,
+            route,
+            state: state.clone(),
+        })
     }
 }
 
-async fn authenticate_api_token(state: &AppState, text: &str) -> Result<(Principal, ScopeSet), ApiError> {
-    let token = ApiToken::parse(text).map_err(|e| ApiError::unauthorized("invalid_token", e.to_string()))?;
+async fn authenticate_api_token(
+    state: &AppState,
+    text: &str,
+) -> Result<(Principal, ScopeSet), ApiError> {
+    let token = ApiToken::parse(text)
+        .map_err(|e| ApiError::unauthorized("invalid_token", e.to_string()))?;
     let hash = token.hash();
     let record = state
         .store
         .call(move |s| s.token_by_hash(&hash))
         .await?
         .ok_or_else(|| ApiError::unauthorized("invalid_token", "this token does not exist; create one with `valet token create` or on /settings/tokens"))?;
-    if let Some(reason) = record.revoked_reason.as_deref().filter(|_| record.is_revoked()) {
+    if let Some(reason) = record
+        .revoked_reason
+        .as_deref()
+        .filter(|_| record.is_revoked())
+    {
         return Err(ApiError::unauthorized(
             "token_revoked",
             format!("this token was revoked ({reason}); create a new one"),
         ));
     }
     if record.is_expired(time::now_ms()) {
-        return Err(ApiError::unauthorized("token_expired", "this token has expired; create a new one"));
+        return Err(ApiError::unauthorized(
+            "token_expired",
+            "this token has expired; create a new one",
+        ));
     }
-    let principal = Principal::Token { user_id: record.user_id, token_id: record.id };
+    let principal = Principal::Token {
+        user_id: record.user_id,
+        token_id: record.id,
+    };
     Ok((principal, record.scopes.effective()))
 }
 
-fn authenticate_run_token(state: &AppState, token: &str) -> Result<(Principal, ScopeSet), ApiError> {
+fn authenticate_run_token(
+    state: &AppState,
+    token: &str,
+) -> Result<(Principal, ScopeSet), ApiError> {
     let now = (time::now_ms() / 1000) as u64;
     let claims = state
         .keys
@@ -199,6 +244,10 @@ fn authenticate_run_token(state: &AppState, token: &str) -> Result<(Principal, S
     let scopes = claims
         .scopes()
         .map_err(|e| ApiError::unauthorized("invalid_token", e.to_string()))?;
-    let principal = Principal::Run { user_id: claims.sub, run_id: claims.jti, val_id: claims.val };
+    let principal = Principal::Run {
+        user_id: claims.sub,
+        run_id: claims.jti,
+        val_id: claims.val,
+    };
     Ok((principal, scopes))
 }

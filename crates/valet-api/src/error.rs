@@ -18,7 +18,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), required: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            required: None,
+        }
     }
 
     pub fn missing_scope(scope: Scope) -> ApiError {
@@ -41,7 +46,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: impl std::fmt::Display) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     /// A 500 whose body says nothing about the cause; the cause is logged.
@@ -68,12 +77,18 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::NotFound(what) => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found")),
+            StoreError::NotFound(what) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{what} not found"),
+            ),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             StoreError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
-            StoreError::QuotaExceeded { .. } => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded", e.to_string())
-            }
+            StoreError::QuotaExceeded { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "quota_exceeded",
+                e.to_string(),
+            ),
             other => ApiError::internal(other),
         }
     }
@@ -82,12 +97,22 @@ impl From<StoreError> for ApiError {
 impl From<SqlError> for ApiError {
     fn from(e: SqlError) -> ApiError {
         match e {
-            SqlError::Forbidden(valet_store::SqlAccess::Write) => ApiError::missing_scope(Scope::SQLITE_WRITE),
-            SqlError::Forbidden(valet_store::SqlAccess::Read) => ApiError::missing_scope(Scope::SQLITE_READ),
+            SqlError::Forbidden(valet_store::SqlAccess::Write) => {
+                ApiError::missing_scope(Scope::SQLITE_WRITE)
+            }
+            SqlError::Forbidden(valet_store::SqlAccess::Read) => {
+                ApiError::missing_scope(Scope::SQLITE_READ)
+            }
             SqlError::Sql(m) => ApiError::new(StatusCode::BAD_REQUEST, "sqlite_error", m),
             SqlError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "sqlite_error", m),
-            SqlError::Timeout(_) => ApiError::new(StatusCode::BAD_REQUEST, "sqlite_timeout", e.to_string()),
-            SqlError::Full(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "database_full", e.to_string()),
+            SqlError::Timeout(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "sqlite_timeout", e.to_string())
+            }
+            SqlError::Full(_) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "database_full",
+                e.to_string(),
+            ),
             SqlError::Store(s) => s.into(),
         }
     }
@@ -113,14 +138,30 @@ pub async fn jsonify_errors(
         return response;
     }
     // Error bodies from an http val pass through untouched.
-    if response.extensions().get::<crate::runner::ValResponse>().is_some() {
+    if response
+        .extensions()
+        .get::<crate::runner::ValResponse>()
+        .is_some()
+    {
         return response;
     }
     let (code, message) = match status {
-        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this route does not accept that method"),
-        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is larger than this server accepts"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "send the body as application/json"),
-        StatusCode::UNPROCESSABLE_ENTITY => ("invalid_body", "the request body does not have the expected shape"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "this route does not accept that method",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "the request body is larger than this server accepts",
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "send the body as application/json",
+        ),
+        StatusCode::UNPROCESSABLE_ENTITY => (
+            "invalid_body",
+            "the request body does not have the expected shape",
+        ),
         StatusCode::BAD_REQUEST => ("invalid_request", "the request is malformed"),
         StatusCode::NOT_FOUND => ("not_found", "no such route"),
         s if s.is_server_error() => ("internal", "internal error; the server log has the details"),
@@ -128,9 +169,15 @@ pub async fn jsonify_errors(
     };
     // Keep the extractor's own explanation for 4xx: it names the bad field.
     let detail = if status.is_client_error() {
-        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap_or_default();
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap_or_default();
         let text = String::from_utf8_lossy(&body).trim().to_owned();
-        if text.is_empty() { message.to_owned() } else { format!("{message}: {text}") }
+        if text.is_empty() {
+            message.to_owned()
+        } else {
+            format!("{message}: {text}")
+        }
     } else {
         message.to_owned()
     };

@@ -67,9 +67,19 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(store: Store, live_runs: LiveRuns, config: ApiConfig) -> Result<AppState, valet_store::StoreError> {
+    pub fn new(
+        store: Store,
+        live_runs: LiveRuns,
+        config: ApiConfig,
+    ) -> Result<AppState, valet_store::StoreError> {
         let keys = Arc::new(store.key_ring()?);
-        Ok(AppState { store, keys, live_runs, config: Arc::new(config), runner: None })
+        Ok(AppState {
+            store,
+            keys,
+            live_runs,
+            config: Arc::new(config),
+            runner: None,
+        })
     }
 
     pub fn with_runner(mut self, runner: Arc<dyn Runner>) -> AppState {

@@ -24,24 +24,34 @@ impl SmtpRelay {
             .strip_prefix("smtp://")
             .ok_or_else(|| format!("invalid SMTP URL '{url}': use smtp://host:port"))?;
         let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().map_err(|_| format!("invalid port in SMTP URL '{url}'"))?),
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .map_err(|_| format!("invalid port in SMTP URL '{url}'"))?,
+            ),
             None => (rest, 25),
         };
         if host.is_empty() {
             return Err(format!("invalid SMTP URL '{url}': no host"));
         }
-        Ok(SmtpRelay { host: host.to_owned(), port })
+        Ok(SmtpRelay {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
 fn mailbox(text: &str) -> Result<Mailbox, String> {
-    text.parse().map_err(|e| format!("bad address '{text}': {e}"))
+    text.parse()
+        .map_err(|e| format!("bad address '{text}': {e}"))
 }
 
 /// Builds the MIME message. Every field was validated when queued; lettre
 /// encodes headers again, so nothing a val wrote can add a header line.
 pub fn build(message: &EmailMessage) -> Result<Message, String> {
-    let mut builder = Message::builder().from(mailbox(&message.from)?).subject(&message.subject);
+    let mut builder = Message::builder()
+        .from(mailbox(&message.from)?)
+        .subject(&message.subject);
     for to in &message.to {
         builder = builder.to(mailbox(to)?);
     }
@@ -57,7 +67,9 @@ pub fn build(message: &EmailMessage) -> Result<Message, String> {
     let body = match (&message.text, &message.html) {
         (Some(text), Some(html)) => MultiPart::alternative_plain_html(text.clone(), html.clone()),
         (None, Some(html)) => MultiPart::alternative().singlepart(SinglePart::html(html.clone())),
-        (text, None) => MultiPart::mixed().singlepart(SinglePart::plain(text.clone().unwrap_or_default())),
+        (text, None) => {
+            MultiPart::mixed().singlepart(SinglePart::plain(text.clone().unwrap_or_default()))
+        }
     };
     let body = if message.attachments.is_empty() {
         body
@@ -67,16 +79,23 @@ pub fn build(message: &EmailMessage) -> Result<Message, String> {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(&a.content)
                 .map_err(|e| format!("attachment '{}': {e}", a.filename))?;
-            let content_type = ContentType::parse(a.content_type.as_deref().unwrap_or("application/octet-stream"))
-                .map_err(|e| format!("attachment '{}': {e}", a.filename))?;
+            let content_type = ContentType::parse(
+                a.content_type
+                    .as_deref()
+                    .unwrap_or("application/octet-stream"),
+            )
+            .map_err(|e| format!("attachment '{}': {e}", a.filename))?;
             mixed = mixed.singlepart(Attachment::new(a.filename.clone()).body(bytes, content_type));
         }
         mixed
     };
     let mut email = builder.multipart(body).map_err(|e| e.to_string())?;
     for (name, value) in &message.headers {
-        let name = HeaderName::new_from_ascii(name.clone()).map_err(|e| format!("header '{name}': {e}"))?;
-        email.headers_mut().insert_raw(HeaderValue::new(name, value.clone()));
+        let name = HeaderName::new_from_ascii(name.clone())
+            .map_err(|e| format!("header '{name}': {e}"))?;
+        email
+            .headers_mut()
+            .insert_raw(HeaderValue::new(name, value.clone()));
     }
     Ok(email)
 }
@@ -108,7 +127,11 @@ async fn deliver_due(
     let due = store.call(|s| s.due_emails(20)).await?;
     for entry in due {
         let result = match build(&entry.message) {
-            Ok(email) => transport.send(email).await.map(|_| ()).map_err(|e| e.to_string()),
+            Ok(email) => transport
+                .send(email)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         let id = entry.id;
@@ -119,7 +142,9 @@ async fn deliver_due(
             }
             Err(e) => {
                 tracing::warn!(email_id = id, error = %e, "email delivery failed; will retry");
-                store.call(move |s| s.mark_email_attempt_failed(id, &e)).await?;
+                store
+                    .call(move |s| s.mark_email_attempt_failed(id, &e))
+                    .await?;
             }
         }
     }

@@ -27,7 +27,8 @@ pub struct ValResponse;
 
 pub trait Runner: Send + Sync {
     /// Runs a script or cron val to completion.
-    fn run_val(&self, val: Val, trigger: &'static str) -> BoxFuture<'_, Result<RunSummary, String>>;
+    fn run_val(&self, val: Val, trigger: &'static str)
+    -> BoxFuture<'_, Result<RunSummary, String>>;
 
     /// Runs an http val for one request and streams its response back.
     fn serve_http(&self, val: Val, request: Request<Body>) -> BoxFuture<'_, Response<Body>>;

@@ -9,10 +9,19 @@ use clap::{Parser, Subcommand};
 use crate::cmd;
 
 #[derive(Parser)]
-#[command(name = "valet", version, about = "Run vals in sandboxed Deno processes, each with its own short-lived, scoped valet key.")]
+#[command(
+    name = "valet",
+    version,
+    about = "Run vals in sandboxed Deno processes, each with its own short-lived, scoped valet key."
+)]
 pub struct Cli {
     /// Where valet keeps its database, blobs and keys.
-    #[arg(long, global = true, env = "VALET_DATA_DIR", default_value = "./.valet")]
+    #[arg(
+        long,
+        global = true,
+        env = "VALET_DATA_DIR",
+        default_value = "./.valet"
+    )]
     pub data_dir: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -41,8 +50,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VALET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log_filter(&cli.command))),
+            tracing_subscriber::EnvFilter::try_from_env("VALET_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(default_log_filter(&cli.command))
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,4 +1,5 @@
 //! Benchmarks: run-token mint and verify, API-token parse + hash.
+#![allow(clippy::unwrap_used)]
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,7 +22,9 @@ fn tokens(c: &mut Criterion) {
     };
     c.bench_function("run_token_mint", |b| b.iter(|| ring.mint(&grant).unwrap()));
     let token = ring.mint(&grant).unwrap();
-    c.bench_function("run_token_verify", |b| b.iter(|| ring.verify(&token, now).unwrap()));
+    c.bench_function("run_token_verify", |b| {
+        b.iter(|| ring.verify(&token, now).unwrap())
+    });
     let api = ApiToken::generate().unwrap();
     let text = api.expose().to_owned();
     c.bench_function("api_token_parse_hash", |b| {

@@ -158,15 +158,27 @@ mod tests {
     fn parse_tells_what_is_wrong() {
         let token = ApiToken::generate().expect("rng");
         let text = token.expose();
-        assert_eq!(ApiToken::parse("ghp_abc"), Err(TokenFormatError::WrongPrefix));
-        assert_eq!(ApiToken::parse(&text[..41]), Err(TokenFormatError::WrongLength(41)));
+        assert_eq!(
+            ApiToken::parse("ghp_abc"),
+            Err(TokenFormatError::WrongPrefix)
+        );
+        assert_eq!(
+            ApiToken::parse(&text[..41]),
+            Err(TokenFormatError::WrongLength(41))
+        );
         let mut bad_char = text.to_owned();
         bad_char.replace_range(10..11, "-");
-        assert_eq!(ApiToken::parse(&bad_char), Err(TokenFormatError::BadCharacter(11)));
+        assert_eq!(
+            ApiToken::parse(&bad_char),
+            Err(TokenFormatError::BadCharacter(11))
+        );
         let mut bad_sum = text.to_owned();
         let last = if text.ends_with('0') { "1" } else { "0" };
         bad_sum.replace_range(41..42, last);
-        assert_eq!(ApiToken::parse(&bad_sum), Err(TokenFormatError::BadChecksum));
+        assert_eq!(
+            ApiToken::parse(&bad_sum),
+            Err(TokenFormatError::BadChecksum)
+        );
     }
 
     #[test]

@@ -38,7 +38,10 @@ impl LiveRuns {
         if let Ok(mut runs) = self.runs.write() {
             runs.insert(run_id.to_owned());
         }
-        LiveRunGuard { runs: self.clone(), run_id: run_id.to_owned() }
+        LiveRunGuard {
+            runs: self.clone(),
+            run_id: run_id.to_owned(),
+        }
     }
 
     pub fn len(&self) -> usize {

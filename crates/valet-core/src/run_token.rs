@@ -94,7 +94,11 @@ impl SigningKey {
         let public = ed25519_dalek::SigningKey::from_bytes(&secret)
             .verifying_key()
             .to_bytes();
-        SigningKey { kid: kid_of(&public), secret, public }
+        SigningKey {
+            kid: kid_of(&public),
+            secret,
+            public,
+        }
     }
 
     pub fn kid(&self) -> &str {
@@ -151,7 +155,11 @@ pub struct KeyRing {
 impl fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kids: Vec<&str> = self.verifying.iter().map(|k| k.kid.as_str()).collect();
-        write!(f, "KeyRing(current {}, verifying {kids:?})", self.current.kid)
+        write!(
+            f,
+            "KeyRing(current {}, verifying {kids:?})",
+            self.current.kid
+        )
     }
 }
 
@@ -164,7 +172,11 @@ impl KeyRing {
             retire_at: None,
             decoding: DecodingKey::from_ed_der(&current.public),
         }];
-        Ok(KeyRing { current, encoding, verifying })
+        Ok(KeyRing {
+            current,
+            encoding,
+            verifying,
+        })
     }
 
     /// Adds an older public key that verifies until `retire_at`.
@@ -310,11 +322,15 @@ mod tests {
     fn rejects_another_keys_signature() {
         let t = now();
         let token = ring().mint(&grant(t, t + 30)).expect("mint");
-        assert!(matches!(ring().verify(&token, t), Err(RunTokenError::UnknownKid(_))));
+        assert!(matches!(
+            ring().verify(&token, t),
+            Err(RunTokenError::UnknownKid(_))
+        ));
         // Same kid, different key: the signature must fail.
         let ring_a = ring();
         let other = ring();
-        let forged_header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": ring_a.current().kid()});
+        let forged_header =
+            serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": ring_a.current().kid()});
         let real = other.mint(&grant(t, t + 30)).expect("mint");
         let parts: Vec<&str> = real.split('.').collect();
         let token = format!(
@@ -323,7 +339,10 @@ mod tests {
             parts[1],
             parts[2]
         );
-        assert!(matches!(ring_a.verify(&token, t), Err(RunTokenError::Invalid(_))));
+        assert!(matches!(
+            ring_a.verify(&token, t),
+            Err(RunTokenError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -359,8 +378,15 @@ mod tests {
             k[..key.len()].copy_from_slice(key);
             let ipad: Vec<u8> = k.iter().map(|b| b ^ 0x36).collect();
             let opad: Vec<u8> = k.iter().map(|b| b ^ 0x5c).collect();
-            let inner = Sha256::new().chain_update(&ipad).chain_update(msg).finalize();
-            Sha256::new().chain_update(&opad).chain_update(inner).finalize().to_vec()
+            let inner = Sha256::new()
+                .chain_update(&ipad)
+                .chain_update(msg)
+                .finalize();
+            Sha256::new()
+                .chain_update(&opad)
+                .chain_update(inner)
+                .finalize()
+                .to_vec()
         }
     }
 
@@ -395,12 +421,21 @@ mod tests {
             let token = jsonwebtoken::encode(&header, &claims, &ring.encoding).expect("encode");
             assert!(ring.verify(&token, t).is_err(), "{field}");
         }
-        let header = Header { kid: Some("nope".into()), ..Header::new(Algorithm::EdDSA) };
+        let header = Header {
+            kid: Some("nope".into()),
+            ..Header::new(Algorithm::EdDSA)
+        };
         let token = jsonwebtoken::encode(&header, &grant_claims(t), &ring.encoding).expect("enc");
-        assert!(matches!(ring.verify(&token, t), Err(RunTokenError::UnknownKid(_))));
+        assert!(matches!(
+            ring.verify(&token, t),
+            Err(RunTokenError::UnknownKid(_))
+        ));
         let header = Header::new(Algorithm::EdDSA);
         let token = jsonwebtoken::encode(&header, &grant_claims(t), &ring.encoding).expect("enc");
-        assert!(matches!(ring.verify(&token, t), Err(RunTokenError::MissingKid)));
+        assert!(matches!(
+            ring.verify(&token, t),
+            Err(RunTokenError::MissingKid)
+        ));
     }
 
     fn grant_claims(t: u64) -> RunClaims {
@@ -426,10 +461,16 @@ mod tests {
             .rotate(SigningKey::generate().expect("key"), t + 60)
             .expect("rotate");
         let new_token = ring.mint(&grant(t, t + 30)).expect("mint");
-        assert!(ring.verify(&old_token, t).is_ok(), "old key verifies during overlap");
+        assert!(
+            ring.verify(&old_token, t).is_ok(),
+            "old key verifies during overlap"
+        );
         assert!(ring.verify(&new_token, t).is_ok());
         assert_eq!(ring.jwks(t)["keys"].as_array().map(Vec::len), Some(2));
-        assert!(matches!(ring.verify(&old_token, t + 61), Err(RunTokenError::UnknownKid(_))));
+        assert!(matches!(
+            ring.verify(&old_token, t + 61),
+            Err(RunTokenError::UnknownKid(_))
+        ));
         assert_eq!(ring.jwks(t + 61)["keys"].as_array().map(Vec::len), Some(1));
     }
 }

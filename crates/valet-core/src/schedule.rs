@@ -21,19 +21,30 @@ pub struct ScheduleError {
 impl Schedule {
     pub fn parse(text: &str) -> Result<Schedule, ScheduleError> {
         let fields = text.split_whitespace().count();
-        if !(fields == 5 || fields == 6) && !text.trim_start().starts_with('@') {
-            return Err(ScheduleError { text: text.into(), reason: format!("{fields} fields, expected 5 or 6") });
+        if !(fields == 5 || fields == 6 || text.trim_start().starts_with('@')) {
+            return Err(ScheduleError {
+                text: text.into(),
+                reason: format!("{fields} fields, expected 5 or 6"),
+            });
         }
         let cron = croner::parser::CronParser::new()
             .parse(text)
-            .map_err(|e| ScheduleError { text: text.into(), reason: e.to_string() })?;
-        Ok(Schedule { text: text.to_owned(), cron })
+            .map_err(|e| ScheduleError {
+                text: text.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Schedule {
+            text: text.to_owned(),
+            cron,
+        })
     }
 
     /// The first time strictly after `after_ms` (unix milliseconds).
     pub fn next_after(&self, after_ms: i64) -> Option<i64> {
         // Whole seconds: cron times fall on second boundaries.
-        let start = Utc.timestamp_millis_opt(after_ms - after_ms.rem_euclid(1000)).single()?;
+        let start = Utc
+            .timestamp_millis_opt(after_ms - after_ms.rem_euclid(1000))
+            .single()?;
         self.cron
             .find_next_occurrence(&start, false)
             .ok()

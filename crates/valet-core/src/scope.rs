@@ -141,16 +141,18 @@ impl FromStr for Scope {
 
     fn from_str(s: &str) -> Result<Scope, ScopeError> {
         let mut parts = s.split(':');
-        let (Some(resource), Some(access), None) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some(resource), Some(access), None) = (parts.next(), parts.next(), parts.next())
+        else {
             return Err(ScopeError::Malformed(s.to_owned()));
         };
         if resource.is_empty() || access.is_empty() {
             return Err(ScopeError::Malformed(s.to_owned()));
         }
-        let resource_value = Resource::parse(resource).ok_or_else(|| ScopeError::UnknownResource {
-            scope: s.to_owned(),
-            resource: resource.to_owned(),
-        })?;
+        let resource_value =
+            Resource::parse(resource).ok_or_else(|| ScopeError::UnknownResource {
+                scope: s.to_owned(),
+                resource: resource.to_owned(),
+            })?;
         let access_value = Access::parse(access).ok_or_else(|| ScopeError::UnknownAccess {
             scope: s.to_owned(),
             access: access.to_owned(),
@@ -386,6 +388,9 @@ mod tests {
     #[test]
     fn legacy_is_not_an_empty_list() {
         assert_eq!(TokenScopes::Legacy.effective(), ScopeSet::all());
-        assert_eq!(TokenScopes::Scoped(ScopeSet::EMPTY).effective(), ScopeSet::EMPTY);
+        assert_eq!(
+            TokenScopes::Scoped(ScopeSet::EMPTY).effective(),
+            ScopeSet::EMPTY
+        );
     }
 }

@@ -20,7 +20,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(store: Store, supervisor: Supervisor) -> Scheduler {
-        Scheduler { store, supervisor, running: Arc::default() }
+        Scheduler {
+            store,
+            supervisor,
+            running: Arc::default(),
+        }
     }
 
     /// Ticks every `every` until `shutdown` changes.
@@ -40,11 +44,16 @@ impl Scheduler {
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn tick(&self, tasks: &mut tokio::task::JoinSet<()>) -> Result<(), valet_store::StoreError> {
+    async fn tick(
+        &self,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> Result<(), valet_store::StoreError> {
         let vals = self.store.call(|s| s.cron_vals()).await?;
         let now = time::now_ms();
         for val in vals {
-            let Some(text) = val.schedule.as_deref() else { continue };
+            let Some(text) = val.schedule.as_deref() else {
+                continue;
+            };
             let schedule = match Schedule::parse(text) {
                 Ok(s) => s,
                 Err(e) => {
@@ -52,12 +61,18 @@ impl Scheduler {
                     continue;
                 }
             };
-            let since = val.last_run_at.unwrap_or(val.updated_at.max(val.created_at));
+            let since = val
+                .last_run_at
+                .unwrap_or(val.updated_at.max(val.created_at));
             let due = schedule.next_after(since).is_some_and(|next| next <= now);
             if !due {
                 continue;
             }
-            let claimed = self.running.lock().map(|mut r| r.insert(val.id.clone())).unwrap_or(false);
+            let claimed = self
+                .running
+                .lock()
+                .map(|mut r| r.insert(val.id.clone()))
+                .unwrap_or(false);
             if !claimed {
                 continue;
             }

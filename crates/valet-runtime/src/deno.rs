@@ -25,7 +25,11 @@ pub fn find_deno() -> Result<PathBuf, RuntimeError> {
     }
     let mut candidates: Vec<PathBuf> = Vec::new();
     // Next to the repository this binary was built from.
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(PINNED));
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(PINNED),
+    );
     if let Ok(cwd) = std::env::current_dir() {
         candidates.push(cwd.join(PINNED));
     }

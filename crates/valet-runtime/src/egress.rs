@@ -57,7 +57,10 @@ impl std::str::FromStr for EgressAllow {
         if host.is_empty() {
             return Err(format!("invalid egress address '{s}': no host"));
         }
-        Ok(EgressAllow { host: host.to_owned(), port })
+        Ok(EgressAllow {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
@@ -86,7 +89,9 @@ pub fn pipe(socket: &Path, target: Target, tasks: &mut JoinSet<()>) -> std::io::
     tasks.spawn(async move {
         let mut connections = JoinSet::new();
         loop {
-            let Ok((mut inbound, _)) = listener.accept().await else { break };
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                break;
+            };
             let target = target.clone();
             connections.spawn(async move {
                 let outbound = match &target {

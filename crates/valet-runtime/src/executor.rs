@@ -62,13 +62,22 @@ pub fn spawn(mut cmd: Command, logs: LogBuffer) -> std::io::Result<Process> {
     if let Some(err) = child.stderr.take() {
         readers.spawn(logs::collect(err, "err", logs.clone()));
     }
-    Ok(Process { child, pgid, readers, logs })
+    Ok(Process {
+        child,
+        pgid,
+        readers,
+        logs,
+    })
 }
 
 impl Process {
     /// Waits for the process to end, or kills it at `deadline`, or when
     /// `stop` resolves.
-    pub async fn wait(&mut self, deadline: Instant, stop: impl std::future::Future<Output = ()>) -> Exit {
+    pub async fn wait(
+        &mut self,
+        deadline: Instant,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Exit {
         let exit = tokio::select! {
             status = self.child.wait() => match status {
                 Ok(s) => match (s.code(), s.signal()) {
@@ -117,13 +126,20 @@ fn kill_process_group(pgid: i32) {
 pub fn classify(exit: Exit, logs: &LogBuffer, timeout: Duration) -> (Outcome, String) {
     match exit {
         Exit::Code(0) => (Outcome::Succeeded, "exited with code 0".into()),
-        Exit::TimedOut => (Outcome::TimedOut, format!("killed at its deadline ({} ms)", timeout.as_millis())),
+        Exit::TimedOut => (
+            Outcome::TimedOut,
+            format!("killed at its deadline ({} ms)", timeout.as_millis()),
+        ),
         Exit::Stopped => (Outcome::Succeeded, "stopped after its response".into()),
-        _ if logs.saw_oom() => (Outcome::Oom, "ran out of memory (heap limit reached)".into()),
+        _ if logs.saw_oom() => (
+            Outcome::Oom,
+            "ran out of memory (heap limit reached)".into(),
+        ),
         Exit::Code(code) => (Outcome::Failed, format!("exited with code {code}")),
-        Exit::Signal(sig) if sig == libc::SIGTRAP || sig == libc::SIGABRT => {
-            (Outcome::Oom, format!("aborted by V8 (signal {sig}), most likely out of memory"))
-        }
+        Exit::Signal(sig) if sig == libc::SIGTRAP || sig == libc::SIGABRT => (
+            Outcome::Oom,
+            format!("aborted by V8 (signal {sig}), most likely out of memory"),
+        ),
         Exit::Signal(sig) => (Outcome::Killed, format!("killed by signal {sig}")),
     }
 }

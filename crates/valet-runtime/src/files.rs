@@ -37,7 +37,10 @@ pub fn install(parent: &Path) -> std::io::Result<PathBuf> {
         hash.update(path.as_bytes());
         hash.update(text.as_bytes());
     }
-    let dir = parent.join(format!("runtime-js-{}", &hex::encode(hash.finalize())[..12]));
+    let dir = parent.join(format!(
+        "runtime-js-{}",
+        &hex::encode(hash.finalize())[..12]
+    ));
     if dir.join(".complete").exists() {
         return Ok(dir);
     }

@@ -50,8 +50,13 @@ pub struct Host {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("could not listen on {addr}: {source} (is another valet running? pick another --listen)")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "could not listen on {addr}: {source} (is another valet running? pick another --listen)"
+    )]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
@@ -62,10 +67,17 @@ pub enum HostError {
 
 impl Host {
     pub async fn start(store: Store, config: HostConfig) -> Result<Host, HostError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| HostError::Listen { addr: config.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| HostError::Listen { addr: config.listen, source })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| HostError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| HostError::Listen {
+            addr: config.listen,
+            source,
+        })?;
         let lost = store.call(|s| s.mark_lost_runs()).await?;
         if lost > 0 {
             tracing::warn!(lost, "marked runs of a previous supervisor as lost");
@@ -103,7 +115,14 @@ impl Host {
             tasks.spawn(mailer::run(store.clone(), relay, shutdown.subscribe()));
         }
         tracing::info!(%addr, "valet is listening");
-        Ok(Host { addr, supervisor, store, state, shutdown, tasks })
+        Ok(Host {
+            addr,
+            supervisor,
+            store,
+            state,
+            shutdown,
+            tasks,
+        })
     }
 
     /// Stops accepting requests, lets runs in flight end (bounded), and

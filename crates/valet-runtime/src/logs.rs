@@ -36,7 +36,9 @@ impl LogBuffer {
     }
 
     pub fn push(&self, stream: &str, line: &str) {
-        let Ok(mut inner) = self.inner.lock() else { return };
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
         if line.contains("out of memory") || line.contains("Reached heap limit") {
             inner.saw_oom = true;
         }
@@ -46,7 +48,10 @@ impl LogBuffer {
                 line = line.replace(secret.as_str(), "[valet key]");
             }
         }
-        let entry = format!("{} [{stream}] {line}\n", valet_store::time::iso(valet_store::time::now_ms()));
+        let entry = format!(
+            "{} [{stream}] {line}\n",
+            valet_store::time::iso(valet_store::time::now_ms())
+        );
         if inner.text.len() + entry.len() > inner.max_bytes {
             inner.dropped += entry.len();
         } else {
@@ -60,7 +65,9 @@ impl LogBuffer {
 
     /// The logs, with a note when some were dropped.
     pub fn finish(&self) -> String {
-        let Ok(inner) = self.inner.lock() else { return String::new() };
+        let Ok(inner) = self.inner.lock() else {
+            return String::new();
+        };
         let mut text = inner.text.clone();
         if inner.dropped > 0 {
             text.push_str(&format!(

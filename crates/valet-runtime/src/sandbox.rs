@@ -24,7 +24,11 @@ pub struct SandboxSpec<'a> {
 }
 
 pub fn command(spec: &SandboxSpec<'_>) -> Command {
-    let sockets: Vec<String> = spec.sockets.iter().map(|p| p.display().to_string()).collect();
+    let sockets: Vec<String> = spec
+        .sockets
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let sockets = sockets.join(",");
     let env_names: Vec<&str> = spec.env.keys().map(String::as_str).collect();
     let mut cmd = Command::new(spec.deno);
@@ -33,7 +37,10 @@ pub fn command(spec: &SandboxSpec<'_>) -> Command {
         .arg("--no-prompt")
         .arg("--no-config")
         .arg("--no-lock")
-        .arg(format!("--import-map={}", spec.runtime_dir.join("import_map.json").display()))
+        .arg(format!(
+            "--import-map={}",
+            spec.runtime_dir.join("import_map.json").display()
+        ))
         .arg("--allow-net")
         .arg(format!("--deny-net={}", DENIED_RANGES.join(",")))
         .arg(format!("--allow-read={sockets}"))

@@ -174,7 +174,16 @@ impl Supervisor {
         }
         let permits = Arc::new(Semaphore::new(config.max_concurrent_runs.max(1)));
         Ok(Supervisor {
-            inner: Arc::new(Inner { store, keys, live, deno, runtime_dir, deno_dir, config, permits }),
+            inner: Arc::new(Inner {
+                store,
+                keys,
+                live,
+                deno,
+                runtime_dir,
+                deno_dir,
+                config,
+                permits,
+            }),
         })
     }
 
@@ -238,7 +247,11 @@ impl Supervisor {
         let mut egress_routes = Vec::new();
         for (i, allow) in inner.config.egress_allow.iter().enumerate() {
             let socket = dir.join(format!("egress-{i}.sock"));
-            egress::pipe(&socket, Target::Host(allow.host.clone(), allow.port), &mut pipes)?;
+            egress::pipe(
+                &socket,
+                Target::Host(allow.host.clone(), allow.port),
+                &mut pipes,
+            )?;
             egress_routes.push(serde_json::json!({
                 "origin": allow.origin(),
                 "socket": socket,
@@ -297,7 +310,12 @@ impl Supervisor {
         let process = executor::spawn(command, logs).map_err(|e| {
             RuntimeError::Spawn(format!("could not start {}: {e}", inner.deno.display()))
         })?;
-        tracing::info!(run_id, kind = spec.kind.as_str(), trigger = spec.trigger, "run started");
+        tracing::info!(
+            run_id,
+            kind = spec.kind.as_str(),
+            trigger = spec.trigger,
+            "run started"
+        );
         let prepared = Prepared {
             run_id,
             dir,
@@ -321,17 +339,30 @@ impl Supervisor {
         debug_assert!(!prepared.token.is_empty());
         drop(prepared);
         let (id, d, l) = (run_id.clone(), detail.clone(), logs.clone());
-        if let Err(e) = self.inner.store.call(move |s| s.finish_run(&id, outcome, &d, &l)).await {
+        if let Err(e) = self
+            .inner
+            .store
+            .call(move |s| s.finish_run(&id, outcome, &d, &l))
+            .await
+        {
             tracing::error!(run_id, error = %e, "could not record the end of a run");
         }
         tracing::info!(run_id, outcome = outcome.as_str(), duration_ms, "run ended");
-        RunOutput { run_id, outcome, detail, logs, duration_ms }
+        RunOutput {
+            run_id,
+            outcome,
+            detail,
+            logs,
+            duration_ms,
+        }
     }
 
     /// Runs a script or cron val (or a file) to completion.
     pub async fn run(&self, spec: RunSpec) -> Result<RunOutput, RuntimeError> {
         let (prepared, mut process) = self.prepare(&spec).await?;
-        let exit = process.wait(prepared.deadline, std::future::pending()).await;
+        let exit = process
+            .wait(prepared.deadline, std::future::pending())
+            .await;
         Ok(self.finish(prepared, &process, exit).await)
     }
 
@@ -358,7 +389,11 @@ impl Supervisor {
     ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
         let internal = |e: RuntimeError| {
             tracing::error!(error = %e, "could not start an http run");
-            (StatusCode::INTERNAL_SERVER_ERROR, "run_failed", "the val could not be started".to_owned())
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "run_failed",
+                "the val could not be started".to_owned(),
+            )
         };
         let (prepared, mut process) = self.prepare(&spec).await.map_err(internal)?;
         let socket = prepared.dir.join("http.sock");
@@ -375,12 +410,17 @@ impl Supervisor {
             tokio::time::sleep(Duration::from_millis(3)).await;
         };
         let Some(stream) = stream else {
-            let exit = process.wait(prepared.deadline, std::future::ready(())).await;
+            let exit = process
+                .wait(prepared.deadline, std::future::ready(()))
+                .await;
             let out = self.finish(prepared, &process, exit).await;
             return Err((
                 StatusCode::BAD_GATEWAY,
                 "val_failed",
-                format!("the val failed before answering ({}); its logs are at /v1/runs/{}", out.detail, out.run_id),
+                format!(
+                    "the val failed before answering ({}); its logs are at /v1/runs/{}",
+                    out.detail, out.run_id
+                ),
             ));
         };
 
@@ -396,11 +436,15 @@ impl Supervisor {
         });
 
         let result = async {
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
             tokio::spawn(connection);
-            sender.send_request(request).await.map_err(|e| e.to_string())
+            sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())
         }
         .await;
         match result {
@@ -443,9 +487,16 @@ impl Drop for DoneGuard {
 }
 
 impl valet_api::Runner for Supervisor {
-    fn run_val(&self, val: Val, trigger: &'static str) -> valet_api::BoxFuture<'_, Result<valet_api::RunSummary, String>> {
+    fn run_val(
+        &self,
+        val: Val,
+        trigger: &'static str,
+    ) -> valet_api::BoxFuture<'_, Result<valet_api::RunSummary, String>> {
         Box::pin(async move {
-            let out = self.run(RunSpec::for_val(&val, trigger)).await.map_err(|e| e.to_string())?;
+            let out = self
+                .run(RunSpec::for_val(&val, trigger))
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(valet_api::RunSummary {
                 run_id: out.run_id,
                 outcome: out.outcome,
@@ -455,7 +506,13 @@ impl valet_api::Runner for Supervisor {
         })
     }
 
-    fn serve_http(&self, val: Val, request: Request<Body>) -> valet_api::BoxFuture<'_, Response<Body>> {
-        Box::pin(async move { Supervisor::serve_http(self, RunSpec::for_val(&val, "http"), request).await })
+    fn serve_http(
+        &self,
+        val: Val,
+        request: Request<Body>,
+    ) -> valet_api::BoxFuture<'_, Response<Body>> {
+        Box::pin(async move {
+            Supervisor::serve_http(self, RunSpec::for_val(&val, "http"), request).await
+        })
     }
 }

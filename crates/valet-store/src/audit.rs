@@ -16,8 +16,15 @@ use crate::{Store, StoreError};
 /// Who made an authorised call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    Token { user_id: String, token_id: String },
-    Run { user_id: String, run_id: String, val_id: Option<String> },
+    Token {
+        user_id: String,
+        token_id: String,
+    },
+    Run {
+        user_id: String,
+        run_id: String,
+        val_id: Option<String>,
+    },
 }
 
 impl Principal {
@@ -80,7 +87,9 @@ impl AuditSink {
     pub fn flush(&self) {
         let (done_tx, done_rx) = sync_channel(1);
         let sent = match self.tx.lock() {
-            Ok(tx) => tx.as_ref().is_some_and(|tx| tx.send(Message::Flush(done_tx)).is_ok()),
+            Ok(tx) => tx
+                .as_ref()
+                .is_some_and(|tx| tx.send(Message::Flush(done_tx)).is_ok()),
             Err(_) => false,
         };
         if sent {
@@ -122,7 +131,11 @@ fn writer_loop(
                 Message::Event(e) => batch.push(e),
                 Message::Flush(done) => waiters.push(done),
             }
-            next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
+            next = if batch.len() < MAX_BATCH {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
         }
         if !batch.is_empty()
             && let Err(e) = write_batch(&mut conn, &batch)
@@ -169,10 +182,14 @@ fn write_batch(conn: &mut Connection, batch: &[AuditEvent]) -> Result<(), StoreE
 
 impl Store {
     /// Scopes used by a run, from the audit log.
-    pub fn scopes_used_by_runs(&self, run_ids: &[String]) -> Result<valet_core::ScopeSet, StoreError> {
+    pub fn scopes_used_by_runs(
+        &self,
+        run_ids: &[String],
+    ) -> Result<valet_core::ScopeSet, StoreError> {
         self.flush_audit();
         self.read(|c| {
-            let mut stmt = c.prepare_cached("SELECT DISTINCT scope FROM audit WHERE run_id = ?1")?;
+            let mut stmt =
+                c.prepare_cached("SELECT DISTINCT scope FROM audit WHERE run_id = ?1")?;
             let mut set = valet_core::ScopeSet::EMPTY;
             for run_id in run_ids {
                 let scopes = stmt.query_map([run_id], |r| r.get::<_, String>(0))?;

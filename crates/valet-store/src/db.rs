@@ -174,7 +174,9 @@ mod tests {
             .read(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
             .expect("version");
         assert_eq!(version, migrations::latest());
-        store.create_user("ada", "ada@example.com", None).expect("user");
+        store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
         drop(store);
         let store = Store::open(dir.path()).expect("reopen");
         assert!(store.user_by_name("ada").expect("lookup").is_some());
@@ -187,25 +189,28 @@ mod tests {
         // A second Store on the same file: a second process, in effect.
         let b = Store::open(dir.path()).expect("open b");
         let user = a.create_user("ada", "ada@example.com", None).expect("user");
-        let threads: Vec<_> = [a, b]
-            .into_iter()
-            .enumerate()
-            .map(|(n, store)| {
-                let user_id = user.id.clone();
-                std::thread::spawn(move || {
-                    for i in 0..100 {
-                        store
-                            .create_token(
-                                &user_id,
-                                &format!("t{n}-{i}"),
-                                valet_core::TokenScopes::Scoped(valet_core::ScopeSet::default_val()),
-                                None,
-                            )
-                            .expect("create");
-                    }
+        let threads: Vec<_> =
+            [a, b]
+                .into_iter()
+                .enumerate()
+                .map(|(n, store)| {
+                    let user_id = user.id.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..100 {
+                            store
+                                .create_token(
+                                    &user_id,
+                                    &format!("t{n}-{i}"),
+                                    valet_core::TokenScopes::Scoped(
+                                        valet_core::ScopeSet::default_val(),
+                                    ),
+                                    None,
+                                )
+                                .expect("create");
+                        }
+                    })
                 })
-            })
-            .collect();
+                .collect();
         for t in threads {
             t.join().expect("thread");
         }

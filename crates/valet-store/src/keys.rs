@@ -36,15 +36,18 @@ impl Store {
         for (secret, public, retire_at) in keys {
             match retire_at {
                 None => {
-                    let secret: [u8; 32] = secret
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("signing key has the wrong length".into()))?;
-                    ring = Some(KeyRing::new(SigningKey::from_secret(secret)).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+                    let secret: [u8; 32] = secret.try_into().map_err(|_| {
+                        StoreError::Corrupt("signing key has the wrong length".into())
+                    })?;
+                    ring = Some(
+                        KeyRing::new(SigningKey::from_secret(secret))
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    );
                 }
                 Some(at) => {
-                    let public: [u8; 32] = public
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt("public key has the wrong length".into()))?;
+                    let public: [u8; 32] = public.try_into().map_err(|_| {
+                        StoreError::Corrupt("public key has the wrong length".into())
+                    })?;
                     previous.push((public, (at / 1000) as u64));
                 }
             }
@@ -86,7 +89,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let first = store.key_ring().expect("ring");
-        let again = Store::open(dir.path()).expect("reopen").key_ring().expect("ring");
+        let again = Store::open(dir.path())
+            .expect("reopen")
+            .key_ring()
+            .expect("ring");
         assert_eq!(first.current().kid(), again.current().kid());
         let rotated = store.rotate_signing_key(60_000).expect("rotate");
         assert_ne!(rotated.current().kid(), first.current().kid());

@@ -34,7 +34,10 @@ pub mod outbox_types {
 pub use runs::{NewRun, Outcome, RunRecord};
 pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use tokens::{MigrationState, TokenRecord};
-pub use user_sqlite::{Access as SqlAccess, BatchMode, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement, UserDatabases};
+pub use user_sqlite::{
+    Access as SqlAccess, BatchMode, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement,
+    UserDatabases,
+};
 pub use users::User;
 pub use vals::{NewVal, Val, ValKind, ValPatch};
 

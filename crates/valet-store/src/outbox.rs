@@ -103,7 +103,8 @@ const COLUMNS: &str = "id, user_id, status, attempts, last_error, created_at, me
 
 impl Store {
     pub fn enqueue_email(&self, user_id: &str, message: &EmailMessage) -> Result<i64, StoreError> {
-        let json = serde_json::to_string(message).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_string(message).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.write(|c| enqueue_in(c, user_id, &json))
     }
 
@@ -167,7 +168,11 @@ impl Store {
     }
 }
 
-pub(crate) fn enqueue_in(c: &rusqlite::Connection, user_id: &str, json: &str) -> Result<i64, StoreError> {
+pub(crate) fn enqueue_in(
+    c: &rusqlite::Connection,
+    user_id: &str,
+    json: &str,
+) -> Result<i64, StoreError> {
     let now = time::now_ms();
     c.execute(
         "INSERT INTO outbox (user_id, message, next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?3)",

@@ -38,7 +38,12 @@ pub struct ScopeRequest {
 impl Store {
     /// Notes that a run of `val_id` was refused `scope`. A denied request
     /// stays denied (silenced) but keeps counting.
-    pub fn record_scope_request(&self, val_id: &str, scope: Scope, route: &str) -> Result<(), StoreError> {
+    pub fn record_scope_request(
+        &self,
+        val_id: &str,
+        scope: Scope,
+        route: &str,
+    ) -> Result<(), StoreError> {
         let now = time::now_ms();
         self.write(|c| {
             c.execute(
@@ -59,7 +64,14 @@ impl Store {
                  WHERE val_id = ?1 ORDER BY last_at DESC",
             )?;
             let rows = stmt.query_map([val_id], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?;
             let mut out = Vec::new();
             for row in rows {
@@ -91,10 +103,16 @@ impl Store {
             let tx = c.transaction()?;
             let n = tx.execute(
                 "UPDATE scope_requests SET state = ?1 WHERE val_id = ?2 AND scope = ?3",
-                params![if allow { "allowed" } else { "denied" }, val_id, scope.to_string()],
+                params![
+                    if allow { "allowed" } else { "denied" },
+                    val_id,
+                    scope.to_string()
+                ],
             )?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!("scope request '{scope}' on val '{val_id}'")));
+                return Err(StoreError::NotFound(format!(
+                    "scope request '{scope}' on val '{val_id}'"
+                )));
             }
             if allow {
                 tx.execute(

@@ -25,7 +25,8 @@ pub fn iso(ms: i64) -> String {
 
 /// Parses RFC 3339 (`2026-12-01T00:00:00Z`) or a plain date (`2026-12-01`).
 pub fn parse(text: &str) -> Option<i64> {
-    if let Ok(t) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339) {
+    if let Ok(t) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
         return Some((t.unix_timestamp_nanos() / 1_000_000) as i64);
     }
     let format = time::macros::format_description!("[year]-[month]-[day]");
@@ -39,6 +40,9 @@ mod tests {
     fn iso_round_trip() {
         assert_eq!(super::iso(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(super::parse("1970-01-02"), Some(86_400_000));
-        assert_eq!(super::parse(&super::iso(1_700_000_000_123)), Some(1_700_000_000_123));
+        assert_eq!(
+            super::parse(&super::iso(1_700_000_000_123)),
+            Some(1_700_000_000_123)
+        );
     }
 }

@@ -182,7 +182,9 @@ impl Store {
         self.read(|c| {
             let mut stmt =
                 c.prepare_cached(&format!("SELECT {COLUMNS} FROM api_tokens WHERE hash = ?1"))?;
-            let record = stmt.query_row([&hash.as_bytes()[..]], from_row).optional()?;
+            let record = stmt
+                .query_row([&hash.as_bytes()[..]], from_row)
+                .optional()?;
             // The index found the row by hash; compare again in constant time
             // so equality is never decided by a short-circuiting memcmp.
             Ok(record.filter(|r| r.hash.ct_eq(hash)))
@@ -204,9 +206,13 @@ impl Store {
 
     pub fn token_by_id(&self, id: &str) -> Result<TokenRecord, StoreError> {
         self.read(|c| {
-            c.query_row(&format!("SELECT {COLUMNS} FROM api_tokens WHERE id = ?1"), [id], from_row)
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound(format!("token '{id}'")))
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM api_tokens WHERE id = ?1"),
+                [id],
+                from_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("token '{id}'")))
         })
     }
 
@@ -294,7 +300,9 @@ mod tests {
     fn store() -> (tempfile::TempDir, Store, String) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let user = store.create_user("ada", "ada@example.com", None).expect("user");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
         (dir, store, user.id)
     }
 
@@ -302,28 +310,46 @@ mod tests {
     fn tokens_are_stored_as_hashes_and_found_by_hash() {
         let (_dir, store, user) = store();
         let (record, token) = store
-            .create_token(&user, "ci", TokenScopes::Scoped(ScopeSet::default_val()), None)
+            .create_token(
+                &user,
+                "ci",
+                TokenScopes::Scoped(ScopeSet::default_val()),
+                None,
+            )
             .expect("create");
-        let found = store.token_by_hash(&token.hash()).expect("lookup").expect("found");
+        let found = store
+            .token_by_hash(&token.hash())
+            .expect("lookup")
+            .expect("found");
         assert_eq!(found.id, record.id);
         assert_eq!(found.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
         let raw = std::fs::read(store.db_path()).expect("read db");
         let needle = token.expose().as_bytes();
-        assert!(!raw.windows(needle.len()).any(|w| w == needle), "token in plain text on disk");
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle),
+            "token in plain text on disk"
+        );
     }
 
     #[test]
     fn legacy_tokens_have_no_scope_list() {
         let (_dir, store, user) = store();
-        let (_, token) = store.create_token(&user, "old", TokenScopes::Legacy, None).expect("create");
-        let found = store.token_by_hash(&token.hash()).expect("lookup").expect("found");
+        let (_, token) = store
+            .create_token(&user, "old", TokenScopes::Legacy, None)
+            .expect("create");
+        let found = store
+            .token_by_hash(&token.hash())
+            .expect("lookup")
+            .expect("found");
         assert_eq!(found.scopes, TokenScopes::Legacy);
     }
 
     #[test]
     fn other_users_tokens_are_not_found() {
         let (_dir, store, user) = store();
-        let bob = store.create_user("bob", "bob@example.com", None).expect("bob");
+        let bob = store
+            .create_user("bob", "bob@example.com", None)
+            .expect("bob");
         let (record, _) = store
             .create_token(&user, "ci", TokenScopes::Scoped(ScopeSet::EMPTY), None)
             .expect("create");
@@ -331,7 +357,13 @@ mod tests {
             store.revoke_token(&bob.id, &record.id, "x"),
             Err(StoreError::NotFound(_))
         ));
-        assert!(store.token_of_user(&user, &record.id).expect("own").revoked_at.is_none());
+        assert!(
+            store
+                .token_of_user(&user, &record.id)
+                .expect("own")
+                .revoked_at
+                .is_none()
+        );
     }
 
     #[test]
@@ -340,12 +372,23 @@ mod tests {
         let (_, token) = store
             .create_token(&user, "ci", TokenScopes::Scoped(ScopeSet::EMPTY), None)
             .expect("create");
-        let (first, revoked) = store.revoke_leaked(&token.hash(), "https://x").expect("r").expect("some");
+        let (first, revoked) = store
+            .revoke_leaked(&token.hash(), "https://x")
+            .expect("r")
+            .expect("some");
         assert!(revoked);
         assert_eq!(first.revoked_reason.as_deref(), Some("leaked"));
-        let (_, again) = store.revoke_leaked(&token.hash(), "https://y").expect("r").expect("some");
+        let (_, again) = store
+            .revoke_leaked(&token.hash(), "https://y")
+            .expect("r")
+            .expect("some");
         assert!(!again);
         let unknown = ApiToken::generate().expect("rng");
-        assert!(store.revoke_leaked(&unknown.hash(), "u").expect("r").is_none());
+        assert!(
+            store
+                .revoke_leaked(&unknown.hash(), "u")
+                .expect("r")
+                .is_none()
+        );
     }
 }

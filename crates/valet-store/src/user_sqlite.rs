@@ -147,7 +147,13 @@ const SAFE_PRAGMAS: &[&str] = &[
 ];
 
 /// Functions that reach outside the database or the process.
-const FORBIDDEN_FUNCTIONS: &[&str] = &["load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"];
+const FORBIDDEN_FUNCTIONS: &[&str] = &[
+    "load_extension",
+    "readfile",
+    "writefile",
+    "edit",
+    "fts3_tokenizer",
+];
 
 fn authorize(ctx: AuthContext<'_>) -> Authorization {
     match ctx.action {
@@ -173,11 +179,18 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
 impl UserDatabases {
     pub(crate) fn new(root: PathBuf) -> Result<UserDatabases, StoreError> {
         std::fs::create_dir_all(&root)?;
-        Ok(UserDatabases { root, limits: SqlLimits::default() })
+        Ok(UserDatabases {
+            root,
+            limits: SqlLimits::default(),
+        })
     }
 
     pub fn path(&self, user_id: &str) -> Result<PathBuf, StoreError> {
-        if user_id.is_empty() || !user_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        if user_id.is_empty()
+            || !user_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
             return Err(StoreError::Invalid(format!("bad user id '{user_id}'")));
         }
         Ok(self.root.join(format!("{user_id}.sqlite3")))
@@ -196,9 +209,14 @@ impl UserDatabases {
             conn.pragma_update(None, "journal_mode", "wal")?;
             let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
             let max_pages = self.limits.max_bytes as i64 / page_size.max(512);
-            conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| Ok(()))?;
+            conn.query_row(&format!("PRAGMA max_page_count = {max_pages}"), [], |_| {
+                Ok(())
+            })?;
             conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
-            conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
+            conn.set_db_config(
+                rusqlite::config::DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA,
+                false,
+            )?;
             Ok(())
         };
         setup().map_err(StoreError::from)?;
@@ -236,7 +254,9 @@ impl UserDatabases {
             strongest = strongest.max(access);
         }
         if mode == BatchMode::Read && strongest == Access::Write {
-            return Err(SqlError::Invalid("a batch in read mode cannot write".into()));
+            return Err(SqlError::Invalid(
+                "a batch in read mode cannot write".into(),
+            ));
         }
 
         let behavior = match mode {
@@ -260,18 +280,29 @@ fn classify(conn: &Connection, sql: &str) -> Result<Access, SqlError> {
     // A PRAGMA that assigns (`PRAGMA user_version = 3`) changes the
     // database even where SQLite calls the statement read-only; it needs
     // write access before the authorizer even looks at it.
-    let assigns_pragma = sql.trim_start().get(..6).is_some_and(|p| p.eq_ignore_ascii_case("pragma"))
+    let assigns_pragma = sql
+        .trim_start()
+        .get(..6)
+        .is_some_and(|p| p.eq_ignore_ascii_case("pragma"))
         && sql.contains('=');
     if assigns_pragma {
         return Ok(Access::Write);
     }
-    let stmt = conn.prepare(sql).map_err(|e| map_sql_error(e, SqlLimits::default()))?;
-    Ok(if stmt.readonly() { Access::Read } else { Access::Write })
+    let stmt = conn
+        .prepare(sql)
+        .map_err(|e| map_sql_error(e, SqlLimits::default()))?;
+    Ok(if stmt.readonly() {
+        Access::Read
+    } else {
+        Access::Write
+    })
 }
 
 fn map_sql_error(e: rusqlite::Error, limits: SqlLimits) -> SqlError {
     match &e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::OperationInterrupted => {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::OperationInterrupted =>
+        {
             SqlError::Timeout(limits.max_time)
         }
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
@@ -315,7 +346,9 @@ fn value_to_json(v: ValueRef<'_>) -> serde_json::Value {
     match v {
         ValueRef::Null => serde_json::Value::Null,
         ValueRef::Integer(i) => i.into(),
-        ValueRef::Real(f) => serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into),
+        ValueRef::Real(f) => {
+            serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into)
+        }
         ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
         ValueRef::Blob(b) => {
             serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) })
@@ -323,7 +356,11 @@ fn value_to_json(v: ValueRef<'_>) -> serde_json::Value {
     }
 }
 
-fn run_one(conn: &Connection, statement: &SqlStatement, limits: SqlLimits) -> Result<SqlResult, SqlError> {
+fn run_one(
+    conn: &Connection,
+    statement: &SqlStatement,
+    limits: SqlLimits,
+) -> Result<SqlResult, SqlError> {
     let (sql, args) = statement.parts();
     let err = |e| map_sql_error(e, limits);
     let mut stmt = conn.prepare(sql).map_err(err)?;
@@ -338,19 +375,27 @@ fn run_one(conn: &Connection, statement: &SqlStatement, limits: SqlLimits) -> Re
                 )));
             }
             for (i, v) in values.iter().enumerate() {
-                stmt.raw_bind_parameter(i + 1, json_to_value(v)?).map_err(err)?;
+                stmt.raw_bind_parameter(i + 1, json_to_value(v)?)
+                    .map_err(err)?;
             }
         }
         SqlArgs::Named(map) => {
             for (name, v) in map {
                 let found = [":", "@", "$"].iter().find_map(|p| {
-                    let full = if name.starts_with([':', '@', '$']) { name.clone() } else { format!("{p}{name}") };
+                    let full = if name.starts_with([':', '@', '$']) {
+                        name.clone()
+                    } else {
+                        format!("{p}{name}")
+                    };
                     stmt.parameter_index(&full).ok().flatten()
                 });
                 let Some(index) = found else {
-                    return Err(SqlError::Invalid(format!("statement has no parameter named '{name}'")));
+                    return Err(SqlError::Invalid(format!(
+                        "statement has no parameter named '{name}'"
+                    )));
                 };
-                stmt.raw_bind_parameter(index, json_to_value(v)?).map_err(err)?;
+                stmt.raw_bind_parameter(index, json_to_value(v)?)
+                    .map_err(err)?;
             }
         }
     }
@@ -384,7 +429,11 @@ fn run_one(conn: &Connection, statement: &SqlStatement, limits: SqlLimits) -> Re
         column_types,
         rows: rows_out,
         rows_affected,
-        last_insert_rowid: if readonly { None } else { Some(conn.last_insert_rowid()) },
+        last_insert_rowid: if readonly {
+            None
+        } else {
+            Some(conn.last_insert_rowid())
+        },
     })
 }
 
@@ -407,15 +456,40 @@ mod tests {
     #[test]
     fn sqlite_decides_read_or_write() {
         let (_d, dbs) = dbs();
-        let e = dbs.execute("u1", &[st("CREATE TABLE t (a)")], BatchMode::Write, &[Access::Read]);
+        let e = dbs.execute(
+            "u1",
+            &[st("CREATE TABLE t (a)")],
+            BatchMode::Write,
+            &[Access::Read],
+        );
         assert!(matches!(e, Err(SqlError::Forbidden(Access::Write))));
-        dbs.execute("u1", &[st("CREATE TABLE t (a INTEGER, b TEXT)")], BatchMode::Write, RW).expect("create");
-        let (r, used) = dbs.execute("u1", &[st("SELECT * FROM t")], BatchMode::Read, &[Access::Read]).expect("select");
+        dbs.execute(
+            "u1",
+            &[st("CREATE TABLE t (a INTEGER, b TEXT)")],
+            BatchMode::Write,
+            RW,
+        )
+        .expect("create");
+        let (r, used) = dbs
+            .execute(
+                "u1",
+                &[st("SELECT * FROM t")],
+                BatchMode::Read,
+                &[Access::Read],
+            )
+            .expect("select");
         assert_eq!(used, Access::Read);
         assert_eq!(r[0].column_types, vec!["INTEGER", "TEXT"]);
-        for sql in ["INSERT INTO t VALUES (1, 'x')", "PRAGMA user_version = 3", "DELETE FROM t"] {
+        for sql in [
+            "INSERT INTO t VALUES (1, 'x')",
+            "PRAGMA user_version = 3",
+            "DELETE FROM t",
+        ] {
             let e = dbs.execute("u1", &[st(sql)], BatchMode::Write, &[Access::Read]);
-            assert!(matches!(e, Err(SqlError::Forbidden(Access::Write))), "{sql}");
+            assert!(
+                matches!(e, Err(SqlError::Forbidden(Access::Write))),
+                "{sql}"
+            );
         }
     }
 
@@ -438,28 +512,51 @@ mod tests {
     #[test]
     fn failing_batch_leaves_nothing_behind() {
         let (_d, dbs) = dbs();
-        dbs.execute("u1", &[st("CREATE TABLE t (a INTEGER PRIMARY KEY)")], BatchMode::Write, RW).expect("create");
-        let batch = [st("INSERT INTO t VALUES (1)"), st("INSERT INTO t VALUES (1)")];
+        dbs.execute(
+            "u1",
+            &[st("CREATE TABLE t (a INTEGER PRIMARY KEY)")],
+            BatchMode::Write,
+            RW,
+        )
+        .expect("create");
+        let batch = [
+            st("INSERT INTO t VALUES (1)"),
+            st("INSERT INTO t VALUES (1)"),
+        ];
         assert!(dbs.execute("u1", &batch, BatchMode::Write, RW).is_err());
-        let (r, _) = dbs.execute("u1", &[st("SELECT count(*) FROM t")], BatchMode::Read, RW).expect("count");
+        let (r, _) = dbs
+            .execute("u1", &[st("SELECT count(*) FROM t")], BatchMode::Read, RW)
+            .expect("count");
         assert_eq!(r[0].rows[0][0], 0);
     }
 
     #[test]
     fn args_and_types() {
         let (_d, dbs) = dbs();
-        dbs.execute("u1", &[st("CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)")], BatchMode::Write, RW).expect("create");
+        dbs.execute(
+            "u1",
+            &[st("CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)")],
+            BatchMode::Write,
+            RW,
+        )
+        .expect("create");
         let insert: SqlStatement = serde_json::from_value(serde_json::json!({
             "sql": "INSERT INTO t VALUES (?, ?, ?, ?, ?)",
             "args": [1, 2.5, "x", {"base64": "AAE="}, null]
-        })).expect("json");
-        let (r, _) = dbs.execute("u1", &[insert], BatchMode::Write, RW).expect("insert");
+        }))
+        .expect("json");
+        let (r, _) = dbs
+            .execute("u1", &[insert], BatchMode::Write, RW)
+            .expect("insert");
         assert_eq!(r[0].rows_affected, 1);
         assert_eq!(r[0].last_insert_rowid, Some(1));
         let named: SqlStatement = serde_json::from_value(serde_json::json!({
             "sql": "SELECT i, r, s, b, n FROM t WHERE s = :s", "args": {"s": "x"}
-        })).expect("json");
-        let (r, _) = dbs.execute("u1", &[named], BatchMode::Read, RW).expect("select");
+        }))
+        .expect("json");
+        let (r, _) = dbs
+            .execute("u1", &[named], BatchMode::Read, RW)
+            .expect("select");
         assert_eq!(
             serde_json::to_value(&r[0].rows[0]).expect("json"),
             serde_json::json!([1, 2.5, "x", {"base64": "AAE="}, null])
@@ -469,7 +566,8 @@ mod tests {
     #[test]
     fn users_do_not_share_a_database() {
         let (_d, dbs) = dbs();
-        dbs.execute("u1", &[st("CREATE TABLE secret (a)")], BatchMode::Write, RW).expect("create");
+        dbs.execute("u1", &[st("CREATE TABLE secret (a)")], BatchMode::Write, RW)
+            .expect("create");
         let e = dbs.execute("u2", &[st("SELECT * FROM secret")], BatchMode::Read, RW);
         assert!(matches!(e, Err(SqlError::Sql(m)) if m.contains("no such table")));
         assert!(dbs.path("../u1").is_err());

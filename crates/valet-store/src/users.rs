@@ -45,12 +45,19 @@ pub fn validate_username(name: &str) -> Result<(), StoreError> {
 
 pub fn validate_email(email: &str) -> Result<(), StoreError> {
     let ok = email.len() <= 254
-        && !email.chars().any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>' || c == ',')
-        && email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.contains('@'));
+        && !email
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>' || c == ',')
+        && email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.contains('@'));
     if ok {
         Ok(())
     } else {
-        Err(StoreError::Invalid(format!("invalid email address '{}'", email.escape_debug())))
+        Err(StoreError::Invalid(format!(
+            "invalid email address '{}'",
+            email.escape_debug()
+        )))
     }
 }
 
@@ -74,10 +81,19 @@ impl Store {
             let inserted = c.execute(
                 "INSERT INTO users (id, username, email, tier, password_hash, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(username) DO NOTHING",
-                params![user.id, user.username, user.email, user.tier, user.password_hash, time::now_ms()],
+                params![
+                    user.id,
+                    user.username,
+                    user.email,
+                    user.tier,
+                    user.password_hash,
+                    time::now_ms()
+                ],
             )?;
             if inserted == 0 {
-                return Err(StoreError::Conflict(format!("user '{username}' already exists")));
+                return Err(StoreError::Conflict(format!(
+                    "user '{username}' already exists"
+                )));
             }
             Ok(())
         })?;
@@ -86,14 +102,20 @@ impl Store {
 
     pub fn set_tier(&self, user_id: &str, tier: &str) -> Result<(), StoreError> {
         self.write(|c| {
-            c.execute("UPDATE users SET tier = ?1 WHERE id = ?2", params![tier, user_id])?;
+            c.execute(
+                "UPDATE users SET tier = ?1 WHERE id = ?2",
+                params![tier, user_id],
+            )?;
             Ok(())
         })
     }
 
     pub fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<(), StoreError> {
         self.write(|c| {
-            c.execute("UPDATE users SET password_hash = ?1 WHERE id = ?2", params![hash, user_id])?;
+            c.execute(
+                "UPDATE users SET password_hash = ?1 WHERE id = ?2",
+                params![hash, user_id],
+            )?;
             Ok(())
         })
     }
@@ -111,8 +133,12 @@ impl Store {
 
     pub fn user_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
         self.read(|c| {
-            Ok(c.query_row(&format!("SELECT {COLUMNS} FROM users WHERE id = ?1"), [id], from_row)
-                .optional()?)
+            Ok(c.query_row(
+                &format!("SELECT {COLUMNS} FROM users WHERE id = ?1"),
+                [id],
+                from_row,
+            )
+            .optional()?)
         })
     }
 
@@ -146,8 +172,12 @@ mod tests {
     fn duplicate_user_is_a_conflict() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        store.create_user("ada", "ada@example.com", None).expect("first");
-        let err = store.create_user("ada", "ada@example.com", None).expect_err("second");
+        store
+            .create_user("ada", "ada@example.com", None)
+            .expect("first");
+        let err = store
+            .create_user("ada", "ada@example.com", None)
+            .expect_err("second");
         assert!(err.to_string().contains("already exists"));
     }
 }

@@ -84,7 +84,9 @@ pub const RESERVED_ENV: &[&str] = &["valtown", "VAL_TOWN_API_KEY", "VALTOWN_API_
 
 pub fn validate_val_name(name: &str) -> Result<(), StoreError> {
     let ok = (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         && name.as_bytes()[0].is_ascii_alphabetic();
     if ok {
         Ok(())
@@ -112,7 +114,9 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), StoreError> {
             )));
         }
         if value.contains('\0') || value.len() > 32 * 1024 {
-            return Err(StoreError::Invalid(format!("env var '{name}' has an invalid value")));
+            return Err(StoreError::Invalid(format!(
+                "env var '{name}' has an invalid value"
+            )));
         }
     }
     Ok(())
@@ -131,7 +135,9 @@ fn validate_timeout(ms: i64) -> Result<(), StoreError> {
 
 fn validate_code(code: &str) -> Result<(), StoreError> {
     if code.len() > MAX_CODE_BYTES {
-        return Err(StoreError::Invalid(format!("code is larger than {MAX_CODE_BYTES} bytes")));
+        return Err(StoreError::Invalid(format!(
+            "code is larger than {MAX_CODE_BYTES} bytes"
+        )));
     }
     Ok(())
 }
@@ -182,7 +188,8 @@ impl Store {
             updated_at: now,
             last_run_at: None,
         };
-        let env = serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let env =
+            serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.write(|c| {
             let n = c.execute(
                 "INSERT INTO vals (id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at)
@@ -223,14 +230,20 @@ impl Store {
 
     pub fn val_by_id(&self, id: &str) -> Result<Option<Val>, StoreError> {
         self.read(|c| {
-            Ok(c.query_row(&format!("SELECT {COLUMNS} FROM vals WHERE id = ?1"), [id], from_row)
-                .optional()?)
+            Ok(c.query_row(
+                &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1"),
+                [id],
+                from_row,
+            )
+            .optional()?)
         })
     }
 
     pub fn list_vals(&self, user_id: &str) -> Result<Vec<Val>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("SELECT {COLUMNS} FROM vals WHERE user_id = ?1 ORDER BY name"))?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM vals WHERE user_id = ?1 ORDER BY name"
+            ))?;
             let rows = stmt.query_map([user_id], from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
@@ -275,7 +288,8 @@ impl Store {
             val.schedule = schedule;
         }
         val.updated_at = time::now_ms();
-        let env = serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let env =
+            serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.write(|c| {
             let n = c.execute(
                 "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
@@ -296,7 +310,10 @@ impl Store {
 
     pub fn delete_val(&self, user_id: &str, id: &str) -> Result<(), StoreError> {
         self.write(|c| {
-            let n = c.execute("DELETE FROM vals WHERE id = ?1 AND user_id = ?2", params![id, user_id])?;
+            let n = c.execute(
+                "DELETE FROM vals WHERE id = ?1 AND user_id = ?2",
+                params![id, user_id],
+            )?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("val '{id}'")));
             }

@@ -29,7 +29,9 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<BlobMeta>>, ApiError> {
     let grant = caller.require(Scope::BLOB_READ)?;
-    Ok(Json(blocking(&state, move |s| s.blob_list(grant.user_id(), &q.prefix)).await?))
+    Ok(Json(
+        blocking(&state, move |s| s.blob_list(grant.user_id(), &q.prefix)).await?,
+    ))
 }
 
 pub async fn get(
@@ -54,7 +56,10 @@ pub async fn set(
     let grant = caller.require(Scope::BLOB_WRITE)?;
     let key = key(&raw)?;
     let quota = state.config.blob_quota;
-    blocking(&state, move |s| s.blob_put(grant.user_id(), &key, &body, quota)).await?;
+    blocking(&state, move |s| {
+        s.blob_put(grant.user_id(), &key, &body, quota)
+    })
+    .await?;
     Ok(StatusCode::CREATED)
 }
 

@@ -73,19 +73,31 @@ fn no_newlines(field: &str, value: &str) -> Result<(), ApiError> {
 fn render(field: &str, address: Address) -> Result<String, ApiError> {
     let (email, name) = match address {
         Address::Plain(s) => match s.split_once('<') {
-            Some((name, rest)) => (rest.trim_end().trim_end_matches('>').to_owned(), Some(name.trim().trim_matches('"').to_owned())),
+            Some((name, rest)) => (
+                rest.trim_end().trim_end_matches('>').to_owned(),
+                Some(name.trim().trim_matches('"').to_owned()),
+            ),
             None => (s, None),
         },
         Address::Named { email, name } => (email, name),
     };
     no_newlines(field, &email)?;
-    valet_store::validate_email(email.trim())
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("{field}: {e}")))?;
+    valet_store::validate_email(email.trim()).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_email",
+            format!("{field}: {e}"),
+        )
+    })?;
     match name.filter(|n| !n.is_empty()) {
         Some(name) => {
             no_newlines(field, &name)?;
             if name.contains(['"', '<', '>']) {
-                return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("{field}: a name must not contain quotes or angle brackets")));
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_email",
+                    format!("{field}: a name must not contain quotes or angle brackets"),
+                ));
             }
             Ok(format!("\"{name}\" <{}>", email.trim()))
         }
@@ -130,11 +142,19 @@ pub async fn send(
     let reply_to = render_all("replyTo", body.reply_to)?;
     let recipients: Vec<&String> = to.iter().chain(&cc).chain(&bcc).collect();
     if recipients.len() > MAX_RECIPIENTS {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("at most {MAX_RECIPIENTS} recipients")));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_email",
+            format!("at most {MAX_RECIPIENTS} recipients"),
+        ));
     }
     // Free accounts may only email themselves, so a leaked key cannot turn
     // valet into a spam relay.
-    if user.tier != "pro" && recipients.iter().any(|r| !bare(r).eq_ignore_ascii_case(&user.email)) {
+    if user.tier != "pro"
+        && recipients
+            .iter()
+            .any(|r| !bare(r).eq_ignore_ascii_case(&user.email))
+    {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "recipient_not_allowed",
@@ -143,22 +163,37 @@ pub async fn send(
     }
     // The address is always valet's; a val chooses only the display name.
     let from_name = match body.from {
-        Some(Address::Named { name: Some(name), .. }) => Some(name),
-        Some(Address::Plain(s)) => s.split_once('<').map(|(n, _)| n.trim().trim_matches('"').to_owned()),
+        Some(Address::Named {
+            name: Some(name), ..
+        }) => Some(name),
+        Some(Address::Plain(s)) => s
+            .split_once('<')
+            .map(|(n, _)| n.trim().trim_matches('"').to_owned()),
         _ => None,
     }
     .filter(|n| !n.is_empty())
     .unwrap_or_else(|| format!("{} via valet", user.username));
-    let from = render("from", Address::Named { email: state.config.email_from.clone(), name: Some(from_name) })?;
+    let from = render(
+        "from",
+        Address::Named {
+            email: state.config.email_from.clone(),
+            name: Some(from_name),
+        },
+    )?;
 
     let subject = body.subject.unwrap_or_default();
     no_newlines("subject", &subject)?;
     for (name, value) in &body.headers {
         no_newlines("header", name)?;
         no_newlines("header", value)?;
-        let valid_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let valid_name =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !valid_name {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("invalid header name '{name}'")));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_email",
+                format!("invalid header name '{name}'"),
+            ));
         }
     }
     for a in &body.attachments {
@@ -166,12 +201,26 @@ pub async fn send(
         if let Some(t) = &a.content_type {
             no_newlines("attachment type", t)?;
         }
-        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &a.content).map_err(|_| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", format!("attachment '{}' is not base64", a.filename))
-        })?;
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &a.content).map_err(
+            |_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_email",
+                    format!("attachment '{}' is not base64", a.filename),
+                )
+            },
+        )?;
     }
-    if body.text.is_none() && body.html.is_none() && body.attachments.is_empty() && subject.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", "an email needs a subject, text, html or an attachment"));
+    if body.text.is_none()
+        && body.html.is_none()
+        && body.attachments.is_empty()
+        && subject.is_empty()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_email",
+            "an email needs a subject, text, html or an attachment",
+        ));
     }
     let message = EmailMessage {
         from,
@@ -187,12 +236,20 @@ pub async fn send(
     };
     let user_id = user.id.clone();
     let id = blocking(&state, move |s| s.enqueue_email(&user_id, &message)).await?;
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "id": id, "status": "queued" }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "id": id, "status": "queued" })),
+    ))
 }
 
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<OutboxEntry>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<OutboxEntry>>, ApiError> {
     let grant = caller.require(Scope::EMAIL_READ)?;
-    Ok(Json(blocking(&state, move |s| s.list_emails(grant.user_id(), 100)).await?))
+    Ok(Json(
+        blocking(&state, move |s| s.list_emails(grant.user_id(), 100)).await?,
+    ))
 }
 
 pub async fn status(

@@ -27,25 +27,35 @@ async fn dispatch(
     params: HashMap<String, String>,
     request: Request<Body>,
 ) -> Result<Response, ApiError> {
-    let (Some(username), Some(val_name)) = (params.get("user").cloned(), params.get("val").cloned()) else {
+    let (Some(username), Some(val_name)) =
+        (params.get("user").cloned(), params.get("val").cloned())
+    else {
         return Err(ApiError::not_found("val"));
     };
     let lookup_name = val_name.clone();
     let val = blocking(&state, move |s| {
-        let Some(user) = s.user_by_name(&username)? else { return Ok(None) };
+        let Some(user) = s.user_by_name(&username)? else {
+            return Ok(None);
+        };
         s.val_by_name(&user.id, &lookup_name)
     })
     .await?
     .filter(|v| v.kind == ValKind::Http)
     .ok_or_else(|| ApiError::not_found(format!("http val '{val_name}'")))?;
-    let runner = state
-        .runner
-        .clone()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_runner", "this server does not run vals"))?;
+    let runner = state.runner.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_runner",
+            "this server does not run vals",
+        )
+    })?;
 
     // Strip `/x/{user}/{val}` so the val sees its own path from `/`.
     let (mut parts, body) = request.into_parts();
-    let rest = params.get("rest").map(|r| format!("/{r}")).unwrap_or_else(|| "/".into());
+    let rest = params
+        .get("rest")
+        .map(|r| format!("/{r}"))
+        .unwrap_or_else(|| "/".into());
     let path_and_query = match parts.uri.query() {
         Some(q) => format!("{rest}?{q}"),
         None => rest,
@@ -53,5 +63,7 @@ async fn dispatch(
     parts.uri = path_and_query
         .parse()
         .map_err(|_| ApiError::bad_request("the request path is not a valid URI"))?;
-    Ok(runner.serve_http(val, Request::from_parts(parts, body)).await)
+    Ok(runner
+        .serve_http(val, Request::from_parts(parts, body))
+        .await)
 }

@@ -7,7 +7,10 @@ use valet_core::Scope;
 use super::blocking;
 use crate::{ApiError, AppState, Caller};
 
-pub async fn me(State(state): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn me(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let grant = caller.require(Scope::USER_READ)?;
     let user_id = grant.user_id().to_owned();
     let user = blocking(&state, move |s| s.user_by_id(&user_id))

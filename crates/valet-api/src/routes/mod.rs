@@ -32,27 +32,44 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/me", get(me::me))
         .route("/v1/blob", get(blob::list))
-        .route("/v1/blob/{*key}", get(blob::get).post(blob::set).delete(blob::delete))
+        .route(
+            "/v1/blob/{*key}",
+            get(blob::get).post(blob::set).delete(blob::delete),
+        )
         .route("/v1/sqlite/execute", post(sqlite::execute))
         .route("/v1/sqlite/batch", post(sqlite::batch))
         .route("/v1/email", post(email::send).get(email::list))
         .route("/v1/email/{id}", get(email::status))
         .route("/v1/vals", get(vals::list).post(vals::create))
-        .route("/v1/vals/{id}", get(vals::get).patch(vals::update).delete(vals::delete))
+        .route(
+            "/v1/vals/{id}",
+            get(vals::get).patch(vals::update).delete(vals::delete),
+        )
         .route("/v1/vals/{id}/run", post(runs::run_val))
         .route("/v1/vals/{id}/runs", get(runs::list))
         .route("/v1/vals/{id}/scope-requests", get(vals::scope_requests))
-        .route("/v1/vals/{id}/scope-requests/{scope}/{decision}", post(vals::decide_scope_request))
+        .route(
+            "/v1/vals/{id}/scope-requests/{scope}/{decision}",
+            post(vals::decide_scope_request),
+        )
         .route("/v1/runs/{id}", get(runs::get))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
-        .route("/v1/tokens/{id}", get(tokens::get).patch(tokens::update).delete(tokens::revoke))
+        .route(
+            "/v1/tokens/{id}",
+            get(tokens::get)
+                .patch(tokens::update)
+                .delete(tokens::revoke),
+        )
         .route("/.well-known/jwks.json", get(well_known::jwks))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body));
     let trigger = Router::new()
         .route("/x/{user}/{val}", axum::routing::any(http_trigger::handle))
         .route("/x/{user}/{val}/", axum::routing::any(http_trigger::handle))
-        .route("/x/{user}/{val}/{*rest}", axum::routing::any(http_trigger::handle))
+        .route(
+            "/x/{user}/{val}/{*rest}",
+            axum::routing::any(http_trigger::handle),
+        )
         .layer(DefaultBodyLimit::max(max_body));
     api.merge(trigger)
         .fallback(not_found)
@@ -82,11 +99,19 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see DESIGN §4 for the API")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see DESIGN §4 for the API",
+    )
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not accept that method")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
 }
 
 /// Runs blocking store work and maps its error.
@@ -110,8 +135,12 @@ pub(crate) fn json_body<T>(
                 axum::extract::rejection::JsonRejection::MissingJsonContentType(_) => {
                     ("unsupported_media_type", StatusCode::UNSUPPORTED_MEDIA_TYPE)
                 }
-                axum::extract::rejection::JsonRejection::JsonDataError(_) => ("invalid_body", StatusCode::UNPROCESSABLE_ENTITY),
-                axum::extract::rejection::JsonRejection::BytesRejection(_) => ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE),
+                axum::extract::rejection::JsonRejection::JsonDataError(_) => {
+                    ("invalid_body", StatusCode::UNPROCESSABLE_ENTITY)
+                }
+                axum::extract::rejection::JsonRejection::BytesRejection(_) => {
+                    ("payload_too_large", StatusCode::PAYLOAD_TOO_LARGE)
+                }
                 _ => ("invalid_json", StatusCode::BAD_REQUEST),
             };
             Err(ApiError::new(status, code, rejection.body_text()))

@@ -24,10 +24,13 @@ pub async fn run_val(
             "http vals run per request: call /x/{user}/{val} instead",
         ));
     }
-    let runner = state
-        .runner
-        .clone()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_runner", "this server does not run vals"))?;
+    let runner = state.runner.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_runner",
+            "this server does not run vals",
+        )
+    })?;
     let summary = runner
         .run_val(val, "api")
         .await
@@ -55,5 +58,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<RunRecord>, ApiError> {
     let grant = caller.require(Scope::VAL_READ)?;
-    Ok(Json(blocking(&state, move |s| s.run_of_user(grant.user_id(), &id)).await?))
+    Ok(Json(
+        blocking(&state, move |s| s.run_of_user(grant.user_id(), &id)).await?,
+    ))
 }

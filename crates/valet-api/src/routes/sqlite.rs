@@ -2,8 +2,8 @@
 //! each statement reads or writes; the caller's scopes decide whether it may.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
 use serde::Deserialize;
 use valet_core::Scope;
 use valet_store::{BatchMode, SqlAccess, SqlResult, SqlStatement};
@@ -39,20 +39,29 @@ async fn run(
         allowed.push(SqlAccess::Write);
     }
     let result = tokio::task::spawn_blocking(move || {
-        state.store.user_dbs().execute(grant.user_id(), &statements, mode, &allowed)
+        state
+            .store
+            .user_dbs()
+            .execute(grant.user_id(), &statements, mode, &allowed)
     })
     .await
     .map_err(ApiError::internal)?;
     match result {
         Ok((results, used)) => {
-            caller.audit(if used == SqlAccess::Write { Scope::SQLITE_WRITE } else { Scope::SQLITE_READ });
+            caller.audit(if used == SqlAccess::Write {
+                Scope::SQLITE_WRITE
+            } else {
+                Scope::SQLITE_READ
+            });
             Ok(results)
         }
-        Err(valet_store::SqlError::Forbidden(access)) => Err(caller.refuse(if access == SqlAccess::Write {
-            Scope::SQLITE_WRITE
-        } else {
-            Scope::SQLITE_READ
-        })),
+        Err(valet_store::SqlError::Forbidden(access)) => {
+            Err(caller.refuse(if access == SqlAccess::Write {
+                Scope::SQLITE_WRITE
+            } else {
+                Scope::SQLITE_READ
+            }))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -65,7 +74,10 @@ pub async fn execute(
     caller.require_any(&[Scope::SQLITE_READ, Scope::SQLITE_WRITE])?;
     let body = super::json_body(body)?;
     let mut results = run(state, caller, vec![body.statement], BatchMode::Deferred).await?;
-    results.pop().map(Json).ok_or_else(|| ApiError::internal("empty result"))
+    results
+        .pop()
+        .map(Json)
+        .ok_or_else(|| ApiError::internal("empty result"))
 }
 
 pub async fn batch(

@@ -44,7 +44,10 @@ pub struct UpdateBody {
     scopes: Option<ScopeSet>,
 }
 
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
     let grant = caller.require(Scope::USER_READ)?;
     let tokens = blocking(&state, move |s| s.list_tokens(grant.user_id())).await?;
     Ok(Json(tokens.iter().map(token_json).collect()))
@@ -73,7 +76,9 @@ pub async fn create(
         None => None,
         Some(text) => {
             let at = time::parse(text).ok_or_else(|| {
-                ApiError::bad_request(format!("invalid expires_at '{text}': use ISO-8601, e.g. 2027-01-31T00:00:00Z"))
+                ApiError::bad_request(format!(
+                    "invalid expires_at '{text}': use ISO-8601, e.g. 2027-01-31T00:00:00Z"
+                ))
             })?;
             if at <= time::now_ms() {
                 return Err(ApiError::bad_request("expires_at is in the past"));
@@ -82,7 +87,12 @@ pub async fn create(
         }
     };
     let (record, token) = blocking(&state, move |s| {
-        s.create_token(grant.user_id(), &body.name, TokenScopes::Scoped(scopes), expires_at)
+        s.create_token(
+            grant.user_id(),
+            &body.name,
+            TokenScopes::Scoped(scopes),
+            expires_at,
+        )
     })
     .await?;
     let mut json = token_json(&record);
@@ -105,7 +115,9 @@ pub async fn update(
         let user = grant.user_id();
         let current = s.token_of_user(user, &id)?;
         if current.is_revoked() {
-            return Err(valet_store::StoreError::Conflict("a revoked token cannot be changed".into()));
+            return Err(valet_store::StoreError::Conflict(
+                "a revoked token cannot be changed".into(),
+            ));
         }
         if let Some(name) = body.name {
             s.rename_token(user, &id, &name)?;
@@ -125,6 +137,9 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let grant = caller.require(Scope::USER_WRITE)?;
-    let token = blocking(&state, move |s| s.revoke_token(grant.user_id(), &id, "revoked by its owner")).await?;
+    let token = blocking(&state, move |s| {
+        s.revoke_token(grant.user_id(), &id, "revoked by its owner")
+    })
+    .await?;
     Ok(Json(token_json(&token)))
 }

@@ -65,14 +65,20 @@ pub struct UpdateBody {
 /// Tells a missing field (leave as is) from an explicit `null` (clear).
 mod double_option {
     use serde::{Deserialize, Deserializer};
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<String>>, D::Error> {
         Ok(Some(Option::deserialize(d)?))
     }
 }
 
 fn check_schedule(kind: ValKind, schedule: Option<&str>) -> Result<(), ApiError> {
     match (kind, schedule) {
-        (ValKind::Cron, None) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", "a cron val needs a schedule")),
+        (ValKind::Cron, None) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "a cron val needs a schedule",
+        )),
         (_, Some(s)) => Schedule::parse(s)
             .map(|_| ())
             .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())),
@@ -80,7 +86,10 @@ fn check_schedule(kind: ValKind, schedule: Option<&str>) -> Result<(), ApiError>
     }
 }
 
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
     let grant = caller.require(Scope::VAL_READ)?;
     let vals = blocking(&state, move |s| s.list_vals(grant.user_id())).await?;
     Ok(Json(vals.iter().map(val_json).collect()))
@@ -183,11 +192,17 @@ pub async fn decide_scope_request(
     Path((id, scope, decision)): Path<(String, String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let grant = caller.require(Scope::VAL_WRITE)?;
-    let scope: Scope = scope.parse().map_err(|e: valet_core::ScopeError| ApiError::bad_request(e.to_string()))?;
+    let scope: Scope = scope
+        .parse()
+        .map_err(|e: valet_core::ScopeError| ApiError::bad_request(e.to_string()))?;
     let allow = match decision.as_str() {
         "allow" => true,
         "deny" => false,
-        other => return Err(ApiError::not_found(format!("decision '{other}' (use allow or deny)"))),
+        other => {
+            return Err(ApiError::not_found(format!(
+                "decision '{other}' (use allow or deny)"
+            )));
+        }
     };
     if allow {
         // Allowing hands the val's runs this scope: the caller must hold it.

@@ -55,17 +55,26 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let host = Host::start(store, config).await?;
     let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    eprintln!("serving {} on http://{}", args.file.display(), listener.local_addr()?);
+    eprintln!(
+        "serving {} on http://{}",
+        args.file.display(),
+        listener.local_addr()?
+    );
     let app = axum::Router::new()
         .fallback(handle)
         .with_state((host.supervisor.clone(), spec));
     axum::serve(listener, app)
         .with_graceful_shutdown(super::shutdown_signal())
         .await?;
-    tokio::time::timeout(Duration::from_secs(5), host.shutdown()).await.ok();
+    tokio::time::timeout(Duration::from_secs(5), host.shutdown())
+        .await
+        .ok();
     Ok(ExitCode::SUCCESS)
 }
 
-async fn handle(State((supervisor, spec)): State<(Supervisor, RunSpec)>, request: Request<Body>) -> Response {
+async fn handle(
+    State((supervisor, spec)): State<(Supervisor, RunSpec)>,
+    request: Request<Body>,
+) -> Response {
     supervisor.serve_http(spec, request).await
 }

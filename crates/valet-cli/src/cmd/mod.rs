@@ -33,11 +33,13 @@ fn open_store(dir: &std::path::Path) -> anyhow::Result<Store> {
 
 /// `500ms`, `30s`, `10m`, `2h`, `30d`.
 pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .with_context(|| format!("invalid duration '{text}': use e.g. 500ms, 30s, 10m, 2h or 30d"))?;
+    let n: u64 = number.parse().with_context(|| {
+        format!("invalid duration '{text}': use e.g. 500ms, 30s, 10m, 2h or 30d")
+    })?;
     let ms = match unit {
         "ms" => n,
         "s" | "" => n * 1000,

@@ -48,7 +48,10 @@ pub fn local_user(store: &Store, name: &str) -> anyhow::Result<User> {
 pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let kind = ValKind::parse(&args.kind)?;
     if kind == ValKind::Http {
-        anyhow::bail!("http vals answer requests: use `valet dev {}`", args.file.display());
+        anyhow::bail!(
+            "http vals answer requests: use `valet dev {}`",
+            args.file.display()
+        );
     }
     let scopes = super::parse_scopes(args.scopes.as_deref())?;
     let env = super::parse_env(&args.env)?;
@@ -87,7 +90,17 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&output)?);
     } else {
         print!("{}", output.logs);
-        eprintln!("run {} {} in {} ms ({})", output.run_id, output.outcome.as_str(), output.duration_ms, output.detail);
+        eprintln!(
+            "run {} {} in {} ms ({})",
+            output.run_id,
+            output.outcome.as_str(),
+            output.duration_ms,
+            output.detail
+        );
     }
-    Ok(if output.outcome == Outcome::Succeeded { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if output.outcome == Outcome::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -50,7 +50,13 @@ pub enum Command {
 
 pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Create { user, name, scopes, expires, legacy } => {
+        Command::Create {
+            user,
+            name,
+            scopes,
+            expires,
+            legacy,
+        } => {
             // Validate every flag before anything is written.
             let scopes = if legacy {
                 TokenScopes::Legacy
@@ -60,7 +66,9 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
                 TokenScopes::Scoped(super::parse_scopes(scopes.as_deref())?)
             };
             let expires_at = match expires {
-                Some(text) => Some(time::now_ms() + super::parse_duration(&text)?.as_millis() as i64),
+                Some(text) => {
+                    Some(time::now_ms() + super::parse_duration(&text)?.as_millis() as i64)
+                }
                 None => None,
             };
             let user = store.require_user(&user)?;
@@ -87,7 +95,14 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
                         (None, true) => "expired".to_owned(),
                         (None, false) => "active".to_owned(),
                     };
-                    println!("{}  {:<20} …{}  {:<10} {}", t.id, t.name, t.hint, status, describe(t.scopes));
+                    println!(
+                        "{}  {:<20} …{}  {:<10} {}",
+                        t.id,
+                        t.name,
+                        t.hint,
+                        status,
+                        describe(t.scopes)
+                    );
                 }
             }
         }
@@ -95,7 +110,11 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
             let scopes = ScopeSet::parse(&set)?;
             let token = store.token_by_id(&id).context("no such token")?;
             let token = store.set_token_scopes(&token.user_id, &id, scopes)?;
-            eprintln!("token {} now has scopes: {}", token.id, describe(token.scopes));
+            eprintln!(
+                "token {} now has scopes: {}",
+                token.id,
+                describe(token.scopes)
+            );
         }
         Command::Revoke { id, user } => {
             let user = store.require_user(&user)?;

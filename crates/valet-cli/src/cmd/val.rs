@@ -36,7 +36,16 @@ pub enum Command {
 
 pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Create { user, name, file, kind, scopes, env, timeout, schedule } => {
+        Command::Create {
+            user,
+            name,
+            file,
+            kind,
+            scopes,
+            env,
+            timeout,
+            schedule,
+        } => {
             let kind = ValKind::parse(&kind)?;
             let scopes = super::parse_scopes(scopes.as_deref())?;
             let env = super::parse_env(&env)?;
@@ -46,13 +55,28 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
             } else if kind == ValKind::Cron {
                 anyhow::bail!("a cron val needs --schedule, e.g. --schedule '*/5 * * * *'");
             }
-            let code = std::fs::read_to_string(&file).with_context(|| format!("could not read {}", file.display()))?;
+            let code = std::fs::read_to_string(&file)
+                .with_context(|| format!("could not read {}", file.display()))?;
             let user = store.require_user(&user)?;
             let val = store.create_val(
                 &user.id,
-                NewVal { name, kind, code, scopes, env, timeout_ms: timeout.as_millis() as i64, schedule },
+                NewVal {
+                    name,
+                    kind,
+                    code,
+                    scopes,
+                    env,
+                    timeout_ms: timeout.as_millis() as i64,
+                    schedule,
+                },
             )?;
-            eprintln!("created {} val {} ({}) with scopes: {}", kind.as_str(), val.name, val.id, val.scopes);
+            eprintln!(
+                "created {} val {} ({}) with scopes: {}",
+                kind.as_str(),
+                val.name,
+                val.id,
+                val.scopes
+            );
             println!("{}", val.id);
         }
     }
