@@ -24,6 +24,7 @@ demo: build
 # Every test: Rust (unit, store, API, runs, conformance) and the shims' own.
 test: setup
     cargo test --workspace --no-fail-fast
+    ./target/debug/valet conformance fixtures
     {{deno}} test --no-config --quiet --allow-net --allow-env runtime-js/
 
 # Benchmarks: token mint/verify, API under load, run overhead.

@@ -7,5 +7,6 @@
 
 mod api;
 mod cli;
+mod conformance;
 mod runs;
 mod support;

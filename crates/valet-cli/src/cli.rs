@@ -44,6 +44,8 @@ pub enum Command {
     Run(cmd::run::Args),
     /// Serve an http val from a file, a fresh run per request.
     Dev(cmd::dev::Args),
+    /// Run the conformance fixtures; prints a table ending `N passed, N failed`.
+    Conformance(cmd::conformance::Args),
 }
 
 pub fn main() -> ExitCode {

@@ -24,6 +24,7 @@ pub struct HostConfig {
     pub cron: bool,
     pub api: ApiConfig,
     pub heap_mb: u64,
+    pub deno_dir: Option<std::path::PathBuf>,
 }
 
 impl HostConfig {
@@ -35,6 +36,7 @@ impl HostConfig {
             cron: true,
             api: ApiConfig::default(),
             heap_mb: 128,
+            deno_dir: None,
         }
     }
 }
@@ -91,6 +93,7 @@ impl Host {
         let mut runtime = RuntimeConfig::new(addr);
         runtime.egress_allow = config.egress_allow.clone();
         runtime.heap_mb = config.heap_mb;
+        runtime.deno_dir = config.deno_dir.clone();
         let supervisor = Supervisor::new(store.clone(), state.keys.clone(), live, runtime)?;
         let state = state.with_runner(Arc::new(supervisor.clone()));
 

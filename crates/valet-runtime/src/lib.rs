@@ -4,6 +4,7 @@
 //!
 //! Only this crate builds Deno command lines or spawns processes.
 
+pub mod conformance;
 mod cron;
 mod deno;
 mod egress;

@@ -52,7 +52,9 @@ impl LogBuffer {
             "{} [{stream}] {line}\n",
             valet_store::time::iso(valet_store::time::now_ms())
         );
-        if inner.text.len() + entry.len() > inner.max_bytes {
+        // Once full, drop everything after: the stored logs stay a
+        // contiguous prefix of what the run printed.
+        if inner.dropped > 0 || inner.text.len() + entry.len() > inner.max_bytes {
             inner.dropped += entry.len();
         } else {
             inner.text.push_str(&entry);

@@ -42,6 +42,8 @@ pub struct RuntimeConfig {
     /// Parent of the per-run directories. Kept short: Unix socket paths
     /// are limited to 108 bytes.
     pub run_root: PathBuf,
+    /// Deno's module and transpile cache; default `<data dir>/deno-cache`.
+    pub deno_dir: Option<PathBuf>,
 }
 
 impl RuntimeConfig {
@@ -53,6 +55,7 @@ impl RuntimeConfig {
             egress_allow: Vec::new(),
             max_concurrent_runs: 64,
             run_root: std::env::temp_dir().join(format!("valet-{}", std::process::id())),
+            deno_dir: None,
         }
     }
 }
@@ -165,7 +168,10 @@ impl Supervisor {
     ) -> Result<Supervisor, RuntimeError> {
         let deno = deno::find_deno()?;
         let runtime_dir = files::install(store.data_dir())?;
-        let deno_dir = store.data_dir().join("deno-cache");
+        let deno_dir = config
+            .deno_dir
+            .clone()
+            .unwrap_or_else(|| store.data_dir().join("deno-cache"));
         std::fs::create_dir_all(&deno_dir)?;
         std::fs::create_dir_all(&config.run_root)?;
         {

@@ -189,15 +189,14 @@ mod tests {
         // A second Store on the same file: a second process, in effect.
         let b = Store::open(dir.path()).expect("open b");
         let user = a.create_user("ada", "ada@example.com", None).expect("user");
-        let threads: Vec<_> =
-            [a, b]
-                .into_iter()
-                .enumerate()
-                .map(|(n, store)| {
-                    let user_id = user.id.clone();
-                    std::thread::spawn(move || {
-                        for i in 0..100 {
-                            store
+        let threads: Vec<_> = [a, b]
+            .into_iter()
+            .enumerate()
+            .map(|(n, store)| {
+                let user_id = user.id.clone();
+                std::thread::spawn(move || {
+                    for i in 0..100 {
+                        store
                                 .create_token(
                                     &user_id,
                                     &format!("t{n}-{i}"),
@@ -207,10 +206,10 @@ mod tests {
                                     None,
                                 )
                                 .expect("create");
-                        }
-                    })
+                    }
                 })
-                .collect();
+            })
+            .collect();
         for t in threads {
             t.join().expect("thread");
         }

@@ -226,7 +226,7 @@ impl UserDatabases {
 
     /// Runs statements on `user_id`'s database in one transaction: all or
     /// nothing. `allowed` says which accesses the caller holds; the first
-    /// statement needing another stops the batch before anything runs.
+    /// statement needing another stops the batch and nothing is kept.
     /// Returns the results and the strongest access used.
     pub fn execute(
         &self,
@@ -242,23 +242,6 @@ impl UserDatabases {
         let deadline = Instant::now() + self.limits.max_time;
         conn.progress_handler(1_000, Some(move || Instant::now() > deadline));
 
-        // First pass: let SQLite classify every statement, and refuse the
-        // batch before running any of it if one needs a missing access.
-        let mut strongest = Access::Read;
-        for statement in statements {
-            let (sql, _) = statement.parts();
-            let access = classify(&conn, sql)?;
-            if !allowed.contains(&access) {
-                return Err(SqlError::Forbidden(access));
-            }
-            strongest = strongest.max(access);
-        }
-        if mode == BatchMode::Read && strongest == Access::Write {
-            return Err(SqlError::Invalid(
-                "a batch in read mode cannot write".into(),
-            ));
-        }
-
         let behavior = match mode {
             BatchMode::Write => rusqlite::TransactionBehavior::Immediate,
             BatchMode::Read | BatchMode::Deferred => rusqlite::TransactionBehavior::Deferred,
@@ -267,8 +250,23 @@ impl UserDatabases {
         let tx = conn
             .transaction_with_behavior(behavior)
             .map_err(|e| map_sql_error(e, limits))?;
+        // SQLite classifies each statement as it comes (a later statement
+        // may use a table an earlier one created). The first that needs an
+        // access the caller lacks ends the batch, and dropping the
+        // transaction rolls back everything before it.
+        let mut strongest = Access::Read;
         let mut results = Vec::with_capacity(statements.len());
         for statement in statements {
+            let access = classify(&tx, statement.parts().0)?;
+            if !allowed.contains(&access) {
+                return Err(SqlError::Forbidden(access));
+            }
+            if mode == BatchMode::Read && access == Access::Write {
+                return Err(SqlError::Invalid(
+                    "a batch in read mode cannot write".into(),
+                ));
+            }
+            strongest = strongest.max(access);
             results.push(run_one(&tx, statement, limits)?);
         }
         tx.commit().map_err(|e| map_sql_error(e, limits))?;

@@ -1,5 +1,6 @@
 //! One module per command; each is a thin wrapper over library calls.
 
+pub mod conformance;
 pub mod dev;
 pub mod run;
 pub mod serve;
@@ -16,14 +17,16 @@ use valet_store::Store;
 use crate::cli::{Cli, Command};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let store = open_store(&cli.data_dir)?;
+    let dir = &cli.data_dir;
     match cli.command {
-        Command::Serve(args) => serve::run(store, args).await,
-        Command::User(c) => user::run(store, c),
-        Command::Token(c) => token::run(store, c),
-        Command::Val(c) => val::run(store, c),
-        Command::Run(args) => run::run(store, args).await,
-        Command::Dev(args) => dev::run(store, args).await,
+        Command::Serve(args) => serve::run(open_store(dir)?, args).await,
+        Command::User(c) => user::run(open_store(dir)?, c),
+        Command::Token(c) => token::run(open_store(dir)?, c),
+        Command::Val(c) => val::run(open_store(dir)?, c),
+        Command::Run(args) => run::run(open_store(dir)?, args).await,
+        Command::Dev(args) => dev::run(open_store(dir)?, args).await,
+        // Each case gets a fresh data dir of its own.
+        Command::Conformance(args) => conformance::run(args).await,
     }
 }
 
