@@ -9,4 +9,5 @@ mod api;
 mod cli;
 mod conformance;
 mod runs;
+mod secret_scanning;
 mod support;

@@ -23,6 +23,7 @@ pub struct Options {
     pub egress_allow: Vec<EgressAllow>,
     pub blob_quota: Option<u64>,
     pub heap_mb: Option<u64>,
+    pub github_keys_url: Option<String>,
 }
 
 impl Server {
@@ -39,6 +40,9 @@ impl Server {
         config.egress_allow = options.egress_allow;
         if let Some(q) = options.blob_quota {
             config.api.blob_quota = q;
+        }
+        if let Some(url) = options.github_keys_url {
+            config.api.github_keys_url = url;
         }
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;

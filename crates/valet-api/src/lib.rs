@@ -9,6 +9,7 @@ mod error;
 pub mod mailer;
 mod routes;
 mod runner;
+pub mod secret_scanning;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -39,6 +40,8 @@ pub struct ApiConfig {
     pub email_from: String,
     /// The URL people reach this server at, for links in messages.
     pub public_url: String,
+    /// Where GitHub publishes its secret-scanning signing keys.
+    pub github_keys_url: String,
 }
 
 impl Default for ApiConfig {
@@ -48,6 +51,7 @@ impl Default for ApiConfig {
             max_body_bytes: 10 << 20,
             email_from: "valet@valet.localhost".into(),
             public_url: "http://127.0.0.1:7070".into(),
+            github_keys_url: secret_scanning::GITHUB_KEYS_URL.into(),
         }
     }
 }
@@ -64,6 +68,7 @@ pub struct AppState {
     /// The supervisor, when this process runs vals (`valet serve`, `valet
     /// run`); absent in tests of the API alone.
     pub runner: Option<Arc<dyn Runner>>,
+    pub github_keys: Arc<secret_scanning::GithubKeys>,
 }
 
 impl AppState {
@@ -73,12 +78,16 @@ impl AppState {
         config: ApiConfig,
     ) -> Result<AppState, valet_store::StoreError> {
         let keys = Arc::new(store.key_ring()?);
+        let github_keys = Arc::new(secret_scanning::GithubKeys::new(
+            config.github_keys_url.clone(),
+        ));
         Ok(AppState {
             store,
             keys,
             live_runs,
             config: Arc::new(config),
             runner: None,
+            github_keys,
         })
     }
 

@@ -116,6 +116,17 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX outbox_due ON outbox(status, next_attempt_at);
     "#,
+    // 2: events in a token's life that are not scope uses (a leak report).
+    r#"
+    CREATE TABLE token_events (
+        id INTEGER PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX token_events_token ON token_events(token_id, at);
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.

@@ -273,6 +273,32 @@ impl Store {
         self.token_of_user(user_id, id)
     }
 
+    /// Notes something that happened to a token (not a scope use).
+    pub fn record_token_event(
+        &self,
+        token_id: &str,
+        kind: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO token_events (token_id, kind, detail, at) VALUES (?1, ?2, ?3, ?4)",
+                params![token_id, kind, detail, time::now_ms()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn token_events(&self, token_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT kind, detail FROM token_events WHERE token_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([token_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     /// Revokes a token reported as leaked. Returns the record and whether
     /// this call revoked it (false when it was revoked already), in one
     /// transaction so two concurrent reports cannot both claim it.

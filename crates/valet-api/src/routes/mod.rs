@@ -61,6 +61,12 @@ pub fn router(state: AppState) -> Router {
                 .delete(tokens::revoke),
         )
         .route("/.well-known/jwks.json", get(well_known::jwks))
+        .route(
+            "/v1/secret-scanning/verify",
+            post(crate::secret_scanning::verify).layer(DefaultBodyLimit::max(
+                crate::secret_scanning::MAX_BODY_BYTES,
+            )),
+        )
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body));
     let trigger = Router::new()

@@ -21,6 +21,9 @@ pub struct Args {
     /// The URL people reach this server at (for links in emails).
     #[arg(long)]
     public_url: Option<String>,
+    /// Where GitHub publishes its secret-scanning keys.
+    #[arg(long, env = "VALET_GITHUB_KEYS_URL", default_value = valet_api::secret_scanning::GITHUB_KEYS_URL)]
+    github_keys_url: String,
     /// V8 heap cap per run, in MiB.
     #[arg(long, default_value_t = 128)]
     heap_mb: u64,
@@ -36,6 +39,7 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
         .map(|s| s.parse::<EgressAllow>())
         .collect::<Result<_, _>>()
         .map_err(anyhow::Error::msg)?;
+    config.api.github_keys_url = args.github_keys_url;
     if let Some(url) = args.public_url {
         config.api.public_url = url;
     }

@@ -40,6 +40,18 @@ pub enum Command {
         #[arg(long)]
         set: String,
     },
+    /// Revoke a token reported as leaked, and email its owner (what GitHub
+    /// secret scanning does, for reports that reach operators directly).
+    RevokeLeaked {
+        #[arg(long)]
+        token: String,
+        /// Where it leaked.
+        #[arg(long, default_value = "")]
+        url: String,
+        /// The URL people reach this server at, for the email's link.
+        #[arg(long, default_value = "http://127.0.0.1:7070")]
+        public_url: String,
+    },
     /// Revoke a token.
     Revoke {
         id: String,
@@ -115,6 +127,23 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
                 token.id,
                 describe(token.scopes)
             );
+        }
+        Command::RevokeLeaked {
+            token,
+            url,
+            public_url,
+        } => {
+            use valet_api::secret_scanning::{LeakOutcome, report_leak};
+            match report_leak(&store, &token, &url, &public_url)? {
+                LeakOutcome::Revoked => eprintln!("revoked the token and emailed its owner"),
+                LeakOutcome::AlreadyRevoked => {
+                    eprintln!("the token was already revoked; nothing to do")
+                }
+                LeakOutcome::NotOurs => {
+                    eprintln!("not a valet token of this installation; nothing revoked");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
         Command::Revoke { id, user } => {
             let user = store.require_user(&user)?;
