@@ -8,6 +8,7 @@
 mod api;
 mod cli;
 mod conformance;
+mod migration;
 mod runs;
 mod secret_scanning;
 mod support;

@@ -44,6 +44,9 @@ pub enum Command {
     Run(cmd::run::Args),
     /// Serve an http val from a file, a fresh run per request.
     Dev(cmd::dev::Args),
+    /// Data migrations.
+    #[command(subcommand)]
+    Migrate(cmd::migrate::Command),
     /// Run the conformance fixtures; prints a table ending `N passed, N failed`.
     Conformance(cmd::conformance::Args),
 }

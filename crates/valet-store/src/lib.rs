@@ -11,6 +11,7 @@ mod blobs;
 mod db;
 mod error;
 mod keys;
+mod migration;
 mod migrations;
 mod outbox;
 mod runs;
@@ -25,6 +26,7 @@ pub use audit::{AuditEvent, AuditSink, Principal};
 pub use blobs::{BlobKey, BlobMeta, BlobStore};
 pub use db::Store;
 pub use error::StoreError;
+pub use migration::{HeldToken, MigrationOptions, MigrationSummary};
 pub use outbox::{EmailMessage, OutboxEntry, OutboxStatus};
 pub use users::validate_email;
 /// Types that make up an [`EmailMessage`].

@@ -2,6 +2,7 @@
 
 pub mod conformance;
 pub mod dev;
+pub mod migrate;
 pub mod run;
 pub mod serve;
 pub mod token;
@@ -25,6 +26,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Val(c) => val::run(open_store(dir)?, c),
         Command::Run(args) => run::run(open_store(dir)?, args).await,
         Command::Dev(args) => dev::run(open_store(dir)?, args).await,
+        Command::Migrate(c) => migrate::run(open_store(dir)?, c),
         // Each case gets a fresh data dir of its own.
         Command::Conformance(args) => conformance::run(args).await,
     }
