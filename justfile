@@ -31,7 +31,7 @@ test: setup
 bench: setup
     cargo bench -p valet-core --bench tokens
     cargo build --release -p valet-cli
-    bash bench/run.sh
+    cargo bench -p valet-cli --bench system
 
 # Format check and clippy with warnings as errors.
 lint:

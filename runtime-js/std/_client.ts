@@ -36,9 +36,10 @@ export async function failure(res: Response): Promise<ValTownApiError> {
     required = body?.error?.required;
   } catch { /* not JSON */ }
   if (code === "missing_scope" && required) {
-    message = `missing scope '${required}': ${message}. ` +
-      `Allow it on the val's settings page (/vals/<name>/settings) or with ` +
-      `POST /v1/vals/<id>/scope-requests/${required}/allow`;
+    message = message.includes("/settings")
+      ? `missing scope '${required}': ${message}`
+      : `missing scope '${required}': ${message}. Allow it on the val's settings page ` +
+        `(/vals/<name>/settings) or with POST /v1/vals/<id>/scope-requests/${required}/allow`;
   }
   return new ValTownApiError(message, res.status, code, required);
 }

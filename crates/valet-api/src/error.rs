@@ -130,11 +130,14 @@ pub async fn jsonify_errors(
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let is_json = response
+    // JSON errors pass through, and so do the pages' own HTML answers.
+    let keep = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json {
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/html")
+        });
+    if keep {
         return response;
     }
     // Error bodies from an http val pass through untouched.

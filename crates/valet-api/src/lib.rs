@@ -7,6 +7,7 @@
 mod auth;
 mod error;
 pub mod mailer;
+pub mod pages;
 mod routes;
 mod runner;
 pub mod secret_scanning;
@@ -69,6 +70,7 @@ pub struct AppState {
     /// run`); absent in tests of the API alone.
     pub runner: Option<Arc<dyn Runner>>,
     pub github_keys: Arc<secret_scanning::GithubKeys>,
+    pub login_limiter: Arc<pages::LoginLimiter>,
 }
 
 impl AppState {
@@ -88,6 +90,7 @@ impl AppState {
             config: Arc::new(config),
             runner: None,
             github_keys,
+            login_limiter: Arc::default(),
         })
     }
 
@@ -109,7 +112,10 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

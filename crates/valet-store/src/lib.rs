@@ -16,6 +16,7 @@ mod migrations;
 mod outbox;
 mod runs;
 mod scope_requests;
+mod sessions;
 pub mod time;
 mod tokens;
 mod user_sqlite;
@@ -35,6 +36,7 @@ pub mod outbox_types {
 }
 pub use runs::{NewRun, Outcome, RunRecord};
 pub use scope_requests::{ScopeRequest, ScopeRequestState};
+pub use sessions::Session;
 pub use tokens::{MigrationState, TokenRecord};
 pub use user_sqlite::{
     Access as SqlAccess, BatchMode, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement,

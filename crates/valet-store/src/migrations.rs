@@ -127,6 +127,20 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX token_events_token ON token_events(token_id, at);
     "#,
+    // 3: browser sessions and server secrets.
+    r#"
+    CREATE TABLE sessions (
+        id_hash BLOB PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        csrf TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    );
+    CREATE TABLE server_secrets (
+        name TEXT PRIMARY KEY,
+        value BLOB NOT NULL
+    );
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.

@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         )
         .layer(DefaultBodyLimit::max(max_body));
     api.merge(trigger)
+        .merge(crate::pages::router())
         .fallback(not_found)
         .layer(middleware::from_fn(error::jsonify_errors))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {

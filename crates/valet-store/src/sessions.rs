@@ -1,0 +1,82 @@
+//! Browser sessions (stored by hash, so a database leak is not a login)
+//! and server secrets such as the cookie-signing key.
+
+use rusqlite::{OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::{Store, StoreError, time};
+
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub user_id: String,
+    pub csrf: String,
+    pub expires_at: i64,
+}
+
+fn hash(id: &str) -> Vec<u8> {
+    Sha256::digest(id.as_bytes()).to_vec()
+}
+
+impl Store {
+    pub fn create_session(
+        &self,
+        id: &str,
+        user_id: &str,
+        csrf: &str,
+        ttl_ms: i64,
+    ) -> Result<(), StoreError> {
+        let now = time::now_ms();
+        self.write(|c| {
+            c.execute("DELETE FROM sessions WHERE expires_at < ?1", [now])?;
+            c.execute(
+                "INSERT INTO sessions (id_hash, user_id, csrf, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash(id), user_id, csrf, now, now + ttl_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A live session by id.
+    pub fn session(&self, id: &str) -> Result<Option<Session>, StoreError> {
+        let now = time::now_ms();
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT user_id, csrf, expires_at FROM sessions WHERE id_hash = ?1 AND expires_at > ?2",
+                params![hash(id), now],
+                |r| Ok(Session { user_id: r.get(0)?, csrf: r.get(1)?, expires_at: r.get(2)? }),
+            )
+            .optional()?)
+        })
+    }
+
+    pub fn delete_session(&self, id: &str) -> Result<(), StoreError> {
+        self.write(|c| {
+            c.execute("DELETE FROM sessions WHERE id_hash = ?1", [hash(id)])?;
+            Ok(())
+        })
+    }
+
+    /// A 32-byte secret by name, created from the OS RNG on first use.
+    pub fn server_secret(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        self.write(|c| {
+            if let Some(v) = c
+                .query_row(
+                    "SELECT value FROM server_secrets WHERE name = ?1",
+                    [name],
+                    |r| r.get::<_, Vec<u8>>(0),
+                )
+                .optional()?
+            {
+                return Ok(v);
+            }
+            let mut secret = vec![0u8; 32];
+            getrandom::fill(&mut secret)
+                .map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
+            c.execute(
+                "INSERT INTO server_secrets (name, value) VALUES (?1, ?2)",
+                params![name, secret],
+            )?;
+            Ok(secret)
+        })
+    }
+}
