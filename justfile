@@ -25,6 +25,7 @@ demo: build
 test: setup
     cargo test --workspace --no-fail-fast
     ./target/debug/valet conformance fixtures
+    cd tests/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
     {{deno}} test --no-config --quiet --allow-net --allow-env runtime-js/
 
 # Benchmarks: token mint/verify, API under load, run overhead.

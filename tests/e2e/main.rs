@@ -9,6 +9,7 @@ mod api;
 mod cli;
 mod conformance;
 mod migration;
+mod pages;
 mod runs;
 mod secret_scanning;
 mod support;

@@ -283,7 +283,7 @@ pub async fn revoke(
     let user_id = user.user.id.clone();
     match state
         .store
-        .call(move |s| s.revoke_token(&user_id, &id, "revoked on the tokens page"))
+        .call(move |s| s.revoke_token(&user_id, &id, "by its owner"))
         .await
     {
         Ok(_) => Redirect::to("/settings/tokens").into_response(),

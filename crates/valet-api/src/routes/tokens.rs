@@ -138,7 +138,7 @@ pub async fn revoke(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let grant = caller.require(Scope::USER_WRITE)?;
     let token = blocking(&state, move |s| {
-        s.revoke_token(grant.user_id(), &id, "revoked by its owner")
+        s.revoke_token(grant.user_id(), &id, "by its owner")
     })
     .await?;
     Ok(Json(token_json(&token)))

@@ -147,7 +147,7 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Revoke { id, user } => {
             let user = store.require_user(&user)?;
-            let token = store.revoke_token(&user.id, &id, "revoked by its owner")?;
+            let token = store.revoke_token(&user.id, &id, "by its owner")?;
             eprintln!("revoked token {} ({})", token.name, token.id);
         }
     }
