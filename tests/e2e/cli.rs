@@ -139,3 +139,181 @@ fn a_missing_deno_is_explained() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Secrets never travel in logs: a full session of `valet serve` at debug
+/// level (API calls with an API token, a run with its valet key, a failed
+/// call with a bad token) leaves no token in the server's output.
+#[test]
+fn no_token_appears_in_the_servers_logs() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let ok = valet(&data)
+        .args([
+            "user",
+            "create",
+            "ada",
+            "--email",
+            "ada@example.com",
+            "--tier",
+            "pro",
+        ])
+        .output()
+        .expect("user");
+    assert!(ok.status.success());
+    let token = String::from_utf8_lossy(
+        &valet(&data)
+            .args([
+                "token",
+                "create",
+                "--user",
+                "ada",
+                "--name",
+                "t",
+                "--scopes",
+                "val:read val:write blob:read blob:write",
+            ])
+            .output()
+            .expect("token")
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    let file = dir.path().join("leaky.ts");
+    std::fs::write(&file, "import { blob } from 'https://esm.town/v/std/blob';\nawait blob.set('key', Deno.env.get('valtown')!);\nconsole.log(Deno.env.get('valtown'));\n").expect("write");
+    let val = valet(&data)
+        .args([
+            "val", "create", "--user", "ada", "--name", "leaky", "--file",
+        ])
+        .arg(&file)
+        .output()
+        .expect("val");
+    let val_id = String::from_utf8_lossy(&val.stdout).trim().to_owned();
+    let port = crate::support::free_port();
+    let mut server = valet(&data)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("VALET_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let base = format!("http://127.0.0.1:{port}");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let run_token = rt.block_on(async {
+        let c = reqwest::Client::new();
+        for _ in 0..100 {
+            if c.get(format!("{base}/.well-known/jwks.json"))
+                .send()
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let r = c
+            .post(format!("{base}/v1/vals/{val_id}/run"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("run");
+        assert_eq!(r.status(), 200);
+        c.get(format!("{base}/v1/blob?prefix={token}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("list");
+        c.get(format!("{base}/v1/me"))
+            .bearer_auth(format!("{token}x"))
+            .send()
+            .await
+            .expect("bad");
+        c.get(format!("{base}/v1/blob/key"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("text")
+    });
+    assert!(run_token.starts_with("eyJ"));
+    // SIGTERM: a graceful shutdown flushes the logs.
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(server.id() as i32, libc::SIGTERM);
+    }
+    let status = server.wait().expect("wait");
+    assert!(status.success(), "graceful shutdown on SIGTERM");
+    let mut logs = String::new();
+    server
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut logs)
+        .expect("read");
+    server
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut logs)
+        .expect("read");
+    assert!(
+        logs.contains("response"),
+        "debug logs were captured: {logs}"
+    );
+    assert!(!logs.contains(&token), "the API token leaked into the logs");
+    assert!(
+        !logs.contains(&token[4..30]),
+        "part of the API token leaked into the logs"
+    );
+    assert!(
+        !logs.contains(&run_token),
+        "the run token leaked into the logs"
+    );
+    assert!(
+        !logs.contains(&run_token[run_token.len() - 30..]),
+        "the run token's signature leaked"
+    );
+}
+
+#[test]
+fn valet_dev_serves_an_http_val_from_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("handler.ts");
+    std::fs::write(
+        &file,
+        "export default (req: Request) => new Response(`dev ${new URL(req.url).pathname}`);\n",
+    )
+    .expect("write");
+    let port = crate::support::free_port();
+    let mut dev = valet(&dir.path().join("data"))
+        .arg("dev")
+        .arg(&file)
+        .args(["--port", &port.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dev");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let bodies = rt.block_on(async {
+        let url = format!("http://127.0.0.1:{port}/hello");
+        for _ in 0..100 {
+            if let Ok(r) = reqwest::get(&url).await {
+                let first = r.text().await.expect("text");
+                let second = reqwest::get(format!("http://127.0.0.1:{port}/again"))
+                    .await
+                    .expect("get")
+                    .text()
+                    .await
+                    .expect("text");
+                return (first, second);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("valet dev did not start");
+    });
+    let _ = dev.kill();
+    let _ = dev.wait();
+    assert_eq!(bodies, ("dev /hello".to_owned(), "dev /again".to_owned()));
+}

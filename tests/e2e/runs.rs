@@ -530,3 +530,66 @@ async fn scripts_run_through_the_api_and_cron_vals_get_last_run_at() {
     assert!(done.iter().any(|r| r.logs.contains("last 20")), "{runs:?}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn egress_allow_opens_exactly_one_address() {
+    // A plain HTTP server on loopback, which runs may not reach by default.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let app = axum::Router::new().fallback(|| async { "hello from the allowed address" });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let other = std::net::TcpListener::bind("127.0.0.1:0").expect("other");
+    let other_port = other.local_addr().expect("addr").port();
+    let code = format!(
+        r#"
+for (const port of [{port}, {other_port}]) {{
+  try {{ const r = await fetch(`http://127.0.0.1:${{port}}/x`); console.log("reached", port, await r.text()); }}
+  catch (e) {{ console.log("denied", port); }}
+}}
+"#
+    );
+    let closed = Server::start().await;
+    let ada = closed.user("ada");
+    let out = closed
+        .supervisor()
+        .run(spec(&ada, &code, ScopeSet::EMPTY, 5_000))
+        .await
+        .expect("run");
+    assert!(
+        out.logs.contains(&format!("denied {port}"))
+            && out.logs.contains(&format!("denied {other_port}")),
+        "{}",
+        out.logs
+    );
+    closed.stop().await;
+
+    let allow: valet_runtime::EgressAllow = format!("127.0.0.1:{port}").parse().expect("addr");
+    let open = Server::start_with(crate::support::Options {
+        egress_allow: vec![allow],
+        ..Default::default()
+    })
+    .await;
+    let ada = open.user("ada");
+    let out = open
+        .supervisor()
+        .run(spec(&ada, &code, ScopeSet::EMPTY, 5_000))
+        .await
+        .expect("run");
+    assert!(
+        out.logs
+            .contains(&format!("reached {port} hello from the allowed address")),
+        "{}",
+        out.logs
+    );
+    assert!(
+        out.logs.contains(&format!("denied {other_port}")),
+        "only the one address: {}",
+        out.logs
+    );
+    open.stop().await;
+    task.abort();
+}
