@@ -274,6 +274,71 @@ async fn run_bench() {
     host.shutdown().await;
 }
 
+/// RSS in KiB of every process whose command line mentions `needle`.
+fn rss_of(needle: &str) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter_map(|status| {
+            status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .collect()
+}
+
+async fn memory_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let user = store.create_user("bench", "bench@example.com", None).unwrap();
+    let mut config = HostConfig::new("127.0.0.1:0".parse().unwrap());
+    config.cron = false;
+    let host = Host::start(store.clone(), config).await.unwrap();
+    let file = dir.path().join("idle.ts");
+    std::fs::write(&file, "import { blob } from 'https://esm.town/v/std/blob';\nawait blob.set('k', 'v');\nawait new Promise((r) => setTimeout(r, 4000));\n").unwrap();
+    let concurrent = 24;
+    let mut runs = Vec::new();
+    for _ in 0..concurrent {
+        let supervisor = host.supervisor.clone();
+        let spec = valet_runtime::RunSpec {
+            user_id: user.id.clone(),
+            val_id: None,
+            kind: valet_store::ValKind::Script,
+            source: valet_runtime::Source::File(file.clone()),
+            scopes: ScopeSet::default_val(),
+            env: Default::default(),
+            timeout: Duration::from_secs(20),
+            trigger: "bench",
+            last_run_at: None,
+        };
+        runs.push(tokio::spawn(async move { supervisor.run(spec).await.unwrap() }));
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let rss = rss_of(&dir.path().display().to_string());
+    for r in runs {
+        assert_eq!(r.await.unwrap().outcome, valet_store::Outcome::Succeeded);
+    }
+    let total: u64 = rss.iter().sum();
+    let per = total / rss.len().max(1) as u64;
+    let mem_total_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0);
+    println!("\n## Memory per run\n");
+    println!(
+        "{} concurrent runs (each holding a blob call's worth of state, then idle): {} Deno processes seen, \
+         {:.1} MiB RSS each on average, {:.0} MiB in all. At that size this machine ({:.1} GiB) holds about {} \
+         idle runs in memory (the 64-run default limit and the 2 cores bind long before).",
+        concurrent,
+        rss.len(),
+        per as f64 / 1024.0,
+        total as f64 / 1024.0,
+        mem_total_kib as f64 / 1024.0 / 1024.0,
+        mem_total_kib / per.max(1)
+    );
+    host.shutdown().await;
+}
+
 fn max_rss_kib() -> i64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: getrusage fills the struct it is given.
@@ -356,6 +421,9 @@ fn main() {
     }
     if wants("run") {
         rt.block_on(run_bench());
+    }
+    if wants("memory") {
+        rt.block_on(memory_bench());
     }
     if wants("migration") {
         migration_bench();
