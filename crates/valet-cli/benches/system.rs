@@ -276,13 +276,21 @@ async fn run_bench() {
 
 /// RSS in KiB of every process whose command line mentions `needle`.
 fn rss_of(needle: &str) -> Vec<u64> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok())
-        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
         .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
         .filter_map(|status| {
-            status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .collect()
 }
@@ -290,7 +298,9 @@ fn rss_of(needle: &str) -> Vec<u64> {
 async fn memory_bench() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let user = store.create_user("bench", "bench@example.com", None).unwrap();
+    let user = store
+        .create_user("bench", "bench@example.com", None)
+        .unwrap();
     let mut config = HostConfig::new("127.0.0.1:0".parse().unwrap());
     config.cron = false;
     let host = Host::start(store.clone(), config).await.unwrap();
@@ -311,7 +321,9 @@ async fn memory_bench() {
             trigger: "bench",
             last_run_at: None,
         };
-        runs.push(tokio::spawn(async move { supervisor.run(spec).await.unwrap() }));
+        runs.push(tokio::spawn(
+            async move { supervisor.run(spec).await.unwrap() },
+        ));
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let rss = rss_of(&dir.path().display().to_string());
@@ -322,7 +334,11 @@ async fn memory_bench() {
     let per = total / rss.len().max(1) as u64;
     let mem_total_kib: u64 = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0);
     println!("\n## Memory per run\n");
     println!(

@@ -192,3 +192,37 @@ impl IntoResponse for CsrfRefused {
         (StatusCode::FORBIDDEN, body).into_response()
     }
 }
+
+/// A form posted by a signed-in user with this session's CSRF token: the
+/// only way a page handler gets at a form's fields, so no form handler can
+/// forget the check.
+pub struct CheckedForm {
+    pub user: PageUser,
+    pub fields: Vec<(String, String)>,
+}
+
+impl axum::extract::FromRequest<AppState> for CheckedForm {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &AppState,
+    ) -> Result<CheckedForm, Response> {
+        let (mut parts, body) = request.into_parts();
+        let user = PageUser::from_request_parts(&mut parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let request = axum::extract::Request::from_parts(parts, body);
+        let axum::Form(fields) = axum::Form::<Vec<(String, String)>>::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let submitted = fields
+            .iter()
+            .find(|(k, _)| k == "csrf")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("");
+        user.check_csrf(submitted)
+            .map_err(IntoResponse::into_response)?;
+        Ok(CheckedForm { user, fields })
+    }
+}

@@ -1,7 +1,6 @@
 //! `/settings/tokens`: list, create, edit scopes, revoke, and accept the
 //! safe defaults for a held legacy token.
 
-use axum::Form;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -11,10 +10,8 @@ use valet_store::{MigrationState, TokenRecord, time};
 
 use super::layout::{self, page};
 use super::scopes_form::{self, field};
-use super::session::PageUser;
+use super::session::{CheckedForm, PageUser};
 use crate::AppState;
-
-type Fields = Form<Vec<(String, String)>>;
 
 fn status(t: &TokenRecord) -> Markup {
     html! {
@@ -158,12 +155,8 @@ pub async fn page_handler(State(state): State<AppState>, user: PageUser) -> Resp
 
 pub async fn create(
     State(state): State<AppState>,
-    user: PageUser,
-    Form(fields): Fields,
+    CheckedForm { user, fields }: CheckedForm,
 ) -> Response {
-    if let Err(r) = user.check_csrf(field(&fields, "csrf")) {
-        return r.into_response();
-    }
     let scopes = match scopes_form::parse(&fields) {
         Ok(s) => s,
         Err(e) => return render(&state, &user, None, Some(e)).await,
@@ -218,13 +211,9 @@ pub async fn create(
 
 pub async fn update_scopes(
     State(state): State<AppState>,
-    user: PageUser,
     Path(id): Path<String>,
-    Form(fields): Fields,
+    CheckedForm { user, fields }: CheckedForm,
 ) -> Response {
-    if let Err(r) = user.check_csrf(field(&fields, "csrf")) {
-        return r.into_response();
-    }
     let scopes = match scopes_form::parse(&fields) {
         Ok(s) => s,
         Err(e) => return render(&state, &user, None, Some(e)).await,
@@ -253,13 +242,9 @@ pub async fn update_scopes(
 
 pub async fn accept_defaults(
     State(state): State<AppState>,
-    user: PageUser,
     Path(id): Path<String>,
-    Form(fields): Fields,
+    CheckedForm { user, .. }: CheckedForm,
 ) -> Response {
-    if let Err(r) = user.check_csrf(field(&fields, "csrf")) {
-        return r.into_response();
-    }
     let user_id = user.user.id.clone();
     match state
         .store
@@ -273,13 +258,9 @@ pub async fn accept_defaults(
 
 pub async fn revoke(
     State(state): State<AppState>,
-    user: PageUser,
     Path(id): Path<String>,
-    Form(fields): Fields,
+    CheckedForm { user, .. }: CheckedForm,
 ) -> Response {
-    if let Err(r) = user.check_csrf(field(&fields, "csrf")) {
-        return r.into_response();
-    }
     let user_id = user.user.id.clone();
     match state
         .store

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use axum::Form;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -13,10 +12,8 @@ use valet_store::{ScopeRequestState, Store, StoreError, Val, ValKind, ValPatch};
 
 use super::layout::page;
 use super::scopes_form::{self, field};
-use super::session::PageUser;
+use super::session::{CheckedForm, PageUser};
 use crate::AppState;
-
-type Fields = Form<Vec<(String, String)>>;
 
 /// How many recent runs the least-privilege hint looks at.
 const HINT_RUNS: usize = 10;
@@ -222,13 +219,9 @@ pub async fn settings_page(
 
 pub async fn update(
     State(state): State<AppState>,
-    user: PageUser,
     Path(key): Path<String>,
-    Form(fields): Fields,
+    CheckedForm { user, fields }: CheckedForm,
 ) -> Response {
-    if let Err(r) = user.check_csrf(field(&fields, "csrf")) {
-        return r.into_response();
-    }
     let scopes = match scopes_form::parse(&fields) {
         Ok(s) => s,
         Err(e) => return render(&state, &user, key, Some(e)).await,
@@ -289,13 +282,9 @@ pub async fn update(
 
 pub async fn decide(
     State(state): State<AppState>,
-    user: PageUser,
     Path((key, scope, decision)): Path<(String, String, String)>,
-    Form(fields): Fields,
+    CheckedForm { user, .. }: CheckedForm,
 ) -> Response {
-    if let Err(r) = user.check_csrf(field(&fields, "csrf")) {
-        return r.into_response();
-    }
     let Ok(scope) = scope.parse::<Scope>() else {
         return not_found();
     };
@@ -321,13 +310,9 @@ pub async fn decide(
 
 pub async fn remove_unused(
     State(state): State<AppState>,
-    user: PageUser,
     Path(key): Path<String>,
-    Form(fields): Fields,
+    CheckedForm { user, .. }: CheckedForm,
 ) -> Response {
-    if let Err(r) = user.check_csrf(field(&fields, "csrf")) {
-        return r.into_response();
-    }
     let user_id = user.user.id.clone();
     let result = state
         .store

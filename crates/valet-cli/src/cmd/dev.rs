@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use clap::Args as ClapArgs;
-use valet_runtime::{EgressAllow, Host, HostConfig, RunSpec, Source, Supervisor};
+use valet_runtime::{Host, HostConfig, RunSpec, Source, Supervisor};
 use valet_store::{Store, ValKind};
 
 #[derive(ClapArgs)]
@@ -46,12 +46,7 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut config = HostConfig::new("127.0.0.1:0".parse()?);
     config.cron = false;
-    config.egress_allow = args
-        .egress_allow
-        .iter()
-        .map(|s| s.parse::<EgressAllow>())
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
+    config.egress_allow = super::parse_egress(&args.egress_allow)?;
     let host = Host::start(store, config).await?;
     let addr = SocketAddr::from(([127, 0, 0, 1], args.port));
     let listener = tokio::net::TcpListener::bind(addr).await?;

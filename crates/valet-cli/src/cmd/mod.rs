@@ -68,6 +68,14 @@ pub fn parse_env(pairs: &[String]) -> anyhow::Result<std::collections::BTreeMap<
         .collect()
 }
 
+/// `--egress-allow HOST:PORT` values.
+pub fn parse_egress(values: &[String]) -> anyhow::Result<Vec<valet_runtime::EgressAllow>> {
+    values
+        .iter()
+        .map(|s| s.parse().map_err(anyhow::Error::msg))
+        .collect()
+}
+
 pub fn parse_scopes(text: Option<&str>) -> anyhow::Result<valet_core::ScopeSet> {
     match text {
         None => Ok(valet_core::ScopeSet::default_val()),

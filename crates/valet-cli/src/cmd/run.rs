@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
-use valet_runtime::{EgressAllow, Host, HostConfig, RunSpec, Source};
+use valet_runtime::{Host, HostConfig, RunSpec, Source};
 use valet_store::{Outcome, Store, User, ValKind};
 
 #[derive(ClapArgs)]
@@ -62,12 +62,7 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let mut config = HostConfig::new("127.0.0.1:0".parse()?);
     config.cron = false;
     config.smtp = args.smtp;
-    config.egress_allow = args
-        .egress_allow
-        .iter()
-        .map(|s| s.parse::<EgressAllow>())
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
+    config.egress_allow = super::parse_egress(&args.egress_allow)?;
     let user = local_user(&store, &args.user)?;
     let host = Host::start(store, config).await?;
     let output = host

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
-use valet_runtime::{EgressAllow, Host, HostConfig};
+use valet_runtime::{Host, HostConfig};
 use valet_store::Store;
 
 #[derive(ClapArgs)]
@@ -33,12 +33,7 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let mut config = HostConfig::new(args.listen);
     config.smtp = args.smtp;
     config.heap_mb = args.heap_mb;
-    config.egress_allow = args
-        .egress_allow
-        .iter()
-        .map(|s| s.parse::<EgressAllow>())
-        .collect::<Result<_, _>>()
-        .map_err(anyhow::Error::msg)?;
+    config.egress_allow = super::parse_egress(&args.egress_allow)?;
     config.api.github_keys_url = args.github_keys_url;
     if let Some(url) = args.public_url {
         config.api.public_url = url;
