@@ -593,3 +593,50 @@ for (const port of [{port}, {other_port}]) {{
     open.stop().await;
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_server_marks_interrupted_runs_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = valet_store::Store::open(dir.path()).expect("open");
+    let user = store
+        .create_user("ada", "ada@example.com", None)
+        .expect("user");
+    store
+        .insert_run(&valet_store::NewRun {
+            id: "run_interrupted",
+            user_id: &user.id,
+            val_id: None,
+            trigger: "test",
+            scopes: ScopeSet::EMPTY,
+            started_at: valet_store::time::now_ms(),
+            deadline: valet_store::time::now_ms() + 1000,
+        })
+        .expect("run");
+    // A `valet run` host leaves other processes' runs alone...
+    let mut config = valet_runtime::HostConfig::new("127.0.0.1:0".parse().expect("addr"));
+    config.cron = false;
+    let host = valet_runtime::Host::start(store.clone(), config.clone())
+        .await
+        .expect("host");
+    host.shutdown().await;
+    assert_eq!(
+        store
+            .run_of_user(&user.id, "run_interrupted")
+            .expect("run")
+            .outcome,
+        Outcome::Running
+    );
+    // ...the server marks them lost.
+    config.recover_lost_runs = true;
+    let host = valet_runtime::Host::start(store.clone(), config)
+        .await
+        .expect("host");
+    host.shutdown().await;
+    assert_eq!(
+        store
+            .run_of_user(&user.id, "run_interrupted")
+            .expect("run")
+            .outcome,
+        Outcome::Lost
+    );
+}

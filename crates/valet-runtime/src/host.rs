@@ -25,6 +25,10 @@ pub struct HostConfig {
     pub api: ApiConfig,
     pub heap_mb: u64,
     pub deno_dir: Option<std::path::PathBuf>,
+    /// Mark runs left `running` by a dead supervisor as `lost`. Only the
+    /// long-lived server does this: a `valet run` beside a live `valet
+    /// serve` on the same data dir must not declare the server's runs lost.
+    pub recover_lost_runs: bool,
 }
 
 impl HostConfig {
@@ -37,6 +41,7 @@ impl HostConfig {
             api: ApiConfig::default(),
             heap_mb: 128,
             deno_dir: None,
+            recover_lost_runs: false,
         }
     }
 }
@@ -80,9 +85,11 @@ impl Host {
             addr: config.listen,
             source,
         })?;
-        let lost = store.call(|s| s.mark_lost_runs()).await?;
-        if lost > 0 {
-            tracing::warn!(lost, "marked runs of a previous supervisor as lost");
+        if config.recover_lost_runs {
+            let lost = store.call(|s| s.mark_lost_runs()).await?;
+            if lost > 0 {
+                tracing::warn!(lost, "marked runs of a previous supervisor as lost");
+            }
         }
         let live = LiveRuns::new();
         let mut api = config.api.clone();

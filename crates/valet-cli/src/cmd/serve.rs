@@ -31,6 +31,7 @@ pub struct Args {
 
 pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let mut config = HostConfig::new(args.listen);
+    config.recover_lost_runs = true;
     config.smtp = args.smtp;
     config.heap_mb = args.heap_mb;
     config.egress_allow = super::parse_egress(&args.egress_allow)?;
