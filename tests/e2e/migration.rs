@@ -346,7 +346,6 @@ async fn held_owners_get_one_email_and_migrated_tokens_lose_val_write() {
             event(&bob.id, &deployer2.id, Scope::USER_WRITE, now - DAY),
         ])
         .expect("audit");
-    // Before: the legacy token may write vals.
     let create = |token: String, name: &'static str| {
         let c = server.client.clone();
         let url = server.url.clone();
@@ -359,10 +358,18 @@ async fn held_owners_get_one_email_and_migrated_tokens_lose_val_write() {
                 .expect("post")
         }
     };
-    assert_eq!(
-        create(legacy.expose().to_owned(), "before").await.status(),
-        201
-    );
+    // Before: the legacy token holds every scope. (Using val:write with it
+    // here would, rightly, get it held.)
+    let me = server
+        .client
+        .get(format!("{}/v1/tokens", server.url))
+        .bearer_auth(legacy.expose())
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(me.status(), 200);
+    let listed: serde_json::Value = me.json().await.expect("json");
+    assert_eq!(listed[0]["legacy"], true);
     let summary = server
         .store
         .migrate_scopes(&MigrationOptions::default(), |_, _| {})

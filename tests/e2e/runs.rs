@@ -109,8 +109,11 @@ async fn std_blob_sqlite_email_work_with_default_scopes_and_val_write_is_refused
             .is_none()
     );
     // The refusal left a scope request on the val.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let requests = server.store.scope_requests(&val.id).expect("requests");
+    let requests = crate::support::eventually(
+        || async { server.store.scope_requests(&val.id).expect("requests") },
+        |r| !r.is_empty(),
+    )
+    .await;
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].scope, valet_core::Scope::VAL_WRITE);
     server.stop().await;
@@ -434,13 +437,16 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
         .expect("missing");
     assert_eq!(r.status(), 404);
     // Each request was its own run, with logs.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let val = server
         .store
         .val_by_name(&ada.id, "api")
         .expect("lookup")
         .expect("val");
-    let runs = server.store.runs_of_val(&val.id, 10).expect("runs");
+    let runs = crate::support::eventually(
+        || async { server.store.runs_of_val(&val.id, 10).expect("runs") },
+        |runs| runs.len() == 3 && runs.iter().all(|r| r.outcome != Outcome::Running),
+    )
+    .await;
     assert_eq!(runs.len(), 3);
     assert!(runs.iter().any(|r| r.logs.contains("kaboom")), "{runs:?}");
     server.stop().await;

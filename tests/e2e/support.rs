@@ -184,3 +184,19 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// Polls `check` until it holds or 10 seconds pass; returns the last value.
+pub async fn eventually<T, F, Fut>(mut check: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = check().await;
+        if done(&value) || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

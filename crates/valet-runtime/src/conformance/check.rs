@@ -368,9 +368,17 @@ async fn check(
         failures.extend(check_dead_token(key, host, store, user_id).await);
     }
     if !expect.scope_requests.is_empty() {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let requests = store.scope_requests(val_id).unwrap_or_default();
-        let got: Vec<String> = requests.iter().map(|r| r.scope.to_string()).collect();
+        // Requests are recorded off the request path: give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got: Vec<String> = Vec::new();
+        while Instant::now() < deadline {
+            let requests = store.scope_requests(val_id).unwrap_or_default();
+            got = requests.iter().map(|r| r.scope.to_string()).collect();
+            if expect.scope_requests.iter().all(|s| got.contains(s)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         for scope in &expect.scope_requests {
             if !got.contains(scope) {
                 failures.push(format!("no scope request for {scope} (got {got:?})"));
