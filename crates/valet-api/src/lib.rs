@@ -71,6 +71,8 @@ pub struct AppState {
     pub runner: Option<Arc<dyn Runner>>,
     pub github_keys: Arc<secret_scanning::GithubKeys>,
     pub login_limiter: Arc<pages::LoginLimiter>,
+    /// The key that signs session cookies, read once at start.
+    pub session_key: Arc<Vec<u8>>,
 }
 
 impl AppState {
@@ -80,6 +82,7 @@ impl AppState {
         config: ApiConfig,
     ) -> Result<AppState, valet_store::StoreError> {
         let keys = Arc::new(store.key_ring()?);
+        let session_key = Arc::new(store.server_secret("session-cookie")?);
         let github_keys = Arc::new(secret_scanning::GithubKeys::new(
             config.github_keys_url.clone(),
         ));
@@ -91,6 +94,7 @@ impl AppState {
             runner: None,
             github_keys,
             login_limiter: Arc::default(),
+            session_key,
         })
     }
 

@@ -120,7 +120,7 @@ pub async fn submit(
     match user.filter(|_| ok) {
         Some(user) => {
             state.login_limiter.succeeded(&keys);
-            match session::start(&state, &user.id) {
+            match session::start(&state, &user.id).await {
                 Ok(cookie) => ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response(),
                 Err(e) => crate::ApiError::internal(e).into_response(),
             }

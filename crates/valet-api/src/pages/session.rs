@@ -44,22 +44,21 @@ fn mac(key: &[u8], id: &str) -> String {
 }
 
 /// Starts a session; returns the `Set-Cookie` value.
-pub fn start(state: &AppState, user_id: &str) -> Result<String, String> {
+pub async fn start(state: &AppState, user_id: &str) -> Result<String, String> {
     let id = random_token()?;
     let csrf = random_token()?;
-    let key = state
-        .store
-        .server_secret("session-cookie")
-        .map_err(|e| e.to_string())?;
+    let cookie = format!(
+        "{COOKIE}={id}.{}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        mac(&state.session_key, &id),
+        SESSION_TTL_MS / 1000
+    );
+    let user_id = user_id.to_owned();
     state
         .store
-        .create_session(&id, user_id, &csrf, SESSION_TTL_MS)
+        .call(move |s| s.create_session(&id, &user_id, &csrf, SESSION_TTL_MS))
+        .await
         .map_err(|e| e.to_string())?;
-    Ok(format!(
-        "{COOKIE}={id}.{}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        mac(&key, &id),
-        SESSION_TTL_MS / 1000
-    ))
+    Ok(cookie)
 }
 
 pub fn clear_cookie() -> String {
@@ -80,8 +79,7 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// The session id in a validly signed cookie.
 fn session_id(state: &AppState, headers: &HeaderMap) -> Option<String> {
     let (id, signature) = cookie(headers, COOKIE)?.split_once('.')?;
-    let key = state.store.server_secret("session-cookie").ok()?;
-    let expected = mac(&key, id);
+    let expected = mac(&state.session_key, id);
     bool::from(expected.as_bytes().ct_eq(signature.as_bytes())).then(|| id.to_owned())
 }
 
