@@ -130,6 +130,10 @@ pub fn classify(exit: Exit, logs: &LogBuffer, timeout: Duration) -> (Outcome, St
             Outcome::TimedOut,
             format!("killed at its deadline ({} ms)", timeout.as_millis()),
         ),
+        Exit::Stopped if logs.saw_handler_error() => (
+            Outcome::Failed,
+            "the handler threw; it answered 500 (the stack is in the logs)".into(),
+        ),
         Exit::Stopped => (Outcome::Succeeded, "stopped after its response".into()),
         _ if logs.saw_oom() => (
             Outcome::Oom,

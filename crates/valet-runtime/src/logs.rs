@@ -5,6 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+/// What the bootstrap prints on stderr when an http handler throws.
+pub const HANDLER_ERROR: &str = "Uncaught error in http handler";
+
 /// Lines longer than this are split.
 const MAX_LINE: usize = 16 * 1024;
 
@@ -20,6 +23,7 @@ struct Inner {
     dropped: usize,
     secrets: Vec<String>,
     saw_oom: bool,
+    saw_handler_error: bool,
 }
 
 impl LogBuffer {
@@ -31,6 +35,7 @@ impl LogBuffer {
                 dropped: 0,
                 secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
                 saw_oom: false,
+                saw_handler_error: false,
             })),
         }
     }
@@ -41,6 +46,9 @@ impl LogBuffer {
         };
         if line.contains("out of memory") || line.contains("Reached heap limit") {
             inner.saw_oom = true;
+        }
+        if stream == "err" && line.starts_with(HANDLER_ERROR) {
+            inner.saw_handler_error = true;
         }
         let mut line = line.trim_end_matches('\r').to_owned();
         for secret in &inner.secrets {
@@ -59,6 +67,14 @@ impl LogBuffer {
         } else {
             inner.text.push_str(&entry);
         }
+    }
+
+    /// The bootstrap reported that an http handler threw.
+    pub fn saw_handler_error(&self) -> bool {
+        self.inner
+            .lock()
+            .map(|i| i.saw_handler_error)
+            .unwrap_or(false)
     }
 
     pub fn saw_oom(&self) -> bool {
