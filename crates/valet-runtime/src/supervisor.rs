@@ -130,7 +130,6 @@ struct Inner {
 struct Prepared {
     run_id: String,
     dir: PathBuf,
-    token: String,
     started: Instant,
     deadline: Instant,
     timeout: Duration,
@@ -311,7 +310,7 @@ impl Supervisor {
             heap_mb: inner.config.heap_mb,
             config_json,
         });
-        let logs = LogBuffer::new(inner.config.max_log_bytes, vec![token.clone()]);
+        let logs = LogBuffer::new(inner.config.max_log_bytes, vec![token]);
         let started = Instant::now();
         let process = executor::spawn(command, logs).map_err(|e| {
             RuntimeError::Spawn(format!("could not start {}: {e}", inner.deno.display()))
@@ -325,7 +324,6 @@ impl Supervisor {
         let prepared = Prepared {
             run_id,
             dir,
-            token,
             started,
             deadline: started + spec.timeout,
             timeout: spec.timeout,
@@ -342,7 +340,6 @@ impl Supervisor {
         let duration_ms = prepared.started.elapsed().as_millis() as u64;
         let logs = process.logs.finish();
         let run_id = prepared.run_id.clone();
-        debug_assert!(!prepared.token.is_empty());
         drop(prepared);
         let (id, d, l) = (run_id.clone(), detail.clone(), logs.clone());
         if let Err(e) = self
