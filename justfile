@@ -23,10 +23,10 @@ demo: build
 
 # Every test: Rust (unit, store, API, runs, conformance) and the shims' own.
 test: setup
-    cargo test --workspace --no-fail-fast
-    ./target/debug/valet conformance fixtures
-    cd tests/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
     {{deno}} test --no-config --quiet --allow-net --allow-env runtime-js/
+    cargo test --workspace --no-fail-fast
+    cd tests/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
+    ./target/debug/valet conformance fixtures
 
 # Benchmarks: token mint/verify, API under load, run overhead.
 bench: setup
