@@ -17,6 +17,9 @@ interface Route {
 
 interface Config {
   kind: "http" | "script" | "cron";
+  /** A warm process: started before its val is known; the claim (val,
+   * env, kind) arrives as one JSON line on stdin. */
+  warm?: boolean;
   api: Route;
   egress: Route[];
   httpSocket?: string;
@@ -113,4 +116,34 @@ export async function start(val: Record<string, unknown>): Promise<void> {
       return;
     }
   }
+}
+
+/** The claim a warm process waits for. */
+interface Claim {
+  kind: Config["kind"];
+  valUrl: string;
+  env: Record<string, string>;
+  lastRunAt?: string | null;
+}
+
+async function readLine(stream: ReadableStream<Uint8Array>): Promise<string> {
+  const decoder = new TextDecoder();
+  let text = "";
+  for await (const chunk of stream) {
+    text += decoder.decode(chunk, { stream: true });
+    const end = text.indexOf("\n");
+    if (end >= 0) return text.slice(0, end);
+  }
+  return text;
+}
+
+/** Entry of a warm process: wait for the claim, then run the val. */
+export async function warmMain(): Promise<void> {
+  const claim: Claim = JSON.parse(await readLine(Deno.stdin.readable));
+  // The run's env exists only in the frozen view; the process env is empty.
+  Object.assign(frozenEnv, claim.env);
+  config.kind = claim.kind;
+  config.lastRunAt = claim.lastRunAt;
+  const val = await import(claim.valUrl);
+  await start(val);
 }

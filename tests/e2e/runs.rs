@@ -646,3 +646,117 @@ async fn a_restarted_server_marks_interrupted_runs_lost() {
         Outcome::Lost
     );
 }
+
+/// Warm processes (started before their val is known) must behave exactly
+/// like cold ones: the val's env only, a key that dies with the run, the
+/// sandbox, limits, and a fresh process per run.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_runs_behave_like_cold_runs() {
+    let server = Server::start_with(crate::support::Options {
+        warm_pool: 2,
+        ..Default::default()
+    })
+    .await;
+    let ada = server.user("ada");
+    let code = r#"
+import { blob } from "https://esm.town/v/std/blob";
+(globalThis as any).counter = ((globalThis as any).counter ?? 0) + 1;
+await blob.set("key", Deno.env.get("valtown")!);
+console.log("counter", (globalThis as any).counter, "token", Deno.env.get("valtown"));
+console.log("env", JSON.stringify(Object.keys(Deno.env.toObject()).sort()), Deno.env.get("MODE"));
+try { await Deno.readTextFile("/etc/passwd"); console.log("ALLOWED read"); } catch { console.log("denied read"); }
+try { Deno.env.set("valtown", "x"); console.log("ALLOWED env"); } catch { console.log("denied env"); }
+"#;
+    let mut val = store_val(
+        &server,
+        &ada,
+        "warm",
+        ValKind::Script,
+        code,
+        ScopeSet::default_val(),
+    );
+    val.env.insert("MODE".into(), "warm".into());
+    let reader = server.token(&ada, ScopeSet::all());
+    for _ in 0..3 {
+        let out = server
+            .supervisor()
+            .run(RunSpec::for_val(&val, "test"))
+            .await
+            .expect("run");
+        assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
+        assert!(
+            out.logs.contains("counter 1 token [valet key]"),
+            "fresh process, masked key: {}",
+            out.logs
+        );
+        assert!(
+            out.logs
+                .contains(r#"env ["MODE","VALTOWN_API_URL","VAL_TOWN_API_KEY","valtown"] warm"#),
+            "{}",
+            out.logs
+        );
+        assert!(
+            out.logs.contains("denied read") && out.logs.contains("denied env"),
+            "{}",
+            out.logs
+        );
+        assert!(!out.logs.contains("ALLOWED"));
+        let token = server
+            .client
+            .get(format!("{}/v1/blob/key", server.url))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("text");
+        let (status, code, _) = error_code(
+            server
+                .client
+                .get(format!("{}/v1/me", server.url))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("me"),
+        )
+        .await;
+        assert_eq!((status, code.as_str()), (401, "run_ended"));
+    }
+    let spin = store_val(
+        &server,
+        &ada,
+        "spin",
+        ValKind::Script,
+        "while (true) {}",
+        ScopeSet::EMPTY,
+    );
+    let spin = valet_store::Val {
+        timeout_ms: 1_000,
+        ..spin
+    };
+    let started = Instant::now();
+    let out = server
+        .supervisor()
+        .run(RunSpec::for_val(&spin, "test"))
+        .await
+        .expect("run");
+    assert_eq!(out.outcome, Outcome::TimedOut);
+    assert!(started.elapsed() < Duration::from_millis(2_000));
+    let broken = store_val(
+        &server,
+        &ada,
+        "broken",
+        ValKind::Script,
+        "throw new Error('broken val')",
+        ScopeSet::EMPTY,
+    );
+    let out = server
+        .supervisor()
+        .run(RunSpec::for_val(&broken, "test"))
+        .await
+        .expect("run");
+    assert_eq!(out.outcome, Outcome::Failed);
+    assert!(out.logs.contains("broken val"), "{}", out.logs);
+    server.stop().await;
+}

@@ -24,6 +24,7 @@ pub struct Options {
     pub blob_quota: Option<u64>,
     pub heap_mb: Option<u64>,
     pub github_keys_url: Option<String>,
+    pub warm_pool: usize,
 }
 
 impl Server {
@@ -44,6 +45,7 @@ impl Server {
         if let Some(url) = options.github_keys_url {
             config.api.github_keys_url = url;
         }
+        config.warm_pool = options.warm_pool;
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;
         }

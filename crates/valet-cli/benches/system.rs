@@ -215,6 +215,7 @@ async fn run_bench() {
         .unwrap();
     let mut config = HostConfig::new("127.0.0.1:0".parse().unwrap());
     config.cron = false;
+    config.warm_pool = 2;
     let host = Host::start(store.clone(), config).await.unwrap();
     let spec = valet_runtime::RunSpec {
         user_id: user.id.clone(),

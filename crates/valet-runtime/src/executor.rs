@@ -15,6 +15,8 @@ use crate::logs::{self, LogBuffer};
 /// A running Deno process and the tasks draining its output.
 pub struct Process {
     child: Child,
+    /// A warm process's stdin, where its claim is written once.
+    stdin: Option<tokio::process::ChildStdin>,
     pgid: Option<i32>,
     readers: JoinSet<()>,
     pub logs: LogBuffer,
@@ -47,14 +49,15 @@ fn confine(cmd: &mut Command) {
     }
 }
 
-pub fn spawn(mut cmd: Command, logs: LogBuffer) -> std::io::Result<Process> {
+pub fn spawn(mut cmd: Command, logs: LogBuffer, warm: bool) -> std::io::Result<Process> {
     confine(&mut cmd);
-    cmd.stdin(Stdio::null())
+    cmd.stdin(if warm { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let pgid = child.id().map(|id| id as i32);
+    let stdin = child.stdin.take();
     let mut readers = JoinSet::new();
     if let Some(out) = child.stdout.take() {
         readers.spawn(logs::collect(out, "out", logs.clone()));
@@ -64,6 +67,7 @@ pub fn spawn(mut cmd: Command, logs: LogBuffer) -> std::io::Result<Process> {
     }
     Ok(Process {
         child,
+        stdin,
         pgid,
         readers,
         logs,
@@ -106,6 +110,19 @@ impl Process {
             // reaped group just returns ESRCH.
             kill_process_group(pgid);
         }
+    }
+
+    /// Writes a warm process's claim (one JSON line) without blocking:
+    /// the line is far below the pipe's buffer size.
+    pub fn send_claim(&mut self, line: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let stdin = self
+            .stdin
+            .take()
+            .ok_or_else(|| std::io::Error::other("this process was already claimed"))?;
+        // Closing stdin after the line is fine: the claim is all it reads.
+        let mut file = std::fs::File::from(stdin.into_owned_fd()?);
+        file.write_all(format!("{line}\n").as_bytes())
     }
 
     /// True once the process has ended (without waiting for it).

@@ -29,6 +29,8 @@ pub struct HostConfig {
     /// long-lived server does this: a `valet run` beside a live `valet
     /// serve` on the same data dir must not declare the server's runs lost.
     pub recover_lost_runs: bool,
+    /// Deno processes kept warm for stored script and cron vals.
+    pub warm_pool: usize,
 }
 
 impl HostConfig {
@@ -42,6 +44,7 @@ impl HostConfig {
             heap_mb: 128,
             deno_dir: None,
             recover_lost_runs: false,
+            warm_pool: 0,
         }
     }
 }
@@ -101,6 +104,7 @@ impl Host {
         runtime.egress_allow = config.egress_allow.clone();
         runtime.heap_mb = config.heap_mb;
         runtime.deno_dir = config.deno_dir.clone();
+        runtime.warm_pool = config.warm_pool;
         let supervisor = Supervisor::new(store.clone(), state.keys.clone(), live, runtime)?;
         let state = state.with_runner(Arc::new(supervisor.clone()));
 

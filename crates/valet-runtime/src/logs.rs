@@ -40,6 +40,15 @@ impl LogBuffer {
         }
     }
 
+    /// Masks `secret` from now on (a warm process learns its key late).
+    pub fn add_secret(&self, secret: &str) {
+        if let Ok(mut inner) = self.inner.lock()
+            && !secret.is_empty()
+        {
+            inner.secrets.push(secret.to_owned());
+        }
+    }
+
     pub fn push(&self, stream: &str, line: &str) {
         let Ok(mut inner) = self.inner.lock() else {
             return;

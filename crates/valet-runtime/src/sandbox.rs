@@ -17,6 +17,8 @@ pub struct SandboxSpec<'a> {
     pub entry: &'a Path,
     /// Unix sockets the run may use (API, http, egress).
     pub sockets: Vec<PathBuf>,
+    /// Files the run may read besides (a warm process's val file).
+    pub read_paths: Vec<PathBuf>,
     /// The injected variables: the run token, the API URL, the val's env.
     pub env: BTreeMap<String, String>,
     pub heap_mb: u64,
@@ -27,6 +29,12 @@ pub fn command(spec: &SandboxSpec<'_>) -> Command {
     let sockets: Vec<String> = spec
         .sockets
         .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let readable: Vec<String> = spec
+        .sockets
+        .iter()
+        .chain(&spec.read_paths)
         .map(|p| p.display().to_string())
         .collect();
     let sockets = sockets.join(",");
@@ -43,10 +51,13 @@ pub fn command(spec: &SandboxSpec<'_>) -> Command {
         ))
         .arg("--allow-net")
         .arg(format!("--deny-net={}", DENIED_RANGES.join(",")))
-        .arg(format!("--allow-read={sockets}"))
-        .arg(format!("--allow-write={sockets}"))
-        .arg(format!("--allow-env={}", env_names.join(",")))
-        .arg("--deny-run")
+        .arg(format!("--allow-read={}", readable.join(",")))
+        .arg(format!("--allow-write={sockets}"));
+    // A bare `--allow-env` would allow every variable: with no names, no flag.
+    if !env_names.is_empty() {
+        cmd.arg(format!("--allow-env={}", env_names.join(",")));
+    }
+    cmd.arg("--deny-run")
         .arg("--deny-ffi")
         .arg("--deny-sys")
         .arg(format!("--v8-flags=--max-old-space-size={}", spec.heap_mb))

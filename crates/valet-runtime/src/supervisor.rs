@@ -42,6 +42,9 @@ pub struct RuntimeConfig {
     /// Parent of the per-run directories. Kept short: Unix socket paths
     /// are limited to 108 bytes.
     pub run_root: PathBuf,
+    /// Deno processes kept started ahead of time for stored script and
+    /// cron vals (0: every run starts cold).
+    pub warm_pool: usize,
     /// Deno's module and transpile cache; default `<data dir>/deno-cache`.
     pub deno_dir: Option<PathBuf>,
 }
@@ -56,6 +59,7 @@ impl RuntimeConfig {
             max_concurrent_runs: 64,
             run_root: std::env::temp_dir().join(format!("valet-{}", std::process::id())),
             deno_dir: None,
+            warm_pool: 0,
         }
     }
 }
@@ -123,6 +127,18 @@ struct Inner {
     config: RuntimeConfig,
     /// Bounds concurrent runs; a run holds a permit from spawn to reap.
     permits: Arc<Semaphore>,
+    /// Warm processes waiting for a run. A std `Mutex`: held to push or
+    /// pop, and to spawn a replacement (a fork and exec), never across an
+    /// `.await`.
+    warm: std::sync::Mutex<Vec<Warm>>,
+}
+
+/// A started Deno process waiting for its claim, with its directory and
+/// its socket pipes. Dropping it kills the process (`kill_on_drop`).
+struct Warm {
+    dir: PathBuf,
+    pipes: JoinSet<()>,
+    process: Process,
 }
 
 /// A run between its start and its end. Dropping it ends the run's token
@@ -178,7 +194,7 @@ impl Supervisor {
             std::fs::set_permissions(&config.run_root, std::fs::Permissions::from_mode(0o700))?;
         }
         let permits = Arc::new(Semaphore::new(config.max_concurrent_runs.max(1)));
-        Ok(Supervisor {
+        let supervisor = Supervisor {
             inner: Arc::new(Inner {
                 store,
                 keys,
@@ -188,8 +204,11 @@ impl Supervisor {
                 deno_dir,
                 config,
                 permits,
+                warm: std::sync::Mutex::new(Vec::new()),
             }),
-        })
+        };
+        supervisor.refill_warm();
+        Ok(supervisor)
     }
 
     pub fn deno_path(&self) -> &Path {
@@ -242,9 +261,49 @@ impl Supervisor {
             })
             .await?;
 
-        let dir = inner.config.run_root.join(&run_id[run_id.len() - 16..]);
-        std::fs::create_dir_all(&dir)?;
         let guard = inner.live.begin(&run_id);
+        // Warm processes take stored scripts and cron vals; npm packages
+        // load from Deno's cache, which a warm process may not read.
+        let warm = match (&spec.source, spec.kind) {
+            (Source::Code(code), ValKind::Script | ValKind::Cron) if !code.contains("npm:") => {
+                self.take_warm()
+            }
+            _ => None,
+        };
+        let started = Instant::now();
+        let (dir, pipes, process) = match warm {
+            Some(warm) => self.claim_warm(warm, spec, &token)?,
+            None => self.launch_cold(spec, &run_id, &token)?,
+        };
+        self.refill_warm();
+        tracing::info!(
+            run_id,
+            kind = spec.kind.as_str(),
+            trigger = spec.trigger,
+            "run started"
+        );
+        let prepared = Prepared {
+            run_id,
+            dir,
+            started,
+            deadline: started + spec.timeout,
+            timeout: spec.timeout,
+            _guard: guard,
+            _pipes: pipes,
+            _permit: permit,
+        };
+        Ok((prepared, process))
+    }
+
+    /// Binds a run's private sockets in `dir` (the API, each allowed egress
+    /// address, and for http vals the val's own) and returns the pipes, the
+    /// socket paths and the bootstrap's config.
+    fn sockets(
+        &self,
+        dir: &Path,
+        http: bool,
+    ) -> Result<(JoinSet<()>, Vec<PathBuf>, serde_json::Value), RuntimeError> {
+        let inner = &self.inner;
         let mut pipes = JoinSet::new();
         let api_socket = dir.join("api.sock");
         egress::pipe(&api_socket, Target::Addr(inner.config.api_addr), &mut pipes)?;
@@ -265,10 +324,37 @@ impl Supervisor {
             sockets.push(socket);
         }
         let http_socket = dir.join("http.sock");
-        if spec.kind == ValKind::Http {
+        if http {
             sockets.push(http_socket.clone());
         }
+        let config = serde_json::json!({
+            "api": { "origin": API_ORIGIN, "socket": api_socket },
+            "egress": egress_routes,
+            "httpSocket": http_socket,
+        });
+        Ok((pipes, sockets, config))
+    }
 
+    /// The variables a run sees: its val's own, the valet key, the API URL.
+    fn run_env(spec: &RunSpec, token: &str) -> BTreeMap<String, String> {
+        let mut env = spec.env.clone();
+        env.insert("valtown".into(), token.to_owned());
+        env.insert("VAL_TOWN_API_KEY".into(), token.to_owned());
+        env.insert("VALTOWN_API_URL".into(), API_ORIGIN.into());
+        env
+    }
+
+    /// A fresh Deno process for this run alone.
+    fn launch_cold(
+        &self,
+        spec: &RunSpec,
+        run_id: &str,
+        token: &str,
+    ) -> Result<(PathBuf, JoinSet<()>, Process), RuntimeError> {
+        let inner = &self.inner;
+        let dir = inner.config.run_root.join(&run_id[run_id.len() - 16..]);
+        std::fs::create_dir_all(&dir)?;
+        let (pipes, sockets, mut config) = self.sockets(&dir, spec.kind == ValKind::Http)?;
         let val_path = match &spec.source {
             Source::Code(code) => {
                 let path = dir.join("val.ts");
@@ -286,52 +372,123 @@ impl Supervisor {
                 file_url(&val_path),
             ),
         )?;
-
-        let mut env = spec.env.clone();
-        env.insert("valtown".into(), token.clone());
-        env.insert("VAL_TOWN_API_KEY".into(), token.clone());
-        env.insert("VALTOWN_API_URL".into(), API_ORIGIN.into());
-        let config_json = serde_json::json!({
-            "kind": spec.kind.as_str(),
-            "api": { "origin": API_ORIGIN, "socket": api_socket },
-            "egress": egress_routes,
-            "httpSocket": http_socket,
-            "lastRunAt": spec.last_run_at.map(time::iso),
-            "envNames": env.keys().collect::<Vec<_>>(),
-        })
-        .to_string();
+        let env = Self::run_env(spec, token);
+        config["kind"] = spec.kind.as_str().into();
+        config["lastRunAt"] = spec.last_run_at.map(time::iso).into();
+        config["envNames"] = env.keys().cloned().collect::<Vec<_>>().into();
         let command = sandbox::command(&SandboxSpec {
             deno: &inner.deno,
             runtime_dir: &inner.runtime_dir,
             deno_dir: &inner.deno_dir,
             entry: &entry,
             sockets,
+            read_paths: Vec::new(),
             env,
             heap_mb: inner.config.heap_mb,
-            config_json,
+            config_json: config.to_string(),
         });
-        let logs = LogBuffer::new(inner.config.max_log_bytes, vec![token]);
-        let started = Instant::now();
-        let process = executor::spawn(command, logs).map_err(|e| {
+        let logs = LogBuffer::new(inner.config.max_log_bytes, vec![token.to_owned()]);
+        let process = executor::spawn(command, logs, false).map_err(|e| {
             RuntimeError::Spawn(format!("could not start {}: {e}", inner.deno.display()))
         })?;
-        tracing::info!(
-            run_id,
-            kind = spec.kind.as_str(),
-            trigger = spec.trigger,
-            "run started"
-        );
-        let prepared = Prepared {
-            run_id,
+        Ok((dir, pipes, process))
+    }
+
+    /// A Deno process started ahead of time, with the bootstrap loaded and
+    /// no val, no key and no env: it waits on stdin for its claim.
+    fn spawn_warm(&self) -> Result<Warm, RuntimeError> {
+        let inner = &self.inner;
+        let dir = inner
+            .config
+            .run_root
+            .join(format!("warm-{}", &new_id("w")[2..18]));
+        std::fs::create_dir_all(&dir)?;
+        let (pipes, sockets, mut config) = self.sockets(&dir, false)?;
+        let entry = dir.join("entry.ts");
+        std::fs::write(
+            &entry,
+            format!(
+                "import {{ warmMain }} from {:?};\nawait warmMain();\n",
+                file_url(&inner.runtime_dir.join("bootstrap.ts")),
+            ),
+        )?;
+        config["kind"] = "script".into();
+        config["warm"] = true.into();
+        config["envNames"] = serde_json::json!([]);
+        let command = sandbox::command(&SandboxSpec {
+            deno: &inner.deno,
+            runtime_dir: &inner.runtime_dir,
+            deno_dir: &inner.deno_dir,
+            entry: &entry,
+            sockets,
+            // The val's code is written here at claim time and imported
+            // dynamically, which (unlike a static import) needs read access
+            // to it and to the std shims it imports.
+            read_paths: vec![dir.join("val.ts"), inner.runtime_dir.clone()],
+            env: BTreeMap::new(),
+            heap_mb: inner.config.heap_mb,
+            config_json: config.to_string(),
+        });
+        let logs = LogBuffer::new(inner.config.max_log_bytes, Vec::new());
+        let process = executor::spawn(command, logs, true).map_err(|e| {
+            RuntimeError::Spawn(format!("could not start {}: {e}", inner.deno.display()))
+        })?;
+        Ok(Warm {
             dir,
-            started,
-            deadline: started + spec.timeout,
-            timeout: spec.timeout,
-            _guard: guard,
-            _pipes: pipes,
-            _permit: permit,
+            pipes,
+            process,
+        })
+    }
+
+    fn take_warm(&self) -> Option<Warm> {
+        let mut pool = self.inner.warm.lock().ok()?;
+        while let Some(mut warm) = pool.pop() {
+            if !warm.process.has_exited() {
+                return Some(warm);
+            }
+            let _ = std::fs::remove_dir_all(&warm.dir);
+        }
+        None
+    }
+
+    /// Tops the pool of warm processes back up to its size.
+    fn refill_warm(&self) {
+        let want = self.inner.config.warm_pool;
+        let Ok(mut pool) = self.inner.warm.lock() else {
+            return;
         };
-        Ok((prepared, process))
+        while pool.len() < want {
+            match self.spawn_warm() {
+                Ok(warm) => pool.push(warm),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a warm process");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Hands a warm process its run: the val's code, its env and key.
+    fn claim_warm(
+        &self,
+        mut warm: Warm,
+        spec: &RunSpec,
+        token: &str,
+    ) -> Result<(PathBuf, JoinSet<()>, Process), RuntimeError> {
+        let Source::Code(code) = &spec.source else {
+            return Err(RuntimeError::Spawn("only stored code runs warm".into()));
+        };
+        let val_path = warm.dir.join("val.ts");
+        std::fs::write(&val_path, code)?;
+        warm.process.logs.add_secret(token);
+        let claim = serde_json::json!({
+            "kind": spec.kind.as_str(),
+            "valUrl": file_url(&val_path),
+            "env": Self::run_env(spec, token),
+            "lastRunAt": spec.last_run_at.map(time::iso),
+        });
+        warm.process.send_claim(&claim.to_string())?;
+        Ok((warm.dir, warm.pipes, warm.process))
     }
 
     /// Ends the run: the token dies with `prepared`, then the record is written.

@@ -24,6 +24,10 @@ pub struct Args {
     /// Where GitHub publishes its secret-scanning keys.
     #[arg(long, env = "VALET_GITHUB_KEYS_URL", default_value = valet_api::secret_scanning::GITHUB_KEYS_URL)]
     github_keys_url: String,
+    /// Deno processes kept started ahead of time for stored script and
+    /// cron vals (0: every run starts cold).
+    #[arg(long, default_value_t = 2)]
+    warm_pool: usize,
     /// V8 heap cap per run, in MiB.
     #[arg(long, default_value_t = 128)]
     heap_mb: u64,
@@ -32,6 +36,7 @@ pub struct Args {
 pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let mut config = HostConfig::new(args.listen);
     config.recover_lost_runs = true;
+    config.warm_pool = args.warm_pool;
     config.smtp = args.smtp;
     config.heap_mb = args.heap_mb;
     config.egress_allow = super::parse_egress(&args.egress_allow)?;
