@@ -237,8 +237,39 @@ async fn run_bench() {
     }
     let warm = median(warm);
     println!(
-        "| supervisor run in a running `valet serve` | {warm:.1?} | {:.2} |",
+        "| supervisor run in a running `valet serve`, cold | {warm:.1?} | {:.2} |",
         warm.as_secs_f64() / bare.as_secs_f64()
+    );
+
+    // The same code as a stored val: claimed by a warm process.
+    let stored = store
+        .create_val(
+            &user.id,
+            valet_store::NewVal {
+                name: "trivial".into(),
+                kind: valet_store::ValKind::Script,
+                code: "console.log('hello');\n".into(),
+                scopes: ScopeSet::default_val(),
+                env: Default::default(),
+                timeout_ms: 10_000,
+                schedule: None,
+            },
+        )
+        .unwrap();
+    let warm_spec = valet_runtime::RunSpec::for_val(&stored, "bench");
+    host.supervisor.run(warm_spec.clone()).await.unwrap();
+    let mut hot = Vec::new();
+    for _ in 0..15 {
+        // Give the pool time to refill, as between real requests.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t = Instant::now();
+        host.supervisor.run(warm_spec.clone()).await.unwrap();
+        hot.push(t.elapsed());
+    }
+    let hot = median(hot);
+    println!(
+        "| supervisor run of a stored val, warm pool | {hot:.1?} | {:.2} |",
+        hot.as_secs_f64() / bare.as_secs_f64()
     );
 
     // One http request through valet serve: a fresh run per request.
