@@ -134,6 +134,14 @@ async fn leaked_tokens_are_revoked_labelled_and_their_owners_told_once() {
         .expect("q")
         .expect("found");
     assert_eq!(record.revoked_reason.as_deref(), Some("leaked"));
+    let events = server.store.token_events(&record.id).expect("events");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, "leaked");
+    assert!(
+        events[0]
+            .1
+            .contains("https://github.com/o/r/blob/main/x.ts")
+    );
     assert_eq!(
         record.leak_url.as_deref(),
         Some("https://github.com/o/r/blob/main/x.ts")

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 use sha2::{Digest, Sha256};
 
 use crate::{Store, StoreError, time};
@@ -134,17 +134,6 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
-    }
-
-    pub fn blob_meta(&self, user_id: &str, key: &BlobKey) -> Result<Option<BlobMeta>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
-                "SELECT key, size, modified_at FROM blobs WHERE user_id = ?1 AND key = ?2",
-                params![user_id, key.as_str().as_bytes()],
-                meta_from_row,
-            )
-            .optional()?)
-        })
     }
 
     /// Blobs whose key starts with `prefix`, in key order.
