@@ -106,8 +106,7 @@ impl Process {
     /// SIGKILL to the whole process group.
     pub fn kill_group(&self) {
         if let Some(pgid) = self.pgid {
-            // SAFETY-free: killpg is a plain syscall wrapper; an already
-            // reaped group just returns ESRCH.
+            // An already reaped group just returns ESRCH.
             kill_process_group(pgid);
         }
     }

@@ -267,11 +267,11 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let state = if finished { "finished" } else { "held" };
         let pending: Vec<(String, String, String, String)> = self.read(|c| {
-            let mut stmt = c.prepare(&format!(
+            let mut stmt = c.prepare(
                 "SELECT t.user_id, t.id, t.name, COALESCE(t.migration_note, '') FROM api_tokens t
-                 WHERE t.migration_state = '{state}' AND t.migration_emailed_at IS NULL ORDER BY t.user_id, t.seq"
-            ))?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+                 WHERE t.migration_state = ?1 AND t.migration_emailed_at IS NULL ORDER BY t.user_id, t.seq",
+            )?;
+            let rows = stmt.query_map([state], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })?;
         let mut by_owner: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
