@@ -79,7 +79,7 @@ async fn sign_in(server: &Server, user: &str, password: &str) -> (String, String
 
 fn user_with_password(server: &Server, name: &str) -> valet_store::User {
     let user = server.user(name);
-    let hash = valet_api::pages::password::hash("a good password").expect("hash");
+    let hash = valet_core::password::hash("a good password").expect("hash");
     server
         .store
         .set_password_hash(&user.id, &hash)

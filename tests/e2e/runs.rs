@@ -619,9 +619,9 @@ async fn a_restarted_server_marks_interrupted_runs_lost() {
         })
         .expect("run");
     // A `valet run` host leaves other processes' runs alone...
-    let mut config = valet_runtime::HostConfig::new("127.0.0.1:0".parse().expect("addr"));
+    let mut config = valet_server::HostConfig::new("127.0.0.1:0".parse().expect("addr"));
     config.cron = false;
-    let host = valet_runtime::Host::start(store.clone(), config.clone())
+    let host = valet_server::Host::start(store.clone(), config.clone())
         .await
         .expect("host");
     host.shutdown().await;
@@ -634,7 +634,7 @@ async fn a_restarted_server_marks_interrupted_runs_lost() {
     );
     // ...the server marks them lost.
     config.recover_lost_runs = true;
-    let host = valet_runtime::Host::start(store.clone(), config)
+    let host = valet_server::Host::start(store.clone(), config)
         .await
         .expect("host");
     host.shutdown().await;

@@ -6,7 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use valet_core::{ScopeSet, TokenScopes};
-use valet_runtime::{EgressAllow, Host, HostConfig};
+use valet_runtime::EgressAllow;
+use valet_server::{Host, HostConfig};
 use valet_store::{Store, User};
 
 pub struct Server {

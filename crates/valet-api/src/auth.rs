@@ -54,13 +54,6 @@ impl Caller {
         &self.principal
     }
 
-    pub fn kind(&self) -> &'static str {
-        match self.principal {
-            Principal::Token { .. } => "token",
-            Principal::Run { .. } => "run",
-        }
-    }
-
     /// Checks one scope and records its use in the audit log.
     pub fn require(&self, scope: Scope) -> Result<Grant, ApiError> {
         let grant = self.check(scope)?;

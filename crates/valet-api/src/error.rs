@@ -97,10 +97,10 @@ impl From<StoreError> for ApiError {
 impl From<SqlError> for ApiError {
     fn from(e: SqlError) -> ApiError {
         match e {
-            SqlError::Forbidden(valet_store::SqlAccess::Write) => {
+            SqlError::Forbidden(valet_store::StatementAccess::Write) => {
                 ApiError::missing_scope(Scope::SQLITE_WRITE)
             }
-            SqlError::Forbidden(valet_store::SqlAccess::Read) => {
+            SqlError::Forbidden(valet_store::StatementAccess::Read) => {
                 ApiError::missing_scope(Scope::SQLITE_READ)
             }
             SqlError::Sql(m) => ApiError::new(StatusCode::BAD_REQUEST, "sqlite_error", m),

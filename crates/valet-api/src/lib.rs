@@ -6,7 +6,6 @@
 
 mod auth;
 mod error;
-pub mod mailer;
 pub mod pages;
 mod routes;
 mod runner;
@@ -24,11 +23,6 @@ pub use auth::{Caller, Grant};
 pub use error::ApiError;
 pub use routes::tokens_json::token_json;
 pub use runner::{BoxFuture, RunSummary, Runner, ValResponse};
-
-/// The marker a runner puts on an http val's response.
-pub fn runner_marker() -> ValResponse {
-    ValResponse
-}
 
 /// Limits and settings of the API.
 #[derive(Debug, Clone)]

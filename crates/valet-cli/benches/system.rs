@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use valet_core::{ApiToken, Scope, ScopeSet, TokenScopes};
-use valet_runtime::{Host, HostConfig};
+use valet_server::{Host, HostConfig};
 use valet_store::{AuditEvent, BlobKey, MigrationOptions, Principal, Store, time};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use valet_core::{ApiToken, KeyRing, RunGrant, ScopeSet, SigningKey};
+use valet_core::{ApiToken, KeyRing, MintRequest, ScopeSet, SigningKey};
 
 fn tokens(c: &mut Criterion) {
     let now = SystemTime::now()
@@ -12,7 +12,7 @@ fn tokens(c: &mut Criterion) {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let ring = KeyRing::new(SigningKey::generate().unwrap()).unwrap();
-    let grant = RunGrant {
+    let grant = MintRequest {
         user_id: "u_0190f1a2b3c4",
         val_id: Some("val_0190f1a2b3c4"),
         run_id: "run_0190f1a2b3c4",

@@ -6,12 +6,13 @@
 
 pub mod api_token;
 pub mod live_runs;
+pub mod password;
 pub mod run_token;
 pub mod schedule;
 pub mod scope;
 
 pub use api_token::{ApiToken, TokenFormatError, TokenHash};
 pub use live_runs::LiveRuns;
-pub use run_token::{KeyRing, RunClaims, RunGrant, RunTokenError, SigningKey};
+pub use run_token::{KeyRing, MintRequest, RunClaims, RunTokenError, SigningKey};
 pub use schedule::Schedule;
 pub use scope::{Access, Resource, Scope, ScopeError, ScopeSet, TokenScopes};

@@ -48,7 +48,7 @@ impl RunClaims {
 
 /// What the supervisor asks to be minted for one run.
 #[derive(Debug, Clone)]
-pub struct RunGrant<'a> {
+pub struct MintRequest<'a> {
     pub user_id: &'a str,
     pub val_id: Option<&'a str>,
     pub run_id: &'a str,
@@ -206,7 +206,7 @@ impl KeyRing {
         &self.current
     }
 
-    pub fn mint(&self, grant: &RunGrant<'_>) -> Result<String, RunTokenError> {
+    pub fn mint(&self, grant: &MintRequest<'_>) -> Result<String, RunTokenError> {
         let claims = RunClaims {
             iss: ISSUER.to_owned(),
             aud: AUDIENCE.to_owned(),
@@ -283,8 +283,8 @@ mod tests {
         KeyRing::new(SigningKey::generate().expect("key")).expect("ring")
     }
 
-    fn grant(start: u64, deadline: u64) -> RunGrant<'static> {
-        RunGrant {
+    fn grant(start: u64, deadline: u64) -> MintRequest<'static> {
+        MintRequest {
             user_id: "u1",
             val_id: Some("v1"),
             run_id: "r1",

@@ -4,13 +4,11 @@
 //!
 //! Only this crate builds Deno command lines or spawns processes.
 
-pub mod conformance;
 mod cron;
 mod deno;
 mod egress;
 mod executor;
 mod files;
-pub mod host;
 mod logs;
 mod sandbox;
 mod supervisor;
@@ -18,8 +16,9 @@ mod supervisor;
 pub use cron::Scheduler;
 pub use deno::{DENO_VERSION, find_deno};
 pub use egress::EgressAllow;
-pub use host::{Host, HostConfig, HostError};
-pub use supervisor::{RunOutput, RunSpec, RuntimeConfig, Source, Supervisor};
+pub use supervisor::{
+    HttpRunError, RunBody, RunOutput, RunSpec, RuntimeConfig, Source, Supervisor,
+};
 
 /// Why the supervisor could not run a val (as opposed to the val failing).
 #[derive(Debug, thiserror::Error)]

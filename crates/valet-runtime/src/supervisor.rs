@@ -8,15 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, Response, StatusCode};
-use futures_util::StreamExt;
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_core::live_runs::LiveRunGuard;
-use valet_core::{KeyRing, LiveRuns, RunGrant, ScopeSet};
+use valet_core::{KeyRing, LiveRuns, MintRequest, ScopeSet};
 use valet_store::{NewRun, Outcome, Store, Val, ValKind, new_id, time};
 
 use crate::egress::{self, EgressAllow, Target};
@@ -211,10 +210,6 @@ impl Supervisor {
         Ok(supervisor)
     }
 
-    pub fn deno_path(&self) -> &Path {
-        &self.inner.deno
-    }
-
     /// Waits (up to `limit`) for runs in flight to end.
     pub async fn drain(&self, limit: Duration) {
         let all = self.inner.config.max_concurrent_runs.max(1) as u32;
@@ -236,7 +231,7 @@ impl Supervisor {
         // The token dies at the run's deadline at the latest; the live-run
         // check kills it sooner when the run ends early.
         let scopes = spec.scopes.intersect(ScopeSet::all());
-        let token = inner.keys.mint(&RunGrant {
+        let token = inner.keys.mint(&MintRequest {
             user_id: &spec.user_id,
             val_id: spec.val_id.as_deref(),
             run_id: &run_id,
@@ -528,32 +523,22 @@ impl Supervisor {
 
     /// Runs an http val for one request, streaming its response back. The
     /// run ends when the response body has been sent (or at the deadline).
-    pub async fn serve_http(&self, spec: RunSpec, request: Request<Body>) -> Response<Body> {
-        match self.try_serve_http(spec, request).await {
-            Ok(response) => response,
-            Err((status, code, message)) => {
-                let body = serde_json::json!({ "error": { "code": code, "message": message } });
-                Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(Body::from(body.to_string()))
-                    .unwrap_or_default()
-            }
-        }
-    }
-
-    async fn try_serve_http(
+    pub async fn serve_http<B>(
         &self,
         spec: RunSpec,
-        request: Request<Body>,
-    ) -> Result<Response<Body>, (StatusCode, &'static str, String)> {
+        request: Request<B>,
+    ) -> Result<Response<RunBody>, HttpRunError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let internal = |e: RuntimeError| {
             tracing::error!(error = %e, "could not start an http run");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "run_failed",
-                "the val could not be started".to_owned(),
-            )
+            HttpRunError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                code: "run_failed",
+                message: "the val could not be started".to_owned(),
+            }
         };
         let (prepared, mut process) = self.prepare(&spec).await.map_err(internal)?;
         let socket = prepared.dir.join("http.sock");
@@ -574,14 +559,14 @@ impl Supervisor {
                 .wait(prepared.deadline, std::future::ready(()))
                 .await;
             let out = self.finish(prepared, &process, exit).await;
-            return Err((
-                StatusCode::BAD_GATEWAY,
-                "val_failed",
-                format!(
+            return Err(HttpRunError {
+                status: StatusCode::BAD_GATEWAY,
+                code: "val_failed",
+                message: format!(
                     "the val failed before answering ({}); its logs are at /v1/runs/{}",
                     out.detail, out.run_id
                 ),
-            ));
+            });
         };
 
         let (done_tx, done_rx) = oneshot::channel::<()>();
@@ -597,37 +582,68 @@ impl Supervisor {
 
         let result = async {
             let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(connection);
-            sender
-                .send_request(request)
-                .await
-                .map_err(|e| e.to_string())
+            sender.send_request(request).await
         }
         .await;
         match result {
             Ok(response) => {
-                let (mut parts, incoming) = response.into_parts();
-                parts.extensions.insert(valet_api::runner_marker());
-                let guard = DoneGuard(Some(done_tx));
-                let body = http_body_util::BodyDataStream::new(incoming).map(move |chunk| {
-                    let _keep = &guard;
-                    chunk
-                });
-                Ok(Response::from_parts(parts, Body::from_stream(body)))
+                let (parts, incoming) = response.into_parts();
+                let body = RunBody {
+                    incoming,
+                    _done: DoneGuard(Some(done_tx)),
+                };
+                Ok(Response::from_parts(parts, body))
             }
             Err(e) => {
+                tracing::info!(run_id, error = %e, "an http val did not answer");
                 let _ = done_tx.send(());
                 let _ = reaper.await;
-                Err((
-                    StatusCode::BAD_GATEWAY,
-                    "val_failed",
-                    format!("the val did not answer ({e}); its logs are at /v1/runs/{run_id}"),
-                ))
+                Err(HttpRunError {
+                    status: StatusCode::BAD_GATEWAY,
+                    code: "val_failed",
+                    message: format!("the val did not answer; its logs are at /v1/runs/{run_id}"),
+                })
             }
         }
+    }
+}
+
+/// Why an http run gave no response of the val's own.
+#[derive(Debug, Clone)]
+pub struct HttpRunError {
+    pub status: StatusCode,
+    /// A stable machine-readable code (`val_failed`, `run_failed`).
+    pub code: &'static str,
+    /// For the visitor: says nothing internal.
+    pub message: String,
+}
+
+/// An http val's response body, streamed from its process. Dropping it
+/// (the response was sent, or the client went away) ends the run.
+pub struct RunBody {
+    incoming: Incoming,
+    _done: DoneGuard,
+}
+
+impl Body for RunBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.incoming).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.incoming.size_hint()
     }
 }
 
@@ -643,36 +659,5 @@ impl Drop for DoneGuard {
         if let Some(tx) = self.0.take() {
             let _ = tx.send(());
         }
-    }
-}
-
-impl valet_api::Runner for Supervisor {
-    fn run_val(
-        &self,
-        val: Val,
-        trigger: &'static str,
-    ) -> valet_api::BoxFuture<'_, Result<valet_api::RunSummary, String>> {
-        Box::pin(async move {
-            let out = self
-                .run(RunSpec::for_val(&val, trigger))
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(valet_api::RunSummary {
-                run_id: out.run_id,
-                outcome: out.outcome,
-                logs: out.logs,
-                duration_ms: out.duration_ms,
-            })
-        })
-    }
-
-    fn serve_http(
-        &self,
-        val: Val,
-        request: Request<Body>,
-    ) -> valet_api::BoxFuture<'_, Response<Body>> {
-        Box::pin(async move {
-            Supervisor::serve_http(self, RunSpec::for_val(&val, "http"), request).await
-        })
     }
 }

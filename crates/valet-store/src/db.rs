@@ -10,7 +10,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::audit::AuditSink;
 use crate::blobs::BlobStore;
 use crate::user_sqlite::UserDatabases;
-use crate::{StoreError, migrations};
+use crate::{StoreError, schema};
 
 const DB_FILE: &str = "valet.db";
 const MAX_IDLE_READERS: usize = 8;
@@ -62,7 +62,7 @@ impl Store {
         restrict_permissions(data_dir);
         let path = data_dir.join(DB_FILE);
         let mut writer = open_connection(&path)?;
-        migrations::run(&mut writer)?;
+        schema::run(&mut writer)?;
         let audit = AuditSink::start(open_connection(&path)?)?;
         let blobs = BlobStore::new(data_dir.join("blobs"))?;
         let user_dbs = UserDatabases::new(data_dir.join("sqlite"))?;
@@ -173,7 +173,7 @@ mod tests {
         let version: usize = store
             .read(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
             .expect("version");
-        assert_eq!(version, migrations::latest());
+        assert_eq!(version, schema::latest());
         store
             .create_user("ada", "ada@example.com", None)
             .expect("user");

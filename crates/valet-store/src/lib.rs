@@ -11,10 +11,11 @@ mod blobs;
 mod db;
 mod error;
 mod keys;
-mod migration;
-mod migrations;
+mod leaks;
 mod outbox;
 mod runs;
+mod schema;
+mod scope_migration;
 mod scope_requests;
 mod sessions;
 pub mod time;
@@ -27,8 +28,9 @@ pub use audit::{AuditEvent, AuditSink, Principal};
 pub use blobs::{BlobKey, BlobMeta, BlobStore};
 pub use db::Store;
 pub use error::StoreError;
-pub use migration::{HeldToken, MigrationOptions, MigrationSummary};
+pub use leaks::{LeakOutcome, report_leak};
 pub use outbox::{EmailMessage, OutboxEntry, OutboxStatus};
+pub use scope_migration::{HeldToken, MigrationOptions, MigrationSummary};
 pub use users::validate_email;
 /// Types that make up an [`EmailMessage`].
 pub mod outbox_types {
@@ -39,7 +41,7 @@ pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use sessions::Session;
 pub use tokens::{MigrationState, TokenRecord};
 pub use user_sqlite::{
-    Access as SqlAccess, BatchMode, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement,
+    BatchMode, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement, StatementAccess,
     UserDatabases,
 };
 pub use users::User;

@@ -20,7 +20,7 @@ use crate::StoreError;
 
 /// What a statement needs: decided per statement by SQLite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Access {
+pub enum StatementAccess {
     Read,
     Write,
 }
@@ -73,8 +73,8 @@ pub struct SqlResult {
 #[derive(Debug, thiserror::Error)]
 pub enum SqlError {
     /// The statement needs an access the caller lacks.
-    #[error("statement needs sqlite:{} access", if *.0 == Access::Write { "write" } else { "read" })]
-    Forbidden(Access),
+    #[error("statement needs sqlite:{} access", if *.0 == StatementAccess::Write { "write" } else { "read" })]
+    Forbidden(StatementAccess),
     /// SQLite refused the statement (syntax, constraint, authorizer, ...).
     #[error("{0}")]
     Sql(String),
@@ -233,8 +233,8 @@ impl UserDatabases {
         user_id: &str,
         statements: &[SqlStatement],
         mode: BatchMode,
-        allowed: &[Access],
-    ) -> Result<(Vec<SqlResult>, Access), SqlError> {
+        allowed: &[StatementAccess],
+    ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
         if statements.is_empty() {
             return Err(SqlError::Invalid("no statements given".into()));
         }
@@ -254,14 +254,14 @@ impl UserDatabases {
         // may use a table an earlier one created). The first that needs an
         // access the caller lacks ends the batch, and dropping the
         // transaction rolls back everything before it.
-        let mut strongest = Access::Read;
+        let mut strongest = StatementAccess::Read;
         let mut results = Vec::with_capacity(statements.len());
         for statement in statements {
             let access = classify(&tx, statement.parts().0)?;
             if !allowed.contains(&access) {
                 return Err(SqlError::Forbidden(access));
             }
-            if mode == BatchMode::Read && access == Access::Write {
+            if mode == BatchMode::Read && access == StatementAccess::Write {
                 return Err(SqlError::Invalid(
                     "a batch in read mode cannot write".into(),
                 ));
@@ -274,7 +274,7 @@ impl UserDatabases {
     }
 }
 
-fn classify(conn: &Connection, sql: &str) -> Result<Access, SqlError> {
+fn classify(conn: &Connection, sql: &str) -> Result<StatementAccess, SqlError> {
     // A PRAGMA that assigns (`PRAGMA user_version = 3`) changes the
     // database even where SQLite calls the statement read-only; it needs
     // write access before the authorizer even looks at it.
@@ -284,15 +284,15 @@ fn classify(conn: &Connection, sql: &str) -> Result<Access, SqlError> {
         .is_some_and(|p| p.eq_ignore_ascii_case("pragma"))
         && sql.contains('=');
     if assigns_pragma {
-        return Ok(Access::Write);
+        return Ok(StatementAccess::Write);
     }
     let stmt = conn
         .prepare(sql)
         .map_err(|e| map_sql_error(e, SqlLimits::default()))?;
     Ok(if stmt.readonly() {
-        Access::Read
+        StatementAccess::Read
     } else {
-        Access::Write
+        StatementAccess::Write
     })
 }
 
@@ -449,7 +449,7 @@ mod tests {
         SqlStatement::Text(sql.into())
     }
 
-    const RW: &[Access] = &[Access::Read, Access::Write];
+    const RW: &[StatementAccess] = &[StatementAccess::Read, StatementAccess::Write];
 
     #[test]
     fn sqlite_decides_read_or_write() {
@@ -458,9 +458,12 @@ mod tests {
             "u1",
             &[st("CREATE TABLE t (a)")],
             BatchMode::Write,
-            &[Access::Read],
+            &[StatementAccess::Read],
         );
-        assert!(matches!(e, Err(SqlError::Forbidden(Access::Write))));
+        assert!(matches!(
+            e,
+            Err(SqlError::Forbidden(StatementAccess::Write))
+        ));
         dbs.execute(
             "u1",
             &[st("CREATE TABLE t (a INTEGER, b TEXT)")],
@@ -473,19 +476,19 @@ mod tests {
                 "u1",
                 &[st("SELECT * FROM t")],
                 BatchMode::Read,
-                &[Access::Read],
+                &[StatementAccess::Read],
             )
             .expect("select");
-        assert_eq!(used, Access::Read);
+        assert_eq!(used, StatementAccess::Read);
         assert_eq!(r[0].column_types, vec!["INTEGER", "TEXT"]);
         for sql in [
             "INSERT INTO t VALUES (1, 'x')",
             "PRAGMA user_version = 3",
             "DELETE FROM t",
         ] {
-            let e = dbs.execute("u1", &[st(sql)], BatchMode::Write, &[Access::Read]);
+            let e = dbs.execute("u1", &[st(sql)], BatchMode::Write, &[StatementAccess::Read]);
             assert!(
-                matches!(e, Err(SqlError::Forbidden(Access::Write))),
+                matches!(e, Err(SqlError::Forbidden(StatementAccess::Write))),
                 "{sql}"
             );
         }

@@ -8,9 +8,9 @@ use maud::html;
 use serde::Deserialize;
 
 use super::layout::page;
-use super::password;
 use super::session::{self, PageUser};
 use crate::AppState;
+use valet_core::password;
 
 const LOGIN_CSRF: &str = "valet_login_csrf";
 

@@ -8,7 +8,6 @@
 
 mod layout;
 mod login;
-pub mod password;
 mod scopes_form;
 mod session;
 mod tokens;

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use serde::Deserialize;
 use valet_core::Scope;
-use valet_store::{BatchMode, SqlAccess, SqlResult, SqlStatement};
+use valet_store::{BatchMode, SqlResult, SqlStatement, StatementAccess};
 
 use crate::{ApiError, AppState, Caller};
 
@@ -33,10 +33,10 @@ async fn run(
     let grant = caller.require_any(&[Scope::SQLITE_READ, Scope::SQLITE_WRITE])?;
     let mut allowed = Vec::new();
     if caller.scopes().contains(Scope::SQLITE_READ) {
-        allowed.push(SqlAccess::Read);
+        allowed.push(StatementAccess::Read);
     }
     if caller.scopes().contains(Scope::SQLITE_WRITE) {
-        allowed.push(SqlAccess::Write);
+        allowed.push(StatementAccess::Write);
     }
     let result = tokio::task::spawn_blocking(move || {
         state
@@ -48,7 +48,7 @@ async fn run(
     .map_err(ApiError::internal)?;
     match result {
         Ok((results, used)) => {
-            caller.audit(if used == SqlAccess::Write {
+            caller.audit(if used == StatementAccess::Write {
                 Scope::SQLITE_WRITE
             } else {
                 Scope::SQLITE_READ
@@ -56,7 +56,7 @@ async fn run(
             Ok(results)
         }
         Err(valet_store::SqlError::Forbidden(access)) => {
-            Err(caller.refuse(if access == SqlAccess::Write {
+            Err(caller.refuse(if access == StatementAccess::Write {
                 Scope::SQLITE_WRITE
             } else {
                 Scope::SQLITE_READ

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
-use valet_runtime::conformance::{self, Options};
+use valet_conformance::{self as conformance, Options};
 
 #[derive(ClapArgs)]
 pub struct Args {

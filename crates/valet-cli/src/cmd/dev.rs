@@ -9,7 +9,8 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::Response;
 use clap::Args as ClapArgs;
-use valet_runtime::{Host, HostConfig, RunSpec, Source, Supervisor};
+use valet_runtime::{RunSpec, Source, Supervisor};
+use valet_server::{Host, HostConfig};
 use valet_store::{Store, ValKind};
 
 #[derive(ClapArgs)]
@@ -71,5 +72,5 @@ async fn handle(
     State((supervisor, spec)): State<(Supervisor, RunSpec)>,
     request: Request<Body>,
 ) -> Response {
-    supervisor.serve_http(spec, request).await
+    valet_server::http_response(supervisor.serve_http(spec, request).await)
 }

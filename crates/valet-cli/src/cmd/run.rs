@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
-use valet_runtime::{Host, HostConfig, RunSpec, Source};
+use valet_runtime::{RunSpec, Source};
+use valet_server::{Host, HostConfig};
 use valet_store::{Outcome, Store, User, ValKind};
 
 #[derive(ClapArgs)]

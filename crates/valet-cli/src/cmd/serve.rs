@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
-use valet_runtime::{Host, HostConfig};
+use valet_server::{Host, HostConfig};
 use valet_store::Store;
 
 #[derive(ClapArgs)]

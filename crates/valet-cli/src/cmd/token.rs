@@ -133,7 +133,7 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
             url,
             public_url,
         } => {
-            use valet_api::secret_scanning::{LeakOutcome, report_leak};
+            use valet_store::{LeakOutcome, report_leak};
             match report_leak(&store, &token, &url, &public_url)? {
                 LeakOutcome::Revoked => eprintln!("revoked the token and emailed its owner"),
                 LeakOutcome::AlreadyRevoked => {

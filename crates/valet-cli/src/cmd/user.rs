@@ -60,5 +60,5 @@ fn read_password() -> anyhow::Result<String> {
     let mut line = String::new();
     std::io::stdin().read_line(&mut line)?;
     let password = line.trim_end_matches(['\r', '\n']);
-    valet_api::pages::password::hash(password).map_err(anyhow::Error::msg)
+    valet_core::password::hash(password).map_err(anyhow::Error::msg)
 }

@@ -7,13 +7,13 @@ use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use valet_store::{
-    BatchMode, BlobKey, NewVal, OutboxStatus, SqlAccess, SqlStatement, Store, ValKind,
+    BatchMode, BlobKey, NewVal, OutboxStatus, SqlStatement, StatementAccess, Store, ValKind,
 };
 
 use super::CaseResult;
 use super::case::{Case, EmailCheck, Expect};
-use crate::supervisor::{RunSpec, Source};
-use crate::{Host, HostConfig};
+use valet_runtime::{RunSpec, Source};
+use valet_server::{Host, HostConfig};
 
 const VAL_FILES: &[&str] = &["val.ts", "val.tsx", "val.js"];
 
@@ -116,7 +116,7 @@ async fn execute(
                 &user.id,
                 &statements,
                 BatchMode::Write,
-                &[SqlAccess::Read, SqlAccess::Write],
+                &[StatementAccess::Read, StatementAccess::Write],
             )
             .map_err(|e| format!("seed sql: {e}"))?;
     }
@@ -209,7 +209,7 @@ async fn http(
         (None, None) => Body::empty(),
     };
     let request = builder.body(body).map_err(|e| e.to_string())?;
-    let response = host.supervisor.serve_http(spec, request).await;
+    let response = valet_server::http_response(host.supervisor.serve_http(spec, request).await);
     let status = response.status().as_u16();
     let headers = response
         .headers()
@@ -333,21 +333,26 @@ async fn check(
         }
     }
     for (key, value) in &expect.blobs {
-        let got = BlobKey::parse(key)
-            .ok()
-            .and_then(|k| store.blob_get(user_id, &k).ok().flatten())
+        let got = read_blob(store, user_id, key)
+            .await
             .map(|b| String::from_utf8_lossy(&b).into_owned());
         if &got != value {
             failures.push(format!("blob {key:?} is {got:?} (expected {value:?})"));
         }
     }
     for sql in &expect.sql {
-        let result = store.user_dbs().execute(
-            user_id,
-            &[SqlStatement::Text(sql.query.clone())],
-            BatchMode::Read,
-            &[SqlAccess::Read],
-        );
+        let (uid, query) = (user_id.to_owned(), sql.query.clone());
+        let result = store
+            .call(move |s| {
+                Ok(s.user_dbs().execute(
+                    &uid,
+                    &[SqlStatement::Text(query)],
+                    BatchMode::Read,
+                    &[StatementAccess::Read],
+                ))
+            })
+            .await
+            .unwrap_or_else(|e| Err(valet_store::SqlError::Invalid(e.to_string())));
         match result {
             Ok((results, _)) => {
                 let rows = serde_json::to_value(&results[0].rows).unwrap_or_default();
@@ -372,7 +377,11 @@ async fn check(
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got: Vec<String> = Vec::new();
         while Instant::now() < deadline {
-            let requests = store.scope_requests(val_id).unwrap_or_default();
+            let id = val_id.to_owned();
+            let requests = store
+                .call(move |s| s.scope_requests(&id))
+                .await
+                .unwrap_or_default();
             got = requests.iter().map(|r| r.scope.to_string()).collect();
             if expect.scope_requests.iter().all(|s| got.contains(s)) {
                 break;
@@ -396,14 +405,18 @@ async fn check_emails(
 ) -> Vec<String> {
     let mut failures = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut entries = store.list_emails(user_id, 100).unwrap_or_default();
+    let list = || {
+        let uid = user_id.to_owned();
+        store.call(move |s| s.list_emails(&uid, 100))
+    };
+    let mut entries = list().await.unwrap_or_default();
     // With a relay, wait until every message was delivered.
     while delivered
         && entries.iter().any(|e| e.status != OutboxStatus::Sent)
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        entries = store.list_emails(user_id, 100).unwrap_or_default();
+        entries = list().await.unwrap_or_default();
     }
     entries.reverse();
     if entries.len() != expected.len() {
@@ -462,9 +475,8 @@ async fn check_emails(
 }
 
 async fn check_dead_token(key: &str, host: &Host, store: &Store, user_id: &str) -> Vec<String> {
-    let token = BlobKey::parse(key)
-        .ok()
-        .and_then(|k| store.blob_get(user_id, &k).ok().flatten())
+    let token = read_blob(store, user_id, key)
+        .await
         .map(|b| String::from_utf8_lossy(&b).trim().to_owned());
     let Some(token) = token else {
         return vec![format!("no token in blob {key:?}")];
@@ -492,4 +504,15 @@ fn indent(text: &str) -> String {
         .map(|l| format!("           {l}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A blob's bytes, or `None` when the key is invalid or missing.
+async fn read_blob(store: &Store, user_id: &str, key: &str) -> Option<Vec<u8>> {
+    let key = BlobKey::parse(key).ok()?;
+    let user_id = user_id.to_owned();
+    store
+        .call(move |s| s.blob_get(&user_id, &key))
+        .await
+        .ok()
+        .flatten()
 }

@@ -9,12 +9,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use valet_api::mailer::{self, SmtpRelay};
 use valet_api::{ApiConfig, AppState};
 use valet_core::LiveRuns;
 use valet_store::Store;
 
-use crate::{EgressAllow, RuntimeConfig, RuntimeError, Scheduler, Supervisor};
+use valet_runtime::{EgressAllow, RuntimeConfig, RuntimeError, Scheduler, Supervisor};
+
+use crate::SupervisorRunner;
+use crate::mailer::{self, SmtpRelay};
 
 #[derive(Debug, Clone)]
 pub struct HostConfig {
@@ -106,7 +108,7 @@ impl Host {
         runtime.deno_dir = config.deno_dir.clone();
         runtime.warm_pool = config.warm_pool;
         let supervisor = Supervisor::new(store.clone(), state.keys.clone(), live, runtime)?;
-        let state = state.with_runner(Arc::new(supervisor.clone()));
+        let state = state.with_runner(Arc::new(SupervisorRunner(supervisor.clone())));
 
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -1,0 +1,11 @@
+//! valet composed: the API's listener, the supervisor behind it (as the
+//! API's [`valet_api::Runner`]), the cron scheduler, the mailer, and
+//! shutdown. `valet serve`, `valet run` and `valet dev` each start one
+//! [`Host`]; the end-to-end tests and the conformance suite do too.
+
+mod host;
+pub mod mailer;
+mod runner;
+
+pub use host::{Host, HostConfig, HostError};
+pub use runner::{SupervisorRunner, http_response};
