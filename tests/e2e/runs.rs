@@ -197,7 +197,10 @@ console.log("my key is", Deno.env.get("valtown"));
         .expect("json")
     };
     let iat = claims["iat"].as_i64().expect("iat");
-    assert!((before..=after).contains(&iat), "iat {iat} vs the run's {before}..={after}");
+    assert!(
+        (before..=after).contains(&iat),
+        "iat {iat} vs the run's {before}..={after}"
+    );
     assert_eq!(claims["exp"].as_i64().expect("exp") - iat, 7);
     assert_eq!(claims["scope"], ScopeSet::default_val().to_claim());
     // After the run, the token is dead even though exp is in the future.
@@ -346,7 +349,8 @@ async fn limits_end_runs_on_time_and_leave_nothing_behind() {
     assert!(out.logs.contains("boom"), "{}", out.logs);
 
     // No Deno process of this server is left.
-    let left = crate::support::eventually(|| async { processes_matching(&marker) }, |n| *n == 0).await;
+    let left =
+        crate::support::eventually(|| async { processes_matching(&marker) }, |n| *n == 0).await;
     assert_eq!(left, 0, "a run outlived its end");
     let record = server
         .store

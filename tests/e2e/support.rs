@@ -156,7 +156,9 @@ impl Smtp {
                      VALET_TEST_PYTHON to its venv's python (`just test` does both)",
                     python.display(),
                     exited.map_or("no answer in 30 s".to_owned(), |s| s.to_string()),
-                    std::fs::read_to_string(&log_path).unwrap_or_default().trim()
+                    std::fs::read_to_string(&log_path)
+                        .unwrap_or_default()
+                        .trim()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
