@@ -4,6 +4,12 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 deno := "tools/deno/node_modules/@deno/linux-x64-glibc/deno"
 
+# The Python environment that runs the e2e tests' SMTP server (aiosmtpd).
+test_venv := justfile_directory() / "target/test-venv"
+
+# tests/e2e/support.rs starts aiosmtpd with this Python.
+export VALET_TEST_PYTHON := test_venv / "bin/python"
+
 # Install the pinned Deno from the npm registry (lockfile, no install scripts).
 setup:
     #!/usr/bin/env bash
@@ -22,11 +28,78 @@ demo: build
     bash examples/demo.sh
 
 # Every test: Rust (unit, store, API, runs, conformance) and the shims' own.
-test: setup
+test: setup test-deps
     {{deno}} test --no-config --quiet --allow-net --allow-env runtime-js/
     cargo test --workspace --no-fail-fast
-    cd tests/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
+    cd tests/browser && CHROMIUM="${CHROMIUM:-$(command -v chromium)}" node --test
     ./target/debug/valet conformance fixtures
+
+# What the tests need beyond Rust and npm, each installed only when missing:
+# aiosmtpd (pinned, hash-checked) in target/test-venv, Debian's chromium, and
+# the browser tests' npm packages. As root it installs Debian's packages;
+# otherwise it names the package to install and stops.
+
+# Install what the tests need beyond Rust and npm (skips what is there).
+test-deps: _test-venv _chromium _browser-packages
+
+# A venv with tools/test-deps/requirements.txt; remade when that file changes.
+_test-venv:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    venv="{{test_venv}}"
+    req=tools/test-deps/requirements.txt
+    want="$(sha256sum "$req" | cut -d' ' -f1)"
+    if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want" ] \
+        && "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
+        exit 0
+    fi
+    # Debian's python3 makes venvs only with its python3-venv package.
+    if ! made="$(python3 -m venv --clear "$venv" 2>&1)"; then
+        if [ "$(id -u)" != 0 ]; then
+            echo "$made" >&2
+            echo "error: python3 cannot create a virtual environment; install Debian's" \
+                "python3-venv package (sudo apt-get install python3-venv), then run" \
+                "'just test-deps' again" >&2
+            exit 1
+        fi
+        echo "test-deps: installing Debian's python3-venv" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+        python3 -m venv --clear "$venv"
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+        --require-hashes --only-binary=:all: -r "$req"
+    echo "$want" > "$venv/.requirements.sha256"
+    echo "test-deps: aiosmtpd $("$venv/bin/python" -c 'import aiosmtpd; print(aiosmtpd.__version__)') in $venv" >&2
+
+# Debian's chromium for the browser tests (or the one $CHROMIUM names).
+_chromium:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -n "${CHROMIUM:-}" ]; then
+        [ -x "$CHROMIUM" ] && exit 0
+        echo "error: CHROMIUM=$CHROMIUM is not an executable" >&2
+        exit 1
+    fi
+    command -v chromium >/dev/null 2>&1 && exit 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "error: the browser tests need chromium; install Debian's chromium" \
+            "package (sudo apt-get install chromium), then run 'just test' again" >&2
+        exit 1
+    fi
+    echo "test-deps: installing Debian's chromium" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+# playwright-core for the browser tests, from their lockfile.
+_browser-packages:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cd tests/browser
+    if ! cmp -s package-lock.json node_modules/.installed-lock.json; then
+        npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+        cp package-lock.json node_modules/.installed-lock.json
+    fi
 
 # Benchmarks: token mint/verify, API under load, run overhead.
 bench: setup

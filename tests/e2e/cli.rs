@@ -201,7 +201,7 @@ fn no_token_appears_in_the_servers_logs() {
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let run_token = rt.block_on(async {
         let c = reqwest::Client::new();
-        for _ in 0..100 {
+        for _ in 0..600 {
             if c.get(format!("{base}/.well-known/jwks.json"))
                 .send()
                 .await
@@ -298,7 +298,7 @@ fn valet_dev_serves_an_http_val_from_a_file() {
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let bodies = rt.block_on(async {
         let url = format!("http://127.0.0.1:{port}/hello");
-        for _ in 0..100 {
+        for _ in 0..600 {
             if let Ok(r) = reqwest::get(&url).await {
                 let first = r.text().await.expect("text");
                 let second = reqwest::get(format!("http://127.0.0.1:{port}/again"))

@@ -165,6 +165,7 @@ console.log("my key is", Deno.env.get("valtown"));
         .run(spec(&ada, code, ScopeSet::default_val(), 7_000))
         .await
         .expect("run");
+    let after = valet_store::time::now_ms() / 1000;
     assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
     assert!(
         out.logs.contains("my key is [valet key]"),
@@ -196,7 +197,10 @@ console.log("my key is", Deno.env.get("valtown"));
         .expect("json")
     };
     let iat = claims["iat"].as_i64().expect("iat");
-    assert!((iat - before).abs() <= 1, "iat {iat} vs start {before}");
+    assert!(
+        (before..=after).contains(&iat),
+        "iat {iat} vs the run's {before}..={after}"
+    );
     assert_eq!(claims["exp"].as_i64().expect("exp") - iat, 7);
     assert_eq!(claims["scope"], ScopeSet::default_val().to_claim());
     // After the run, the token is dead even though exp is in the future.
@@ -269,6 +273,11 @@ console.log("valtown still", Deno.env.get("valtown") !== "forged");
 }
 
 /// Processes whose command line mentions `needle`.
+/// How long a run with a 1-second deadline may take in all: the deadline
+/// plus generous slack for a loaded machine. A run its deadline failed to
+/// end would spin on, so the slack costs a passing test nothing.
+const ON_TIME: Duration = Duration::from_secs(6);
+
 fn processes_matching(needle: &str) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
@@ -298,8 +307,10 @@ async fn limits_end_runs_on_time_and_leave_nothing_behind() {
         .expect("run");
     let took = started.elapsed();
     assert_eq!(out.outcome, Outcome::TimedOut, "{}", out.logs);
-    assert!(took < Duration::from_millis(2_000), "ended after {took:?}");
+    assert!(took < ON_TIME, "ended after {took:?}");
 
+    // A growing promise storm: whether its deadline or the heap cap comes
+    // first depends on the machine's speed; either way it ends in time.
     let started = Instant::now();
     let forks = "const spin = () => Promise.resolve().then(spin); spin(); spin();";
     let out = server
@@ -307,8 +318,14 @@ async fn limits_end_runs_on_time_and_leave_nothing_behind() {
         .run(spec(&ada, forks, ScopeSet::EMPTY, 1_000))
         .await
         .expect("run");
-    assert_eq!(out.outcome, Outcome::TimedOut, "{}", out.logs);
-    assert!(started.elapsed() < Duration::from_millis(2_000));
+    let took = started.elapsed();
+    assert!(
+        matches!(out.outcome, Outcome::TimedOut | Outcome::Oom),
+        "{:?}: {}",
+        out.outcome,
+        out.logs
+    );
+    assert!(took < ON_TIME, "ended after {took:?}");
 
     let hog = "const a = []; while (true) { a.push(new Array(1e6).fill(Math.random())); }";
     let out = server
@@ -332,8 +349,9 @@ async fn limits_end_runs_on_time_and_leave_nothing_behind() {
     assert!(out.logs.contains("boom"), "{}", out.logs);
 
     // No Deno process of this server is left.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(processes_matching(&marker), 0, "a run outlived its end");
+    let left =
+        crate::support::eventually(|| async { processes_matching(&marker) }, |n| *n == 0).await;
+    assert_eq!(left, 0, "a run outlived its end");
     let record = server
         .store
         .run_of_user(&ada.id, &out.run_id)
@@ -742,7 +760,7 @@ try { Deno.env.set("valtown", "x"); console.log("ALLOWED env"); } catch { consol
         .await
         .expect("run");
     assert_eq!(out.outcome, Outcome::TimedOut);
-    assert!(started.elapsed() < Duration::from_millis(2_000));
+    assert!(started.elapsed() < ON_TIME);
     let broken = store_val(
         &server,
         &ada,

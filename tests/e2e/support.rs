@@ -107,8 +107,9 @@ pub async fn error_code(response: reqwest::Response) -> (u16, String, Option<Str
     )
 }
 
-/// A real SMTP server on loopback: Debian's aiosmtpd, writing each message
-/// into a maildir.
+/// A real SMTP server on loopback: aiosmtpd, writing each message into a
+/// maildir. It runs on `VALET_TEST_PYTHON` (the venv `just test-deps`
+/// makes, which `just test` exports), else on `python3` from PATH.
 pub struct Smtp {
     child: Child,
     pub port: u16,
@@ -119,7 +120,12 @@ impl Smtp {
     pub fn start() -> Smtp {
         let maildir = tempfile::tempdir().expect("maildir");
         let port = free_port();
-        let child = Command::new("/usr/bin/python3")
+        let python = std::env::var_os("VALET_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+        let python = Path::new(&python);
+        // Its output goes to a file, read back if it fails to start.
+        let log_path = maildir.path().join("aiosmtpd.log");
+        let log = std::fs::File::create(&log_path).expect("aiosmtpd log");
+        let mut child = Command::new(python)
             .args([
                 "-m",
                 "aiosmtpd",
@@ -131,12 +137,31 @@ impl Smtp {
             ])
             .arg(maildir.path().join("box"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
-            .expect("start aiosmtpd: install python3-aiosmtpd (apt-get install python3-aiosmtpd)");
-        let deadline = Instant::now() + Duration::from_secs(10);
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; run `just test-deps` and set VALET_TEST_PYTHON \
+                     to its venv's python (`just test` does both)",
+                    python.display()
+                )
+            });
+        let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "aiosmtpd did not start");
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "aiosmtpd did not start with {} ({}): {}\nrun `just test-deps` and set \
+                     VALET_TEST_PYTHON to its venv's python (`just test` does both)",
+                    python.display(),
+                    exited.map_or("no answer in 30 s".to_owned(), |s| s.to_string()),
+                    std::fs::read_to_string(&log_path)
+                        .unwrap_or_default()
+                        .trim()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         Smtp {
@@ -161,9 +186,9 @@ impl Smtp {
             .collect()
     }
 
-    /// Waits until at least `n` messages arrived.
+    /// Waits until at least `n` messages arrived (or 30 seconds passed).
     pub async fn wait_for(&self, n: usize) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let messages = self.messages();
             if messages.len() >= n || Instant::now() > deadline {

@@ -21,7 +21,7 @@ pub const AUDIENCE: &str = "valet-api";
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 5;
 
-/// The claims of a run token (DESIGN §3).
+/// The claims of a run token (docs/CONTRACTS.md, "Run tokens").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunClaims {
     pub iss: String,

@@ -6,7 +6,7 @@ use valet_core::ScopeSet;
 
 use crate::{Store, StoreError, time};
 
-/// How a run ended (DESIGN §5), or that it has not yet.
+/// How a run ended (docs/CONTRACTS.md, "Outcomes"), or that it has not yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {

@@ -109,7 +109,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; see DESIGN §4 for the API",
+        "no such route; docs/CONTRACTS.md lists the API",
     )
 }
 
