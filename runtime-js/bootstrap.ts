@@ -1,11 +1,14 @@
-// The first module of every run. It locks the environment, routes the API
-// origin (and any explicitly allowed egress) through the run's private Unix
-// sockets, then, when the entry module calls `start`, runs the val: serves
-// one HTTP request, calls a script's default export, or calls a cron val
-// with `{ lastRunAt }`.
+// The entry of every run process. The process starts with no val, no key
+// and an empty environment; the bootstrap connects to its private control
+// channel, locks the environment, routes the API origin (and any explicitly
+// allowed egress) through the run's own Unix sockets, refuses private IPv6
+// addresses, then waits for its claim (the val, its env and key, its kind)
+// and loads the val with a dynamic import, so every file the val reaches
+// needs a read permission it does not have.
 //
-// Runs before the val's own module is evaluated (it is imported first), so
-// the val never sees an unpatched `fetch` or a writable `Deno.env`.
+// Outcomes are reported over the control channel, which the val cannot
+// reach: the connection is made before the val exists, the supervisor
+// accepts no other, and the socket file is gone once it is accepted.
 
 interface Route {
   origin: string;
@@ -13,29 +16,56 @@ interface Route {
   /** Host the request is sent with: the allowed address is loopback, which
    * the sandbox denies by name, so the URL is rewritten to this host. */
   alias?: string;
+  /** Other origins that lead to the same place (the hosted API's). */
+  aliases?: string[];
 }
 
 interface Config {
-  kind: "http" | "script" | "cron";
-  /** A warm process: started before its val is known; the claim (val,
-   * env, kind) arrives as one JSON line on stdin. */
-  warm?: boolean;
   api: Route;
   egress: Route[];
-  httpSocket?: string;
+  control: string;
+  httpSocket: string;
+}
+
+interface Claim {
+  kind: "http" | "script" | "cron";
+  valUrl: string;
+  env: Record<string, string>;
   lastRunAt?: string | null;
-  envNames: string[];
+  runId: string;
 }
 
 const config: Config = JSON.parse(Deno.args[0] ?? "{}");
+const encoder = new TextEncoder();
 
-// --- Environment: read-only, and only the injected names. ---
+// --- The control channel: connected first, before any val exists. ---
+const control = await Deno.connect({ transport: "unix", path: config.control });
+let sending: Promise<unknown> = Promise.resolve();
+function report(event: Record<string, unknown>): Promise<unknown> {
+  const line = encoder.encode(JSON.stringify(event) + "\n");
+  sending = sending.then(async () => {
+    let written = 0;
+    while (written < line.length) written += await control.write(line.subarray(written));
+  }).catch(() => {});
+  return sending;
+}
+
+async function readClaim(): Promise<Claim> {
+  const decoder = new TextDecoder();
+  const buffer = new Uint8Array(64 * 1024);
+  let text = "";
+  while (true) {
+    const n = await control.read(buffer);
+    if (n === null) throw new Error("the supervisor closed the control channel");
+    text += decoder.decode(buffer.subarray(0, n), { stream: true });
+    const end = text.indexOf("\n");
+    if (end >= 0) return JSON.parse(text.slice(0, end));
+  }
+}
+
+// --- Environment: read-only; the run's variables arrive in the claim. ---
 const env = Deno.env;
 const frozenEnv: Record<string, string> = {};
-for (const name of config.envNames ?? []) {
-  const value = env.get(name);
-  if (value !== undefined) frozenEnv[name] = value;
-}
 const readOnly = () => {
   throw new TypeError("the environment of a valet run is read-only");
 };
@@ -50,100 +80,201 @@ for (const [name, value] of [
 }
 // `process.env` (node compat) is left alone on purpose: touching the
 // `process` global loads the node compatibility layer, which costs ~35 ms
-// per run. The std shims read the frozen view above, so a val that writes
-// `process.env` changes nothing but its own process.
+// per run. The process environment is empty, and the std shims read the
+// frozen view above.
 
 // --- Network: the API and allowed egress go through private sockets. ---
 const originalFetch = globalThis.fetch;
-// Clients are made on first use: most runs that never call the API should
-// not pay for one.
-const routes = new Map<string, { socket: string; alias?: string; client?: Deno.HttpClient }>();
+interface Socket {
+  socket: string;
+  alias?: string;
+  /** Rewrite the request to this origin (a hosted-API alias). */
+  rewrite?: string;
+  client?: Deno.HttpClient;
+}
+const routes = new Map<string, Socket>();
 for (const route of [config.api, ...(config.egress ?? [])]) {
-  if (route) routes.set(route.origin, { socket: route.socket, alias: route.alias });
+  if (!route) continue;
+  routes.set(route.origin, { socket: route.socket, alias: route.alias });
+  for (const alias of route.aliases ?? []) {
+    routes.set(alias, { socket: route.socket, rewrite: route.origin });
+  }
 }
 
-function routed(input: RequestInfo | URL, init?: RequestInit): Promise<Response> {
+// Private IPv6 ranges Deno's --deny-net cannot express (it takes single
+// IPv6 addresses): unique local fc00::/7, link-local fe80::/10, site-local
+// fec0::/10, multicast ff00::/8, and IPv4 embedded in IPv6 (mapped
+// ::ffff:0:0/96, NAT64 64:ff9b::/96, compatible ::/96), whose IPv4 part must
+// pass the IPv4 check.
+function parseIpv6(text: string): number[] | undefined {
+  const host = text.replace(/^\[|\]$/g, "").split("%")[0];
+  if (!host.includes(":")) return undefined;
+  let tail: number[] = [];
+  let main = host;
+  const v4 = host.match(/^(.*:)(\d+\.\d+\.\d+\.\d+)$/);
+  if (v4) {
+    const parts = v4[2].split(".").map(Number);
+    tail = [(parts[0] << 8) | parts[1], (parts[2] << 8) | parts[3]];
+    main = v4[1].endsWith("::") ? v4[1] : v4[1].slice(0, -1);
+  }
+  const [head, rest] = main.split("::");
+  const parse = (s: string) => (s ? s.split(":").map((h) => parseInt(h, 16)) : []);
+  const left = parse(head);
+  const right = rest === undefined ? [] : parse(rest);
+  const missing = 8 - left.length - right.length - tail.length;
+  if (missing < 0 || (rest === undefined && missing !== 0)) return undefined;
+  const words = [...left, ...new Array(missing).fill(0), ...right, ...tail];
+  return words.some((w) => Number.isNaN(w) || w < 0 || w > 0xffff) ? undefined : words;
+}
+
+function privateIpv4(a: number, b: number): boolean {
+  return a === 0 || a === 10 || a === 127 || (a === 100 && b >= 64 && b < 128) ||
+    (a === 169 && b === 254) || (a === 172 && b >= 16 && b < 32) || (a === 192 && b === 168) ||
+    (a === 192 && b === 0) || (a === 198 && (b === 18 || b === 19)) || a >= 224;
+}
+
+export function deniedIpv6(text: string): boolean {
+  const w = parseIpv6(text);
+  if (!w) return false;
+  if ((w[0] & 0xfe00) === 0xfc00) return true; // fc00::/7
+  if ((w[0] & 0xffc0) === 0xfe80 || (w[0] & 0xffc0) === 0xfec0) return true;
+  if ((w[0] & 0xff00) === 0xff00) return true; // multicast
+  const embedded = (w[0] === 0 && w[1] === 0 && w[2] === 0 && w[3] === 0 && w[4] === 0 &&
+    (w[5] === 0xffff || w[5] === 0)) || (w[0] === 0x64 && w[1] === 0xff9b);
+  if (embedded) {
+    if (w.slice(0, 7).every((x) => x === 0) && w[7] <= 1) return true; // :: and ::1
+    return privateIpv4(w[6] >> 8, w[6] & 0xff);
+  }
+  return false;
+}
+
+const checked = new Map<string, number>();
+async function checkHost(hostname: string): Promise<void> {
+  const host = hostname.replace(/^\[|\]$/g, "");
+  if (host.includes(":")) {
+    if (deniedIpv6(host)) throw new TypeError(`valet: ${hostname} is a private address`);
+    return;
+  }
+  if (/^[\d.]+$/.test(host)) return; // IPv4: Deno's --deny-net decides.
+  const until = checked.get(host);
+  if (until !== undefined && until > Date.now()) return;
+  let addresses: string[] = [];
+  try {
+    addresses = await Deno.resolveDns(host, "AAAA");
+  } catch { /* no AAAA records */ }
+  const bad = addresses.find(deniedIpv6);
+  if (bad) throw new TypeError(`valet: ${hostname} resolves to the private address ${bad}`);
+  checked.set(host, Date.now() + 30_000);
+}
+
+async function routed(input: RequestInfo | URL, init?: RequestInit): Promise<Response> {
   const url = new URL(input instanceof Request ? input.url : String(input));
   const route = routes.get(url.origin);
-  if (!route) return originalFetch(input, init);
+  if (!route) {
+    await checkHost(url.hostname);
+    return originalFetch(input, init);
+  }
   let target: RequestInfo | URL = input;
+  const rewritten = route.rewrite ? new URL(url.pathname + url.search, route.rewrite) : undefined;
   if (route.alias) {
     const aliased = new URL(url);
     aliased.host = route.alias;
     target = input instanceof Request ? new Request(aliased, input) : aliased;
+  } else if (rewritten) {
+    target = input instanceof Request ? new Request(rewritten, input) : rewritten;
   }
   route.client ??= Deno.createHttpClient({ proxy: { transport: "unix", path: route.socket } });
   return originalFetch(target, { ...init, client: route.client } as RequestInit);
 }
 Object.defineProperty(globalThis, "fetch", { value: routed, writable: false, configurable: false });
 
-function logError(prefix: string, error: unknown) {
-  const text = error instanceof Error ? (error.stack ?? String(error)) : String(error);
-  console.error(`${prefix}: ${text}`);
+for (const name of ["connect", "connectTls"] as const) {
+  const original = Deno[name] as (options: { hostname?: string }) => Promise<unknown>;
+  const guarded = async (options: { hostname?: string; transport?: string }) => {
+    if (options?.transport !== "unix") await checkHost(options?.hostname ?? "127.0.0.1");
+    return original.call(Deno, options);
+  };
+  Object.defineProperty(Deno, name, { value: guarded, writable: false, configurable: false });
 }
 
-/** Called by the entry module with the val's namespace. */
-export async function start(val: Record<string, unknown>): Promise<void> {
+// --- Outcomes, as the bootstrap sees them. ---
+function isOutOfMemory(error: unknown): boolean {
+  return error instanceof RangeError &&
+    /allocation failed|Out of memory|could not allocate/i.test(error.message);
+}
+
+function logError(prefix: string, error: unknown) {
+  const text = error instanceof Error ? (error.stack ?? String(error)) : String(error);
+  console.error(`${prefix} ${text}`);
+}
+
+async function fail(error: unknown): Promise<never> {
+  logError("error: Uncaught", error);
+  await report({ t: "error", kind: isOutOfMemory(error) ? "oom" : "uncaught" });
+  Deno.exit(1);
+}
+
+globalThis.addEventListener("unhandledrejection", (event) => {
+  event.preventDefault();
+  void fail(event.reason);
+});
+globalThis.addEventListener("error", (event) => {
+  event.preventDefault();
+  void fail(event.error);
+});
+
+// --- The claim, then the val. ---
+const claim = await readClaim();
+Object.assign(frozenEnv, claim.env);
+let val: Record<string, unknown>;
+try {
+  val = await import(claim.valUrl);
+} catch (error) {
+  await fail(error);
+  throw error;
+}
+try {
+  await start(val, claim);
+} catch (error) {
+  await fail(error);
+}
+
+async function start(val: Record<string, unknown>, claim: Claim): Promise<void> {
   const main = val.default;
-  switch (config.kind) {
+  switch (claim.kind) {
     case "script":
       if (typeof main === "function") await main();
+      await report({ t: "done" });
       return;
     case "cron": {
       if (typeof main !== "function") {
         throw new TypeError("a cron val must export a default function");
       }
-      const lastRunAt = config.lastRunAt ? new Date(config.lastRunAt) : undefined;
+      const lastRunAt = claim.lastRunAt ? new Date(claim.lastRunAt) : undefined;
       await main({ lastRunAt });
+      await report({ t: "done" });
       return;
     }
     case "http": {
-      const handler = typeof main === "function"
-        ? main
-        : (main as { fetch?: unknown })?.fetch;
+      const handler = typeof main === "function" ? main : (main as { fetch?: unknown })?.fetch;
       if (typeof handler !== "function") {
-        throw new TypeError("an http val must export a default function (req: Request) => Response");
+        throw new TypeError(
+          "an http val must export a default function (req: Request) => Response",
+        );
       }
       Deno.serve({
-        path: config.httpSocket!,
+        path: config.httpSocket,
         transport: "unix",
-        onListen() {},
+        onListen() {
+          void report({ t: "listening" });
+        },
         onError(error) {
-          logError("Uncaught error in http handler", error);
+          logError("Uncaught error in http handler:", error);
+          void report({ t: "handler_error", run: claim.runId });
           return new Response("Internal Server Error", { status: 500 });
         },
       }, (req) => handler.call(main, req));
       return;
     }
   }
-}
-
-/** The claim a warm process waits for. */
-interface Claim {
-  kind: Config["kind"];
-  valUrl: string;
-  env: Record<string, string>;
-  lastRunAt?: string | null;
-}
-
-async function readLine(stream: ReadableStream<Uint8Array>): Promise<string> {
-  const decoder = new TextDecoder();
-  let text = "";
-  for await (const chunk of stream) {
-    text += decoder.decode(chunk, { stream: true });
-    const end = text.indexOf("\n");
-    if (end >= 0) return text.slice(0, end);
-  }
-  return text;
-}
-
-/** Entry of a warm process: wait for the claim, then run the val. */
-export async function warmMain(): Promise<void> {
-  const claim: Claim = JSON.parse(await readLine(Deno.stdin.readable));
-  // The run's env exists only in the frozen view; the process env is empty.
-  Object.assign(frozenEnv, claim.env);
-  config.kind = claim.kind;
-  config.lastRunAt = claim.lastRunAt;
-  const val = await import(claim.valUrl);
-  await start(val);
 }

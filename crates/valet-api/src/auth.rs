@@ -8,7 +8,7 @@
 
 use axum::extract::{FromRequestParts, MatchedPath};
 use axum::http::request::Parts;
-use valet_core::{ApiToken, Scope, ScopeSet};
+use valet_core::{ApiToken, ChannelId, LiveRunRefusal, Scope, ScopeSet};
 use valet_store::{AuditEvent, Principal, time};
 
 use crate::{ApiError, AppState};
@@ -166,7 +166,7 @@ impl FromRequestParts<AppState> for Caller {
         let (principal, scopes) = if token.starts_with(valet_core::api_token::PREFIX) {
             authenticate_api_token(state, token).await?
         } else {
-            authenticate_run_token(state, token)?
+            authenticate_run_token(state, parts.extensions.get::<ChannelId>(), token)?
         };
         tracing::Span::current().record(
             "principal",
@@ -221,26 +221,32 @@ async fn authenticate_api_token(
 
 fn authenticate_run_token(
     state: &AppState,
+    channel: Option<&ChannelId>,
     token: &str,
 ) -> Result<(Principal, ScopeSet), ApiError> {
-    let now = (time::now_ms() / 1000) as u64;
-    let claims = state
-        .keys
-        .verify(token, now)
-        .map_err(|e| ApiError::unauthorized("invalid_token", e.to_string()))?;
-    if !state.live_runs.is_live(&claims.jti) {
-        return Err(ApiError::unauthorized(
-            "run_ended",
-            "this run token belongs to a run that has ended; run tokens live only as long as their run",
-        ));
+    match state.live_runs.authenticate(token, channel) {
+        Ok(run) => Ok((
+            Principal::Run {
+                user_id: run.user_id,
+                run_id: run.run_id,
+                val_id: run.val_id,
+            },
+            run.scopes,
+        )),
+        Err(LiveRunRefusal::WrongChannel) => Err(ApiError::unauthorized(
+            "run_key_elsewhere",
+            "a run's valet key works only from inside its own run; use an API token from outside",
+        )),
+        Err(LiveRunRefusal::NotLive) => {
+            // Not a live run's key: say why, from the signature and claims.
+            let now = (time::now_ms() / 1000) as u64;
+            match state.keys.verify(token, now) {
+                Ok(_) => Err(ApiError::unauthorized(
+                    "run_ended",
+                    "this run token belongs to a run that has ended; run tokens live only as long as their run",
+                )),
+                Err(e) => Err(ApiError::unauthorized("invalid_token", e.to_string())),
+            }
+        }
     }
-    let scopes = claims
-        .scopes()
-        .map_err(|e| ApiError::unauthorized("invalid_token", e.to_string()))?;
-    let principal = Principal::Run {
-        user_id: claims.sub,
-        run_id: claims.jti,
-        val_id: claims.val,
-    };
-    Ok((principal, scopes))
 }

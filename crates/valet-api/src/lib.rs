@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use tokio::net::TcpListener;
-use valet_core::{KeyRing, LiveRuns};
+use valet_core::{ChannelId, KeyRing, LiveRuns};
 use valet_store::Store;
 
 pub use auth::{Caller, Grant};
@@ -37,6 +37,9 @@ pub struct ApiConfig {
     pub public_url: String,
     /// Where GitHub publishes its secret-scanning signing keys.
     pub github_keys_url: String,
+    /// http vals answer on `<user>-<val>.<vals_domain>` (besides
+    /// `/{user}/{val}` on the vals listener).
+    pub vals_domain: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -47,6 +50,7 @@ impl Default for ApiConfig {
             email_from: "valet@valet.localhost".into(),
             public_url: "http://127.0.0.1:7070".into(),
             github_keys_url: secret_scanning::GITHUB_KEYS_URL.into(),
+            vals_domain: None,
         }
     }
 }
@@ -98,9 +102,26 @@ impl AppState {
     }
 }
 
-/// The whole router: `/v1`, `/.well-known/jwks.json` and `/x/{user}/{val}`.
+/// valet's own origin: `/v1`, `/.well-known/jwks.json`, secret scanning
+/// and the pages. It never serves val content.
 pub fn app(state: AppState) -> Router {
     routes::router(state)
+}
+
+/// A run's channel: `/v1` only. Serve it with the run's [`ChannelId`] as a
+/// request extension (see [`channel_service`]).
+pub fn channel_app(state: AppState) -> Router {
+    routes::channel_router(state)
+}
+
+/// `channel_app` for one channel: every request it answers carries `channel`.
+pub fn channel_service(app: Router, channel: ChannelId) -> Router {
+    app.layer(axum::Extension(channel))
+}
+
+/// The origin of http vals (`--vals-listen`).
+pub fn vals_app(state: AppState) -> Router {
+    routes::vals_router(state)
 }
 
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then lets

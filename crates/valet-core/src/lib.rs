@@ -12,7 +12,7 @@ pub mod schedule;
 pub mod scope;
 
 pub use api_token::{ApiToken, TokenFormatError, TokenHash};
-pub use live_runs::LiveRuns;
+pub use live_runs::{ChannelId, LiveRun, LiveRunRefusal, LiveRuns};
 pub use run_token::{KeyRing, MintRequest, RunClaims, RunTokenError, SigningKey};
 pub use schedule::Schedule;
 pub use scope::{Access, Resource, Scope, ScopeError, ScopeSet, TokenScopes};

@@ -7,17 +7,18 @@
 //! reached through a Unix socket of the run's own, which the supervisor
 //! pipes to the real address: the sandbox never needs a loopback hole.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use tokio::net::{TcpStream, UnixListener};
 use tokio::task::JoinSet;
 
 /// Ranges a run may never reach. Deno 2.9 takes IPv4 CIDR ranges but only
-/// single IPv6 addresses, so IPv6 is limited to loopback and unspecified;
+/// single IPv6 addresses, so Deno's list holds IPv6 loopback and
+/// unspecified, and [`denied_addresses`] adds this host's own IPv6
+/// addresses one by one; the bootstrap refuses every private, link-local
+/// and IPv4-mapped IPv6 range by resolving and checking before it connects.
 /// IPv4-mapped IPv6 addresses are normalised by Deno and caught by the IPv4
-/// ranges. Hosts with routable private IPv6 need a firewall as well
-/// (docs/ARCHITECTURE.md).
+/// ranges.
 pub const DENIED_RANGES: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
@@ -34,6 +35,29 @@ pub const DENIED_RANGES: &[&str] = &[
     "[::1]",
     "[::]",
 ];
+
+/// Deno's `--deny-net` list: the fixed ranges plus every IPv6 address of
+/// this host (`/proc/net/if_inet6`), so a service listening on the host's
+/// own ULA or link-local address is out of reach whatever a val resolves.
+pub fn denied_addresses() -> Vec<String> {
+    let mut denied: Vec<String> = DENIED_RANGES.iter().map(|r| (*r).to_owned()).collect();
+    if let Ok(text) = std::fs::read_to_string("/proc/net/if_inet6") {
+        for line in text.lines() {
+            let Some(hex) = line.split_whitespace().next().filter(|h| h.len() == 32) else {
+                continue;
+            };
+            let Ok(bits) = u128::from_str_radix(hex, 16) else {
+                continue;
+            };
+            let addr = std::net::Ipv6Addr::from(bits);
+            let entry = format!("[{addr}]");
+            if !denied.contains(&entry) {
+                denied.push(entry);
+            }
+        }
+    }
+    denied
+}
 
 /// One address opened for runs, for tests and local development:
 /// `--egress-allow 127.0.0.1:8080`.
@@ -75,10 +99,9 @@ impl EgressAllow {
     }
 }
 
-/// Where a piped socket leads.
+/// Where a piped socket leads: an allowed host and port.
 #[derive(Debug, Clone)]
 pub enum Target {
-    Addr(SocketAddr),
     Host(String, u16),
 }
 
@@ -94,10 +117,8 @@ pub fn pipe(socket: &Path, target: Target, tasks: &mut JoinSet<()>) -> std::io::
             };
             let target = target.clone();
             connections.spawn(async move {
-                let outbound = match &target {
-                    Target::Addr(addr) => TcpStream::connect(addr).await,
-                    Target::Host(host, port) => TcpStream::connect((host.as_str(), *port)).await,
-                };
+                let Target::Host(host, port) = &target;
+                let outbound = TcpStream::connect((host.as_str(), *port)).await;
                 match outbound {
                     Ok(mut outbound) => {
                         let _ = outbound.set_nodelay(true);

@@ -1,5 +1,6 @@
-//! Spawning and reaping one Deno process: its own process group, killed
-//! with SIGKILL at the deadline, and never outliving the supervisor.
+//! Spawning and reaping one Deno process: confined by the OS layer, its own
+//! process group, killed with SIGKILL at the deadline, and never outliving
+//! the supervisor.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
@@ -10,13 +11,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_store::Outcome;
 
+use crate::control::Reported;
 use crate::logs::{self, LogBuffer};
+use crate::os_layer::Confinement;
 
 /// A running Deno process and the tasks draining its output.
 pub struct Process {
     child: Child,
-    /// A warm process's stdin, where its claim is written once.
-    stdin: Option<tokio::process::ChildStdin>,
     pgid: Option<i32>,
     readers: JoinSet<()>,
     pub logs: LogBuffer,
@@ -32,32 +33,31 @@ pub enum Exit {
     Stopped,
 }
 
-/// Makes the child its own process-group leader and asks the kernel to
-/// SIGKILL it if the supervisor dies.
+/// Makes the child its own process-group leader, asks the kernel to
+/// SIGKILL it if the supervisor dies, and applies the OS layer.
 #[allow(unsafe_code)]
-fn confine(cmd: &mut Command) {
+fn confine(cmd: &mut Command, confinement: Confinement) {
     cmd.process_group(0);
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only prctl(2), which is async-signal-safe.
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only async-signal-safe system calls (prctl, setrlimit, set*id,
+    // landlock_restrict_self); it does not allocate.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(move || confinement.apply());
     }
 }
 
-pub fn spawn(mut cmd: Command, logs: LogBuffer, warm: bool) -> std::io::Result<Process> {
-    confine(&mut cmd);
-    cmd.stdin(if warm { Stdio::piped() } else { Stdio::null() })
+pub fn spawn(
+    mut cmd: Command,
+    confinement: Confinement,
+    logs: LogBuffer,
+) -> std::io::Result<Process> {
+    confine(&mut cmd, confinement);
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let pgid = child.id().map(|id| id as i32);
-    let stdin = child.stdin.take();
     let mut readers = JoinSet::new();
     if let Some(out) = child.stdout.take() {
         readers.spawn(logs::collect(out, "out", logs.clone()));
@@ -67,7 +67,6 @@ pub fn spawn(mut cmd: Command, logs: LogBuffer, warm: bool) -> std::io::Result<P
     }
     Ok(Process {
         child,
-        stdin,
         pgid,
         readers,
         logs,
@@ -111,19 +110,6 @@ impl Process {
         }
     }
 
-    /// Writes a warm process's claim (one JSON line) without blocking:
-    /// the line is far below the pipe's buffer size.
-    pub fn send_claim(&mut self, line: &str) -> std::io::Result<()> {
-        use std::io::Write;
-        let stdin = self
-            .stdin
-            .take()
-            .ok_or_else(|| std::io::Error::other("this process was already claimed"))?;
-        // Closing stdin after the line is fine: the claim is all it reads.
-        let mut file = std::fs::File::from(stdin.into_owned_fd()?);
-        file.write_all(format!("{line}\n").as_bytes())
-    }
-
     /// True once the process has ended (without waiting for it).
     pub fn has_exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
@@ -138,28 +124,76 @@ fn kill_process_group(pgid: i32) {
     }
 }
 
-/// Maps how the process ended to a run outcome and a one-line detail.
-pub fn classify(exit: Exit, logs: &LogBuffer, timeout: Duration) -> (Outcome, String) {
+/// Maps how the process ended, and what its bootstrap reported over the
+/// control channel, to a run outcome and a one-line detail. Never from the
+/// val's output: a val that prints "out of memory" is not `oom`.
+pub fn classify(
+    exit: Exit,
+    reported: &Reported,
+    run_id: &str,
+    timeout: Duration,
+) -> (Outcome, String) {
+    let handler_threw = reported.handler_errors.iter().any(|r| r == run_id);
     match exit {
-        Exit::Code(0) => (Outcome::Succeeded, "exited with code 0".into()),
         Exit::TimedOut => (
             Outcome::TimedOut,
             format!("killed at its deadline ({} ms)", timeout.as_millis()),
         ),
-        Exit::Stopped if logs.saw_handler_error() => (
+        _ if reported.oom => (
+            Outcome::Oom,
+            "ran out of memory (an allocation beyond the run's memory cap failed)".into(),
+        ),
+        Exit::Stopped if handler_threw => (
             Outcome::Failed,
             "the handler threw; it answered 500 (the stack is in the logs)".into(),
         ),
         Exit::Stopped => (Outcome::Succeeded, "stopped after its response".into()),
-        _ if logs.saw_oom() => (
-            Outcome::Oom,
-            "ran out of memory (heap limit reached)".into(),
+        Exit::Code(0) => (Outcome::Succeeded, "exited with code 0".into()),
+        Exit::Code(code) if reported.uncaught => (
+            Outcome::Failed,
+            format!("an uncaught error ended it (exit code {code}; the error is in the logs)"),
         ),
         Exit::Code(code) => (Outcome::Failed, format!("exited with code {code}")),
         Exit::Signal(sig) if sig == libc::SIGTRAP || sig == libc::SIGABRT => (
             Outcome::Oom,
-            format!("aborted by V8 (signal {sig}), most likely out of memory"),
+            format!("aborted by V8 (signal {sig}): out of memory (heap or process cap)"),
         ),
         Exit::Signal(sig) => (Outcome::Killed, format!("killed by signal {sig}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_come_from_exit_and_control_never_from_output() {
+        let t = Duration::from_secs(1);
+        let none = Reported::default();
+        let oom = Reported {
+            oom: true,
+            ..Reported::default()
+        };
+        assert_eq!(classify(Exit::Code(0), &none, "r", t).0, Outcome::Succeeded);
+        assert_eq!(classify(Exit::Code(1), &none, "r", t).0, Outcome::Failed);
+        assert_eq!(classify(Exit::Code(1), &oom, "r", t).0, Outcome::Oom);
+        assert_eq!(
+            classify(Exit::Signal(libc::SIGTRAP), &none, "r", t).0,
+            Outcome::Oom
+        );
+        assert_eq!(
+            classify(Exit::Signal(libc::SIGKILL), &none, "r", t).0,
+            Outcome::Killed
+        );
+        assert_eq!(classify(Exit::TimedOut, &oom, "r", t).0, Outcome::TimedOut);
+        let threw = Reported {
+            handler_errors: vec!["r".into()],
+            ..Reported::default()
+        };
+        assert_eq!(classify(Exit::Stopped, &threw, "r", t).0, Outcome::Failed);
+        assert_eq!(
+            classify(Exit::Stopped, &threw, "other", t).0,
+            Outcome::Succeeded
+        );
     }
 }

@@ -1,24 +1,36 @@
-//! The supervisor: runs each val in a fresh, locked-down Deno process (one
-//! V8 isolate), with a run token limited to the val's scopes whose life is
-//! the run's life.
+//! The supervisor: runs each val in a locked-down Deno process (one V8
+//! isolate), started through one launch path with no val, no key and no
+//! environment, confined by Deno's permissions and an OS layer under them,
+//! with a valet key limited to the val's scopes whose life is the run's life.
 //!
 //! Only this crate builds Deno command lines or spawns processes.
 
+mod channel;
+mod control;
 mod cron;
 mod deno;
 mod egress;
 mod executor;
 mod files;
+mod http;
+mod launcher;
 mod logs;
+mod os_layer;
+mod pool;
+mod run_dir;
 mod sandbox;
+mod slots;
 mod supervisor;
 
+pub use channel::{ApiChannel, BoxFuture};
 pub use cron::Scheduler;
 pub use deno::{DENO_VERSION, find_deno};
 pub use egress::EgressAllow;
-pub use supervisor::{
-    HttpRunError, RunBody, RunOutput, RunSpec, RuntimeConfig, Source, Supervisor,
-};
+pub use http::{HttpRunError, RunBody};
+pub use launcher::API_ORIGIN;
+pub use os_layer::LayerReport;
+pub use slots::{Busy, SlotLimits};
+pub use supervisor::{RunOutput, RunSpec, RuntimeConfig, Source, Supervisor};
 
 /// Why the supervisor could not run a val (as opposed to the val failing).
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +39,8 @@ pub enum RuntimeError {
     DenoNotFound(String),
     #[error("could not start the run: {0}")]
     Spawn(String),
+    #[error("no run slot: {0}")]
+    Busy(#[from] Busy),
     #[error("could not mint the run token: {0}")]
     Token(#[from] valet_core::RunTokenError),
     #[error(transparent)]

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// What the bootstrap prints on stderr when an http handler throws.
-pub const HANDLER_ERROR: &str = "Uncaught error in http handler";
+/// What a masked secret reads as.
+const MASK: &str = "[valet key]";
 
 /// Lines longer than this are split.
 const MAX_LINE: usize = 16 * 1024;
@@ -22,8 +22,6 @@ struct Inner {
     max_bytes: usize,
     dropped: usize,
     secrets: Vec<String>,
-    saw_oom: bool,
-    saw_handler_error: bool,
 }
 
 impl LogBuffer {
@@ -34,8 +32,6 @@ impl LogBuffer {
                 max_bytes,
                 dropped: 0,
                 secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
-                saw_oom: false,
-                saw_handler_error: false,
             })),
         }
     }
@@ -53,16 +49,10 @@ impl LogBuffer {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        if line.contains("out of memory") || line.contains("Reached heap limit") {
-            inner.saw_oom = true;
-        }
-        if stream == "err" && line.starts_with(HANDLER_ERROR) {
-            inner.saw_handler_error = true;
-        }
         let mut line = line.trim_end_matches('\r').to_owned();
         for secret in &inner.secrets {
             if line.contains(secret.as_str()) {
-                line = line.replace(secret.as_str(), "[valet key]");
+                line = line.replace(secret.as_str(), MASK);
             }
         }
         let entry = format!(
@@ -78,16 +68,21 @@ impl LogBuffer {
         }
     }
 
-    /// The bootstrap reported that an http handler threw.
-    pub fn saw_handler_error(&self) -> bool {
-        self.inner
-            .lock()
-            .map(|i| i.saw_handler_error)
-            .unwrap_or(false)
-    }
-
-    pub fn saw_oom(&self) -> bool {
-        self.inner.lock().map(|i| i.saw_oom).unwrap_or(false)
+    /// Replaces every whole secret in `bytes`, and returns how many bytes
+    /// at the end must be held back because a secret may continue there.
+    fn mask(&self, bytes: &mut Vec<u8>) -> usize {
+        let Ok(inner) = self.inner.lock() else {
+            return 0;
+        };
+        let mut hold = 0;
+        for secret in &inner.secrets {
+            let secret = secret.as_bytes();
+            while let Some(at) = bytes.windows(secret.len()).position(|w| w == secret) {
+                bytes.splice(at..at + secret.len(), MASK.bytes());
+            }
+            hold = hold.max(secret.len() - 1);
+        }
+        hold
     }
 
     /// The logs, with a note when some were dropped.
@@ -122,7 +117,11 @@ pub async fn collect(mut reader: impl AsyncRead + Unpin, stream: &'static str, l
             logs.push(stream, &String::from_utf8_lossy(&line[..line.len() - 1]));
         }
         if pending.len() > MAX_LINE {
-            let line: Vec<u8> = pending.drain(..MAX_LINE).collect();
+            // Mask before splitting, and keep back what could be the start
+            // of a secret, so no split leaves a key readable in two halves.
+            let hold = logs.mask(&mut pending);
+            let cut = pending.len().saturating_sub(hold).clamp(1, MAX_LINE);
+            let line: Vec<u8> = pending.drain(..cut).collect();
             logs.push(stream, &String::from_utf8_lossy(&line));
         }
     }
@@ -147,5 +146,30 @@ mod tests {
         assert!(!text.contains("s3cret"));
         assert!(text.contains("logs truncated"));
         assert!(text.len() < 400);
+    }
+
+    #[tokio::test]
+    async fn masks_secrets_across_every_split() {
+        let secret = "eyJ".to_owned() + &"k".repeat(300) + "END";
+        for offset in [
+            0,
+            1,
+            150,
+            299,
+            305,
+            MAX_LINE - 200,
+            MAX_LINE - 3,
+            MAX_LINE + 7,
+        ] {
+            let logs = LogBuffer::new(1 << 20, vec![secret.clone()]);
+            let text = format!("{}{secret}{}", "a".repeat(offset), "b".repeat(2 * MAX_LINE));
+            collect(std::io::Cursor::new(text.into_bytes()), "out", logs.clone()).await;
+            let out = logs.finish();
+            assert!(
+                !out.contains("kkkkkkkkkk"),
+                "offset {offset}: a piece of the key survived"
+            );
+            assert!(out.contains(MASK), "offset {offset}");
+        }
     }
 }

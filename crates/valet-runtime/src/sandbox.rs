@@ -1,44 +1,42 @@
-//! The Deno command line of a run: every permission is spelled out, and
-//! the environment is cleared down to what the run may see.
+//! The Deno command line of every run process. Nothing on it comes from a
+//! val or its owner: the entry is the bootstrap, the environment is cleared
+//! down to what Deno itself needs, and the val, its env and its key arrive
+//! later over the control channel. Every permission is spelled out.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-use crate::egress::DENIED_RANGES;
-
-/// Everything that decides a run's sandbox.
+/// Everything that decides a run process's sandbox.
 #[derive(Debug)]
 pub struct SandboxSpec<'a> {
     pub deno: &'a Path,
     pub runtime_dir: &'a Path,
     pub deno_dir: &'a Path,
-    pub entry: &'a Path,
-    /// Unix sockets the run may use (API, http, egress).
+    /// Unix sockets the process may use (control, API, http, egress).
     pub sockets: Vec<PathBuf>,
-    /// Files the run may read besides (a warm process's val file).
+    /// Files and directories the process may read besides (the run's
+    /// directory, where its val is written; npm packages in Deno's cache;
+    /// for `valet run FILE`, the file's directory).
     pub read_paths: Vec<PathBuf>,
-    /// The injected variables: the run token, the API URL, the val's env.
-    pub env: BTreeMap<String, String>,
+    /// Addresses denied besides the fixed ranges (this host's own IPv6
+    /// addresses).
+    pub deny_net: &'a [String],
     pub heap_mb: u64,
+    /// The bootstrap's configuration: socket paths and origins, all
+    /// chosen by valet.
     pub config_json: String,
 }
 
 pub fn command(spec: &SandboxSpec<'_>) -> Command {
-    let sockets: Vec<String> = spec
-        .sockets
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect();
-    let readable: Vec<String> = spec
-        .sockets
-        .iter()
-        .chain(&spec.read_paths)
-        .map(|p| p.display().to_string())
-        .collect();
-    let sockets = sockets.join(",");
-    let env_names: Vec<&str> = spec.env.keys().map(String::as_str).collect();
+    let join = |paths: &mut dyn Iterator<Item = &PathBuf>| {
+        paths
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let readable = join(&mut spec.sockets.iter().chain(&spec.read_paths));
+    let writable = join(&mut spec.sockets.iter());
     let mut cmd = Command::new(spec.deno);
     cmd.arg("run")
         .arg("--quiet")
@@ -50,22 +48,20 @@ pub fn command(spec: &SandboxSpec<'_>) -> Command {
             spec.runtime_dir.join("import_map.json").display()
         ))
         .arg("--allow-net")
-        .arg(format!("--deny-net={}", DENIED_RANGES.join(",")))
-        .arg(format!("--allow-read={}", readable.join(",")))
-        .arg(format!("--allow-write={sockets}"));
-    // A bare `--allow-env` would allow every variable: with no names, no flag.
-    if !env_names.is_empty() {
-        cmd.arg(format!("--allow-env={}", env_names.join(",")));
-    }
-    cmd.arg("--deny-run")
+        .arg(format!("--deny-net={}", spec.deny_net.join(",")))
+        .arg(format!("--allow-read={readable}"))
+        .arg(format!("--allow-write={writable}"))
+        // No --allow-env at all: the run's variables live in the
+        // bootstrap's frozen view, never in the process environment.
+        .arg("--deny-env")
+        .arg("--deny-run")
         .arg("--deny-ffi")
         .arg("--deny-sys")
         .arg(format!("--v8-flags=--max-old-space-size={}", spec.heap_mb))
-        .arg(spec.entry)
+        .arg(spec.runtime_dir.join("bootstrap.ts"))
         .arg(&spec.config_json);
     cmd.env_clear();
-    cmd.envs(&spec.env);
-    // What Deno itself needs; the val cannot read these (not in --allow-env).
+    // What Deno itself needs. Fixed values: no val or owner decides them.
     cmd.env("DENO_DIR", spec.deno_dir);
     cmd.env("NO_COLOR", "1");
     cmd.env("DENO_NO_UPDATE_CHECK", "1");

@@ -1,6 +1,7 @@
-//! One process hosting valet: the API on a TCP listener, the supervisor
-//! behind it, the cron scheduler and the mailer. `valet serve`, `valet run`
-//! and `valet dev` all start one of these; tests do too.
+//! One process hosting valet: the API and pages on one listener, http vals
+//! on a listener (an origin) of their own, the supervisor behind both with
+//! each run's API channel, the cron scheduler and the mailer. `valet serve`,
+//! `valet run` and `valet dev` all start one of these; tests do too.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +14,10 @@ use valet_api::{ApiConfig, AppState};
 use valet_core::LiveRuns;
 use valet_store::Store;
 
-use valet_runtime::{EgressAllow, RuntimeConfig, RuntimeError, Scheduler, Supervisor};
+use valet_runtime::{
+    ApiChannel, BoxFuture, EgressAllow, RuntimeConfig, RuntimeError, Scheduler, SlotLimits,
+    Supervisor,
+};
 
 use crate::SupervisorRunner;
 use crate::mailer::{self, SmtpRelay};
@@ -21,6 +25,8 @@ use crate::mailer::{self, SmtpRelay};
 #[derive(Debug, Clone)]
 pub struct HostConfig {
     pub listen: SocketAddr,
+    /// The origin of http vals: never the pages' own.
+    pub vals_listen: SocketAddr,
     pub smtp: Option<String>,
     pub egress_allow: Vec<EgressAllow>,
     pub cron: bool,
@@ -31,14 +37,18 @@ pub struct HostConfig {
     /// long-lived server does this: a `valet run` beside a live `valet
     /// serve` on the same data dir must not declare the server's runs lost.
     pub recover_lost_runs: bool,
-    /// Deno processes kept warm for stored script and cron vals.
+    /// Deno processes kept started ahead of time.
     pub warm_pool: usize,
+    /// Whole-process memory cap per run, in MiB.
+    pub memory_mb: u64,
+    pub slots: SlotLimits,
 }
 
 impl HostConfig {
     pub fn new(listen: SocketAddr) -> HostConfig {
         HostConfig {
             listen,
+            vals_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             smtp: None,
             egress_allow: Vec::new(),
             cron: true,
@@ -47,12 +57,43 @@ impl HostConfig {
             deno_dir: None,
             recover_lost_runs: false,
             warm_pool: 0,
+            memory_mb: RuntimeConfig::default().memory_mb,
+            slots: SlotLimits::default(),
         }
+    }
+}
+
+/// Serves `/v1` on a run's API socket, stamped with its channel.
+struct Channel {
+    /// Set once the supervisor exists (the app needs it as its runner, and
+    /// the supervisor needs this channel); no process starts before.
+    app: Arc<std::sync::OnceLock<axum::Router>>,
+}
+
+impl ApiChannel for Channel {
+    fn serve(
+        &self,
+        listener: tokio::net::UnixListener,
+        channel: valet_core::ChannelId,
+    ) -> BoxFuture<()> {
+        let app = self.app.clone();
+        Box::pin(async move {
+            let Some(app) = app.get().cloned() else {
+                tracing::error!("a run's API channel was served before the API existed");
+                return;
+            };
+            let app = valet_api::channel_service(app, channel);
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::debug!(error = %e, "a run's API channel stopped");
+            }
+        })
     }
 }
 
 pub struct Host {
     pub addr: SocketAddr,
+    /// Where http vals answer: `http://{vals_addr}/{user}/{val}`.
+    pub vals_addr: SocketAddr,
     pub supervisor: Supervisor,
     pub store: Store,
     pub state: AppState,
@@ -102,13 +143,41 @@ impl Host {
             api.public_url = format!("http://{addr}");
         }
         let state = AppState::new(store.clone(), live.clone(), api)?;
-        let mut runtime = RuntimeConfig::new(addr);
-        runtime.egress_allow = config.egress_allow.clone();
-        runtime.heap_mb = config.heap_mb;
-        runtime.deno_dir = config.deno_dir.clone();
-        runtime.warm_pool = config.warm_pool;
-        let supervisor = Supervisor::new(store.clone(), state.keys.clone(), live, runtime)?;
+        let runtime = RuntimeConfig {
+            egress_allow: config.egress_allow.clone(),
+            heap_mb: config.heap_mb,
+            memory_mb: config.memory_mb,
+            deno_dir: config.deno_dir.clone(),
+            warm_pool: config.warm_pool,
+            slots: config.slots,
+            ..RuntimeConfig::default()
+        };
+        let channel_app = Arc::new(std::sync::OnceLock::new());
+        let channel = Arc::new(Channel {
+            app: channel_app.clone(),
+        });
+        let supervisor =
+            Supervisor::new(store.clone(), state.keys.clone(), live, channel, runtime)?;
         let state = state.with_runner(Arc::new(SupervisorRunner(supervisor.clone())));
+        let _ = channel_app.set(valet_api::channel_app(state.clone()));
+        let layer = supervisor.os_layer();
+        if layer.landlock_abi.is_none() {
+            tracing::warn!(%layer, "runs are confined by Deno's permissions alone: this kernel has no Landlock");
+        } else {
+            tracing::info!(%layer, "runs are confined by Deno's permissions and the OS layer");
+        }
+        let vals_listener = TcpListener::bind(config.vals_listen)
+            .await
+            .map_err(|source| HostError::Listen {
+                addr: config.vals_listen,
+                source,
+            })?;
+        let vals_addr = vals_listener
+            .local_addr()
+            .map_err(|source| HostError::Listen {
+                addr: config.vals_listen,
+                source,
+            })?;
 
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -122,6 +191,22 @@ impl Host {
                 tracing::error!(error = %e, "API server failed");
             }
         });
+        let mut rx = shutdown.subscribe();
+        let vals_app = valet_api::vals_app(state.clone());
+        tasks.spawn(async move {
+            let stop = async move {
+                let _ = rx.changed().await;
+            };
+            let served = axum::serve(
+                vals_listener,
+                vals_app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop)
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the vals listener failed");
+            }
+        });
         if config.cron {
             let scheduler = Scheduler::new(store.clone(), supervisor.clone());
             tasks.spawn(scheduler.run(Duration::from_secs(1), shutdown.subscribe()));
@@ -130,9 +215,10 @@ impl Host {
             let relay = SmtpRelay::parse(url).map_err(HostError::Smtp)?;
             tasks.spawn(mailer::run(store.clone(), relay, shutdown.subscribe()));
         }
-        tracing::info!(%addr, "valet is listening");
+        tracing::info!(%addr, %vals_addr, "valet is listening");
         Ok(Host {
             addr,
+            vals_addr,
             supervisor,
             store,
             state,

@@ -9,7 +9,7 @@
 mod layout;
 mod login;
 mod scopes_form;
-mod session;
+pub(crate) mod session;
 mod tokens;
 mod vals;
 

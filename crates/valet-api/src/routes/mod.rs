@@ -27,9 +27,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::{ApiError, AppState, error};
 
-pub fn router(state: AppState) -> Router {
-    let max_body = state.config.max_body_bytes;
-    let api = Router::new()
+/// The `/v1` routes, shared by the pages' origin and every run's channel.
+fn v1(max_body: usize) -> Router<AppState> {
+    Router::new()
         .route("/v1/me", get(me::me))
         .route("/v1/blob", get(blob::list))
         .route(
@@ -60,25 +60,45 @@ pub fn router(state: AppState) -> Router {
                 .patch(tokens::update)
                 .delete(tokens::revoke),
         )
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+}
+
+/// valet's own origin: `/v1`, `/.well-known/jwks.json`, secret scanning
+/// and the pages. Never val content: http vals have an origin of their own
+/// ([`vals_router`]).
+pub fn router(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
+    let api = v1(max_body)
         .route("/.well-known/jwks.json", get(well_known::jwks))
         .route(
             "/v1/secret-scanning/verify",
             post(crate::secret_scanning::verify).layer(DefaultBodyLimit::max(
                 crate::secret_scanning::MAX_BODY_BYTES,
             )),
-        )
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body));
+        );
+    finish(api.merge(crate::pages::router()), state)
+}
+
+/// What a run reaches through its channel: `/v1` and nothing else (no
+/// pages, no sign-in, no secret scanning). Requests carry the channel's
+/// [`valet_core::ChannelId`], which the run key must match.
+pub fn channel_router(state: AppState) -> Router {
+    finish(v1(state.config.max_body_bytes), state)
+}
+
+/// The origin of http vals: `/{user}/{val}/…` on the vals listener, or
+/// the whole path on `<user>-<val>.<vals domain>`.
+pub fn vals_router(state: AppState) -> Router {
+    let max_body = state.config.max_body_bytes;
     let trigger = Router::new()
-        .route("/x/{user}/{val}", axum::routing::any(http_trigger::handle))
-        .route("/x/{user}/{val}/", axum::routing::any(http_trigger::handle))
-        .route(
-            "/x/{user}/{val}/{*rest}",
-            axum::routing::any(http_trigger::handle),
-        )
+        .fallback(http_trigger::handle)
         .layer(DefaultBodyLimit::max(max_body));
-    api.merge(trigger)
-        .merge(crate::pages::router())
+    finish(trigger, state)
+}
+
+fn finish(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .fallback(not_found)
         .layer(middleware::from_fn(error::jsonify_errors))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {

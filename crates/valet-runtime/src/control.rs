@@ -1,0 +1,148 @@
+//! The private channel between the supervisor and a run's bootstrap: a Unix
+//! socket in the run's directory that only the bootstrap ever connects to.
+//!
+//! The supervisor accepts exactly one connection and unlinks the socket at
+//! once; the bootstrap connects before it has received its claim, and the
+//! val's code is loaded only after the claim, so no val can reach the
+//! channel. The claim (val, env, key, kind) goes down it; events (the val
+//! settled, an uncaught error, out of memory, the http val listens, an http
+//! handler threw) come up. Outcomes are decided from these events and the
+//! exit status, never from what the val prints.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::watch;
+
+/// What the bootstrap has reported so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// Connected: the process is up and waits for its claim.
+    pub connected: bool,
+    /// The val's work settled without an error (script, cron).
+    pub done: bool,
+    /// The http val listens on its socket.
+    pub listening: bool,
+    /// An uncaught error ended the val.
+    pub uncaught: bool,
+    /// An allocation failed (`ArrayBuffer`, Wasm memory): out of memory.
+    pub oom: bool,
+    /// Runs (request ids) whose http handler threw.
+    pub handler_errors: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum Event {
+    Done,
+    Listening,
+    Error {
+        #[serde(default)]
+        kind: String,
+    },
+    HandlerError {
+        #[serde(default)]
+        run: String,
+    },
+}
+
+/// The supervisor's end of one process's control channel.
+pub struct Control {
+    path: PathBuf,
+    state: watch::Receiver<Reported>,
+    claim: tokio::sync::oneshot::Sender<String>,
+}
+
+impl Control {
+    /// Binds `control.sock` in `dir`; the returned task accepts the
+    /// bootstrap's connection, sends the claim once it is given, and reads
+    /// events until the process closes it.
+    pub fn bind(
+        dir: &Path,
+        owner: Option<(u32, u32)>,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> std::io::Result<Control> {
+        let path = dir.join("control.sock");
+        let listener = UnixListener::bind(&path)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
+        let (tx, state) = watch::channel(Reported::default());
+        let (claim, claim_rx) = tokio::sync::oneshot::channel::<String>();
+        let unlink = path.clone();
+        tasks.spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            // One connection only: nobody else may ever connect.
+            drop(listener);
+            let _ = std::fs::remove_file(&unlink);
+            tx.send_modify(|r| r.connected = true);
+            let (read, write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let mut claim_rx = claim_rx;
+            // Kept open until the process closes its end: dropping the write
+            // half would shut the bootstrap's reads down early.
+            let mut write: OwnedWriteHalf = write;
+            let mut claimed = false;
+            loop {
+                tokio::select! {
+                    claim = &mut claim_rx, if !claimed => {
+                        claimed = true;
+                        if let Ok(line) = claim {
+                            let _ = write.write_all(format!("{line}\n").as_bytes()).await;
+                        }
+                    }
+                    line = lines.next_line() => {
+                        let Ok(Some(line)) = line else { break };
+                        match serde_json::from_str::<Event>(&line) {
+                            Ok(event) => tx.send_modify(|r| apply(r, event)),
+                            Err(e) => tracing::warn!(error = %e, "unreadable control event"),
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Control { path, state, claim })
+    }
+
+    /// Sends the claim (one JSON line). Only once.
+    pub fn claim(self, line: String) -> ControlEvents {
+        let _ = self.claim.send(line);
+        ControlEvents { state: self.state }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn apply(reported: &mut Reported, event: Event) {
+    match event {
+        Event::Done => reported.done = true,
+        Event::Listening => reported.listening = true,
+        Event::Error { kind } if kind == "oom" => reported.oom = true,
+        Event::Error { .. } => reported.uncaught = true,
+        Event::HandlerError { run } => reported.handler_errors.push(run),
+    }
+}
+
+/// The events of a claimed process.
+#[derive(Clone)]
+pub struct ControlEvents {
+    state: watch::Receiver<Reported>,
+}
+
+impl ControlEvents {
+    pub fn now(&self) -> Reported {
+        self.state.borrow().clone()
+    }
+
+    /// Waits for `f` to hold; false when the channel closed first.
+    pub async fn wait_for(&mut self, f: impl Fn(&Reported) -> bool) -> bool {
+        self.state.wait_for(|r| f(r)).await.is_ok()
+    }
+}

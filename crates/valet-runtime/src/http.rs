@@ -1,0 +1,181 @@
+//! http vals: one request is one run. The val's process listens on a Unix
+//! socket in its directory; the supervisor forwards the request there and
+//! streams the response back. The run ends when the response body has been
+//! sent (or the client went away, or the deadline passed).
+
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+
+use crate::RuntimeError;
+use crate::supervisor::{RunSpec, Supervisor};
+
+/// Why an http run gave no response of the val's own.
+#[derive(Debug, Clone)]
+pub struct HttpRunError {
+    pub status: StatusCode,
+    /// A stable machine-readable code (`val_failed`, `run_failed`, `busy`).
+    pub code: &'static str,
+    /// For the visitor: says nothing internal.
+    pub message: String,
+    /// Seconds after which a retry may succeed (busy).
+    pub retry_after: Option<u64>,
+}
+
+impl HttpRunError {
+    fn new(status: StatusCode, code: &'static str, message: String) -> HttpRunError {
+        HttpRunError {
+            status,
+            code,
+            message,
+            retry_after: None,
+        }
+    }
+}
+
+/// An http val's response body, streamed from its process. Dropping it
+/// (the response was sent, or the client went away) ends the run.
+pub struct RunBody {
+    incoming: Incoming,
+    _done: DoneGuard,
+}
+
+impl Body for RunBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.incoming).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+/// Signals the reaper when the response body is finished or dropped.
+struct DoneGuard(Option<oneshot::Sender<()>>);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Supervisor {
+    /// Runs an http val for one request, streaming its response back.
+    pub async fn serve_http<B>(
+        &self,
+        spec: RunSpec,
+        request: Request<B>,
+    ) -> Result<Response<RunBody>, HttpRunError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let val_key = spec.val_id.clone().unwrap_or_else(|| spec.user_id.clone());
+        let permit = self
+            .inner
+            .slots
+            .acquire(&spec.user_id, Some(&val_key))
+            .await
+            .map_err(|busy| HttpRunError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "busy",
+                message: format!("this val is busy: {}", busy.0),
+                retry_after: Some(busy.1),
+            })?;
+        let mut active = self.begin(&spec, permit).await.map_err(|e: RuntimeError| {
+            tracing::error!(error = %e, "could not start an http run");
+            HttpRunError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "run_failed",
+                "the val could not be started".to_owned(),
+            )
+        })?;
+        let run_id = active.run_id.clone();
+
+        // Wait for the val to listen, or to fail trying: both are reported
+        // on the control channel, which closes if the process dies.
+        let listening = tokio::time::timeout_at(
+            active.deadline,
+            active
+                .events
+                .wait_for(|r| r.listening || r.uncaught || r.oom),
+        )
+        .await
+        .unwrap_or(false)
+            && active.events.now().listening;
+        let stream = if listening {
+            tokio::net::UnixStream::connect(active.dir.join("http.sock"))
+                .await
+                .ok()
+        } else {
+            None
+        };
+        let Some(stream) = stream else {
+            let exit = active
+                .process
+                .wait(active.deadline, std::future::ready(()))
+                .await;
+            let out = self.finish(active, exit).await;
+            return Err(HttpRunError::new(
+                StatusCode::BAD_GATEWAY,
+                "val_failed",
+                format!(
+                    "the val failed before answering ({}); its logs are at /v1/runs/{}",
+                    out.outcome.as_str(),
+                    out.run_id
+                ),
+            ));
+        };
+
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let supervisor = self.clone();
+        let reaper = tokio::spawn(async move {
+            let stop = async {
+                let _ = done_rx.await;
+            };
+            let exit = active.process.wait(active.deadline, stop).await;
+            supervisor.finish(active, exit).await;
+        });
+
+        let result = async {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        }
+        .await;
+        match result {
+            Ok(response) => {
+                let (parts, incoming) = response.into_parts();
+                let body = RunBody {
+                    incoming,
+                    _done: DoneGuard(Some(done_tx)),
+                };
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(e) => {
+                tracing::info!(run_id, error = %e, "an http val did not answer");
+                let _ = done_tx.send(());
+                let _ = reaper.await;
+                Err(HttpRunError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "val_failed",
+                    format!("the val did not answer; its logs are at /v1/runs/{run_id}"),
+                ))
+            }
+        }
+    }
+}

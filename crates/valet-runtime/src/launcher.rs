@@ -1,0 +1,143 @@
+//! The one launch path: every run process, cold or warm, is started the
+//! same way, with no val, no key and an empty environment, in a private
+//! directory with its sockets; the val arrives later in its claim.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio::task::JoinSet;
+use valet_core::ChannelId;
+
+use crate::RuntimeError;
+use crate::channel::ApiChannel;
+use crate::control::Control;
+use crate::egress::{self, EgressAllow, Target};
+use crate::executor::{self, Process};
+use crate::logs::LogBuffer;
+use crate::os_layer::OsLayer;
+use crate::run_dir::{RunDir, RunRoot};
+use crate::sandbox::{self, SandboxSpec};
+
+/// The origin a run sees as `VALTOWN_API_URL`. It resolves nowhere: the
+/// bootstrap sends its requests down the run's API socket.
+pub const API_ORIGIN: &str = "http://api.valet.internal";
+
+/// Origins of the hosted platform's API that vals call by name; inside a
+/// run they lead to valet too.
+pub const HOSTED_API_ORIGINS: &[&str] = &["https://api.val.town"];
+
+/// Starts run processes.
+pub struct Launcher {
+    pub deno: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub deno_dir: PathBuf,
+    pub root: RunRoot,
+    pub os: OsLayer,
+    pub channel: Arc<dyn ApiChannel>,
+    pub egress_allow: Vec<EgressAllow>,
+    pub deny_net: Vec<String>,
+    pub heap_mb: u64,
+    pub max_log_bytes: usize,
+}
+
+/// A started process waiting for its claim, with everything it owns:
+/// dropping it kills the process, stops its sockets and removes its
+/// directory.
+pub struct Started {
+    // Field order is drop order: the process dies before its directory goes.
+    pub process: Process,
+    pub control: Control,
+    /// The API channel, egress pipes and the control task.
+    pub tasks: JoinSet<()>,
+    pub channel: ChannelId,
+    pub dir: RunDir,
+}
+
+impl Launcher {
+    /// `read`: extra paths the process may read (for `valet run FILE`,
+    /// the file's directory).
+    pub fn start(&self, read: &[PathBuf]) -> Result<Started, RuntimeError> {
+        let owner = self.os.owner();
+        let dir = self.root.dir(owner)?;
+        let channel = ChannelId::new(dir.name());
+        let mut tasks = JoinSet::new();
+        let control = Control::bind(dir.path(), owner, &mut tasks)?;
+
+        let api_socket = dir.join("api.sock");
+        let listener = UnixListener::bind(&api_socket)?;
+        chown(&api_socket, owner)?;
+        tasks.spawn(self.channel.serve(listener, channel.clone()));
+        let mut sockets = vec![control.path().to_owned(), api_socket.clone()];
+        let mut egress_routes = Vec::new();
+        for (i, allow) in self.egress_allow.iter().enumerate() {
+            let socket = dir.join(&format!("egress-{i}.sock"));
+            egress::pipe(
+                &socket,
+                Target::Host(allow.host.clone(), allow.port),
+                &mut tasks,
+            )?;
+            chown(&socket, owner)?;
+            egress_routes.push(serde_json::json!({
+                "origin": allow.origin(),
+                "socket": socket,
+                "alias": format!("egress-{i}.valet.internal"),
+            }));
+            sockets.push(socket);
+        }
+        let http_socket = dir.join("http.sock");
+        sockets.push(http_socket.clone());
+        let config = serde_json::json!({
+            "api": { "origin": API_ORIGIN, "socket": api_socket, "aliases": HOSTED_API_ORIGINS },
+            "egress": egress_routes,
+            "control": control.path(),
+            "httpSocket": http_socket,
+        });
+        let mut read_paths = vec![dir.path().to_owned(), self.deno_dir.join("npm")];
+        read_paths.extend(read.iter().cloned());
+        let command = sandbox::command(&SandboxSpec {
+            deno: &self.deno,
+            runtime_dir: &self.runtime_dir,
+            deno_dir: &self.deno_dir,
+            sockets,
+            read_paths,
+            deny_net: &self.deny_net,
+            heap_mb: self.heap_mb,
+            config_json: config.to_string(),
+        });
+        let confinement = self.os.confinement(dir.path(), read)?;
+        let logs = LogBuffer::new(self.max_log_bytes, Vec::new());
+        let process = executor::spawn(command, confinement, logs).map_err(|e| {
+            RuntimeError::Spawn(format!("could not start {}: {e}", self.deno.display()))
+        })?;
+        Ok(Started {
+            process,
+            control,
+            tasks,
+            channel,
+            dir,
+        })
+    }
+}
+
+pub fn chown(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    match owner {
+        Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)),
+        None => Ok(()),
+    }
+}
+
+/// `file://` URL of a path, for the bootstrap's dynamic import.
+pub fn file_url(path: &Path) -> String {
+    let mut url = String::from("file://");
+    for c in path.display().to_string().chars() {
+        match c {
+            ' ' => url.push_str("%20"),
+            '%' => url.push_str("%25"),
+            '#' => url.push_str("%23"),
+            '?' => url.push_str("%3F"),
+            c => url.push(c),
+        }
+    }
+    url
+}

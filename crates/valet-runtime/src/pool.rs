@@ -1,0 +1,110 @@
+//! Warm processes: started ahead of time through the one launch path (no
+//! val, no key, no env), waiting for a claim. A run takes one; a task of
+//! the pool's own starts the replacement off the request path, on the
+//! blocking pool (a fork never happens under a lock or on an async worker).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::launcher::{Launcher, Started};
+
+pub struct WarmPool {
+    size: usize,
+    /// A std `Mutex`: held to push or pop, never across an `.await`.
+    ready: Mutex<VecDeque<Started>>,
+    wake: Notify,
+    refill: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl WarmPool {
+    pub fn new(launcher: Arc<Launcher>, size: usize) -> Arc<WarmPool> {
+        let pool = Arc::new(WarmPool {
+            size,
+            ready: Mutex::default(),
+            wake: Notify::new(),
+            refill: Mutex::default(),
+        });
+        if size > 0 {
+            let task = tokio::spawn(refill(Arc::downgrade(&pool), launcher));
+            if let Ok(mut slot) = pool.refill.lock() {
+                *slot = Some(task);
+            }
+        }
+        pool
+    }
+
+    /// A live warm process, if one is ready.
+    pub fn take(&self) -> Option<Started> {
+        let taken = {
+            let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+            let mut taken = None;
+            while let Some(mut started) = ready.pop_front() {
+                if !started.process.has_exited() {
+                    taken = Some(started);
+                    break;
+                }
+            }
+            taken
+        };
+        self.wake.notify_one();
+        taken
+    }
+
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.ready.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Stops refilling and ends every waiting process.
+    pub fn close(&self) {
+        if let Ok(mut task) = self.refill.lock()
+            && let Some(task) = task.take()
+        {
+            task.abort();
+        }
+        if let Ok(mut ready) = self.ready.lock() {
+            ready.clear();
+        }
+    }
+}
+
+impl Drop for WarmPool {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn refill(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>) {
+    let mut failures = 0u32;
+    loop {
+        let Some(strong) = pool.upgrade() else { return };
+        if strong.len() >= strong.size {
+            strong.wake.notified().await;
+            continue;
+        }
+        drop(strong);
+        let launcher = launcher.clone();
+        match tokio::task::spawn_blocking(move || launcher.start(&[])).await {
+            Ok(Ok(started)) => {
+                failures = 0;
+                let Some(strong) = pool.upgrade() else { return };
+                strong
+                    .ready
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(started);
+            }
+            Ok(Err(e)) => {
+                // Retried with backoff: the pool never stays short for long.
+                failures += 1;
+                tracing::warn!(error = %e, failures, "could not start a warm process; retrying");
+                tokio::time::sleep(Duration::from_millis(50 << failures.min(6))).await;
+            }
+            Err(_) => return,
+        }
+    }
+}
