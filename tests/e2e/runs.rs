@@ -405,7 +405,7 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
     );
     let c = &server.client;
     let r = c
-        .post(format!("{}/x/ada/api/hello/world?q=1", server.url))
+        .post(format!("{}/ada/api/hello/world?q=1", server.vals_url))
         .header("x-test", "t")
         .body("payload")
         .send()
@@ -419,7 +419,7 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
         json!({"who": "ada", "method": "POST", "path": "/hello/world", "q": "1", "h": "t", "body": "payload"})
     );
     let body: serde_json::Value = c
-        .get(format!("{}/x/bob/api", server.url))
+        .get(format!("{}/bob/api", server.vals_url))
         .send()
         .await
         .expect("get")
@@ -429,7 +429,7 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
     assert_eq!(body["who"], "bob");
     assert_eq!(body["path"], "/");
     let streamed = c
-        .get(format!("{}/x/ada/api/stream", server.url))
+        .get(format!("{}/ada/api/stream", server.vals_url))
         .send()
         .await
         .expect("stream")
@@ -438,7 +438,7 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
         .expect("text");
     assert_eq!(streamed, "chunk0;chunk1;chunk2;");
     let r = c
-        .get(format!("{}/x/ada/api/boom", server.url))
+        .get(format!("{}/ada/api/boom", server.vals_url))
         .send()
         .await
         .expect("boom");
@@ -449,7 +449,7 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
         "the stack stays in the logs: {text}"
     );
     let r = c
-        .get(format!("{}/x/ada/missing", server.url))
+        .get(format!("{}/ada/missing", server.vals_url))
         .send()
         .await
         .expect("missing");

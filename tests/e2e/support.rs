@@ -14,6 +14,8 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub host: Option<Host>,
     pub url: String,
+    /// The origin of http vals: `{vals_url}/{user}/{val}`.
+    pub vals_url: String,
     pub store: Store,
     pub client: reqwest::Client,
 }
@@ -54,10 +56,12 @@ impl Server {
             .await
             .expect("start host");
         let url = format!("http://{}", host.addr);
+        let vals_url = format!("http://{}", host.vals_addr);
         Server {
             dir,
             host: Some(host),
             url,
+            vals_url,
             store,
             client: reqwest::Client::new(),
         }

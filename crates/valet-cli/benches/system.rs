@@ -289,7 +289,7 @@ async fn run_bench() {
         )
         .unwrap();
     let client = reqwest::Client::new();
-    let url = format!("http://{}/x/bench/hello", host.addr);
+    let url = format!("http://{}/bench/hello", host.vals_addr);
     client.get(&url).send().await.unwrap();
     let mut http = Vec::new();
     for _ in 0..15 {

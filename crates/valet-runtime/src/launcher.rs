@@ -93,7 +93,11 @@ impl Launcher {
             "control": control.path(),
             "httpSocket": http_socket,
         });
-        let mut read_paths = vec![dir.path().to_owned(), self.deno_dir.join("npm")];
+        let mut read_paths = vec![
+            dir.path().to_owned(),
+            self.runtime_dir.clone(),
+            self.deno_dir.join("npm"),
+        ];
         read_paths.extend(read.iter().cloned());
         let command = sandbox::command(&SandboxSpec {
             deno: &self.deno,

@@ -1,5 +1,5 @@
 //! Where runs keep their sockets and code: one root per supervisor
-//! (`$TMPDIR/valet-<pid>`), one private directory per process under it,
+//! (`$TMPDIR/valet-<pid>-<random>`), one private directory per process under it,
 //! named by 128 random bits. Each is removed when its owner drops it; the
 //! roots of supervisors that died are swept at start.
 
@@ -22,13 +22,15 @@ fn process_alive(pid: i32) -> bool {
 }
 
 impl RunRoot {
-    /// Creates `<parent>/valet-<pid>` (0711: runs may traverse it, nobody
-    /// may list it) after removing the roots of dead supervisors.
+    /// Creates `<parent>/valet-<pid>-<random>` (0711: runs may traverse
+    /// it, nobody may list it) after removing the roots of dead supervisors.
     pub fn create(parent: &Path) -> std::io::Result<RunRoot> {
         sweep(parent);
-        let path = parent.join(format!("{PREFIX}{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)?;
+        let mut bytes = [0u8; 4];
+        getrandom(&mut bytes)?;
+        let path = parent.join(format!("{PREFIX}{}-{}", std::process::id(), hex(&bytes)));
+        std::fs::create_dir_all(parent)?;
+        std::fs::create_dir(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o711))?;
         Ok(RunRoot { path })
     }
@@ -58,7 +60,7 @@ impl Drop for RunRoot {
     }
 }
 
-/// Removes `valet-<pid>` directories under `parent` whose process is gone.
+/// Removes `valet-<pid>[-…]` directories under `parent` whose process is gone.
 fn sweep(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
@@ -68,6 +70,7 @@ fn sweep(parent: &Path) {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix(PREFIX))
+            .and_then(|rest| rest.split('-').next())
             .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;
@@ -126,7 +129,7 @@ mod tests {
     fn dirs_are_unique_private_and_removed() {
         let parent = tempfile::tempdir().expect("tempdir");
         // A dead supervisor's root (pid far above pid_max) is swept.
-        let stale = parent.path().join("valet-2147483646");
+        let stale = parent.path().join("valet-2147483646-abcd");
         std::fs::create_dir_all(stale.join("x")).expect("stale");
         let root = RunRoot::create(parent.path()).expect("root");
         assert!(!stale.exists());

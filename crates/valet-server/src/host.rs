@@ -66,8 +66,9 @@ impl HostConfig {
 /// Serves `/v1` on a run's API socket, stamped with its channel.
 struct Channel {
     /// Set once the supervisor exists (the app needs it as its runner, and
-    /// the supervisor needs this channel); no process starts before.
-    app: Arc<std::sync::OnceLock<axum::Router>>,
+    /// the supervisor needs this channel); a warm process started before
+    /// waits for it.
+    app: watch::Receiver<Option<axum::Router>>,
 }
 
 impl ApiChannel for Channel {
@@ -76,12 +77,12 @@ impl ApiChannel for Channel {
         listener: tokio::net::UnixListener,
         channel: valet_core::ChannelId,
     ) -> BoxFuture<()> {
-        let app = self.app.clone();
+        let mut app = self.app.clone();
         Box::pin(async move {
-            let Some(app) = app.get().cloned() else {
-                tracing::error!("a run's API channel was served before the API existed");
+            let Ok(app) = app.wait_for(Option::is_some).await.map(|a| a.clone()) else {
                 return;
             };
+            let Some(app) = app else { return };
             let app = valet_api::channel_service(app, channel);
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::debug!(error = %e, "a run's API channel stopped");
@@ -152,14 +153,12 @@ impl Host {
             slots: config.slots,
             ..RuntimeConfig::default()
         };
-        let channel_app = Arc::new(std::sync::OnceLock::new());
-        let channel = Arc::new(Channel {
-            app: channel_app.clone(),
-        });
+        let (channel_app, app) = watch::channel(None);
+        let channel = Arc::new(Channel { app });
         let supervisor =
             Supervisor::new(store.clone(), state.keys.clone(), live, channel, runtime)?;
         let state = state.with_runner(Arc::new(SupervisorRunner(supervisor.clone())));
-        let _ = channel_app.set(valet_api::channel_app(state.clone()));
+        channel_app.send_replace(Some(valet_api::channel_app(state.clone())));
         let layer = supervisor.os_layer();
         if layer.landlock_abi.is_none() {
             tracing::warn!(%layer, "runs are confined by Deno's permissions alone: this kernel has no Landlock");

@@ -27,7 +27,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<User> {
     })
 }
 
-/// Usernames appear in URLs (`/x/{user}/{val}`): keep them boring.
+/// Usernames appear in URLs (`/{user}/{val}` on the vals origin, and
+/// `<user>-<val>.<vals domain>`): keep them boring.
 pub fn validate_username(name: &str) -> Result<(), StoreError> {
     let ok = (1..=40).contains(&name.len())
         && name

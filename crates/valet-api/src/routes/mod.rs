@@ -77,14 +77,14 @@ pub fn router(state: AppState) -> Router {
                 crate::secret_scanning::MAX_BODY_BYTES,
             )),
         );
-    finish(api.merge(crate::pages::router()), state)
+    finish(api.merge(crate::pages::router()).fallback(not_found), state)
 }
 
 /// What a run reaches through its channel: `/v1` and nothing else (no
 /// pages, no sign-in, no secret scanning). Requests carry the channel's
 /// [`valet_core::ChannelId`], which the run key must match.
 pub fn channel_router(state: AppState) -> Router {
-    finish(v1(state.config.max_body_bytes), state)
+    finish(v1(state.config.max_body_bytes).fallback(not_found), state)
 }
 
 /// The origin of http vals: `/{user}/{val}/…` on the vals listener, or
@@ -99,7 +99,6 @@ pub fn vals_router(state: AppState) -> Router {
 
 fn finish(routes: Router<AppState>, state: AppState) -> Router {
     routes
-        .fallback(not_found)
         .layer(middleware::from_fn(error::jsonify_errors))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             tracing::error!("a request handler panicked");

@@ -21,7 +21,7 @@ pub async fn run_val(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "wrong_val_type",
-            "http vals run per request: call /x/{user}/{val} instead",
+            "http vals run per request: call it on the vals origin (/{user}/{val} on --vals-listen) instead",
         ));
     }
     let runner = state.runner.clone().ok_or_else(|| {
