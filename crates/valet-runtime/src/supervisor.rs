@@ -199,6 +199,34 @@ impl Supervisor {
         self.inner.launcher.os.report()
     }
 
+    /// Runs `program` exactly as confined as a run process (same OS layer,
+    /// uid, limits, empty environment, a fresh run directory), to test the
+    /// OS layer without needing a Deno bug.
+    pub async fn run_confined(
+        &self,
+        program: &std::path::Path,
+        args: &[String],
+    ) -> Result<std::process::Output, RuntimeError> {
+        let launcher = &self.inner.launcher;
+        let dir = launcher.root.dir(launcher.os.owner())?;
+        let confinement = launcher.os.confinement(dir.path(), &[])?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args).env_clear().current_dir(dir.path());
+        #[allow(unsafe_code)]
+        // SAFETY: as for every run process: only async-signal-safe calls.
+        unsafe {
+            cmd.pre_exec(move || confinement.apply());
+        }
+        let output = cmd.output().await?;
+        drop(dir);
+        Ok(output)
+    }
+
+    /// The directory run processes live under.
+    pub fn run_root(&self) -> &std::path::Path {
+        self.inner.launcher.root.path()
+    }
+
     /// Warm processes ready right now.
     pub fn warm_ready(&self) -> usize {
         self.inner.pool.len()
