@@ -28,6 +28,11 @@ test: setup
     cd tests/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
     ./target/debug/valet conformance fixtures
 
+# The official Val Town SDK (pinned) and vals in the hosted docs' style, against a real valet.
+test-sdk: setup
+    cargo build -p valet-cli
+    cd tests/sdk && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
+
 # Benchmarks: token mint/verify, API under load, run overhead.
 bench: setup
     cargo bench -p valet-core --bench tokens
