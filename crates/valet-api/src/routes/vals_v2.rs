@@ -260,10 +260,7 @@ pub async fn create(
         ))
     })
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(val_json(&state, &val, &owner)),
-    ))
+    Ok((StatusCode::CREATED, Json(val_json(&state, &val, &owner))))
 }
 
 pub async fn delete(
@@ -288,7 +285,10 @@ mod tests {
             ok("http://127.0.0.1:7070/v2/vals?cursor=val_0193&limit=2").as_deref(),
             Some("val_0193")
         );
-        assert_eq!(ok("http://127.0.0.1:7070/v2/vals?limit=2").as_deref(), Some(""));
+        assert_eq!(
+            ok("http://127.0.0.1:7070/v2/vals?limit=2").as_deref(),
+            Some("")
+        );
         for bad in ["val_01&x=1", "http://h/v2/vals?cursor=%22%3E"] {
             let e = cursor_value(bad).err().map(|e| e.message);
             assert!(e.is_some_and(|m| m.contains("invalid cursor")), "{bad}");
