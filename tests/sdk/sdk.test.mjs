@@ -256,6 +256,13 @@ test("a val created through the SDK is a real valet val: given code, it runs", a
   assert.match(run.logs, /ran from the SDK/);
 });
 
+test("a val made through the SDK never gets more scopes than the token that made it", async () => {
+  const narrow = data.cli(["token", "create", "--user", "ada", "--name", "narrow", "--scopes", "val:read val:write blob:read"]);
+  const val = await sdk(narrow).vals.create({ name: "narrow", privacy: "private" });
+  const stored = await get(`/v1/vals/${val.id}`, narrow);
+  assert.deepEqual([...stored.scopes].sort(), ["blob:read", "val:read"]);
+});
+
 test("JSON bodies need no JSON content type, as on the hosted API; forms still get 415", async () => {
   const post = (body, headers = {}) =>
     fetch(`${base}/v1/sqlite/execute`, {
