@@ -14,6 +14,7 @@ import ValTown, {
 import { dataDir, serve } from "./valet.mjs";
 
 const ALL = "val:read val:write user:read user:write blob:read blob:write sqlite:read sqlite:write email:read email:write";
+const PASSWORD = "a long password for the pages";
 const data = dataDir("valet-sdk-");
 let server, base, token, client, reader, blobOnly, stranger, bob;
 
@@ -33,7 +34,9 @@ async function refused(promise, Class, status) {
 }
 
 before(async () => {
-  data.cli(["user", "create", "ada", "--email", "ada@example.com", "--tier", "pro"]);
+  data.cli(["user", "create", "ada", "--email", "ada@example.com", "--tier", "pro", "--password-stdin"], {
+    input: `${PASSWORD}\n`,
+  });
   data.cli(["user", "create", "bob", "--email", "bob@example.com"]);
   const mint = (user, name, scopes) => data.cli(["token", "create", "--user", user, "--name", name, "--scopes", scopes]);
   token = mint("ada", "sdk", ALL);
@@ -288,4 +291,29 @@ test("JSON bodies need no JSON content type, as on the hosted API; forms still g
   assert.equal((await form.json()).error.code, "unsupported_media_type");
   const bad = await post("{not json", { "Content-Type": "text/plain" });
   assert.equal(bad.status, 400);
+});
+
+test("a signed-in browser's cookie opens no API route, so a text/plain cross-site post cannot use it", async () => {
+  const form = await fetch(`${base}/login`);
+  const csrfCookie = form.headers.get("set-cookie").split(";")[0];
+  const csrf = csrfCookie.slice(csrfCookie.indexOf("=") + 1);
+  const login = await fetch(`${base}/login`, {
+    method: "POST",
+    redirect: "manual",
+    headers: { Cookie: csrfCookie },
+    body: new URLSearchParams({ username: "ada", password: PASSWORD, csrf, next: "/settings/tokens" }),
+  });
+  assert.equal(login.status, 303, "signed in");
+  const session = login.headers.get("set-cookie").split(";")[0];
+  assert.equal((await fetch(`${base}/settings/tokens`, { headers: { Cookie: session } })).status, 200);
+
+  const forged = await fetch(`${base}/v1/sqlite/execute`, {
+    method: "POST",
+    headers: { Cookie: session, "Content-Type": "text/plain" },
+    body: JSON.stringify({ statement: "CREATE TABLE forged (a)" }),
+  });
+  assert.equal(forged.status, 401);
+  assert.equal((await forged.json()).error.code, "missing_token");
+  const tables = await client.sqlite.execute({ statement: "SELECT count(*) FROM sqlite_master WHERE name = 'forged'" });
+  assert.deepEqual(tables.rows, [[0]]);
 });
