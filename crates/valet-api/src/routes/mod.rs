@@ -55,7 +55,8 @@ pub fn router(state: AppState) -> Router {
             post(vals::decide_scope_request),
         )
         .route("/v2/vals", get(vals_v2::list).post(vals_v2::create))
-        .route("/v2/vals/{id}", get(vals_v2::get).delete(vals_v2::delete))
+        // Deleting is the same act in both versions.
+        .route("/v2/vals/{id}", get(vals_v2::get).delete(vals::delete))
         .route("/v2/me/vals", get(vals_v2::list_mine))
         .route("/v1/runs/{id}", get(runs::get))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))

@@ -263,16 +263,6 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(val_json(&state, &val, &owner))))
 }
 
-pub async fn delete(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    let grant = caller.require(Scope::VAL_WRITE)?;
-    blocking(&state, move |s| s.delete_val(grant.user_id(), &id)).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
