@@ -32,6 +32,7 @@ test: setup test-deps
     {{deno}} test --no-config --quiet --allow-net --allow-env runtime-js/
     cargo test --workspace --no-fail-fast
     cd tests/browser && CHROMIUM="${CHROMIUM:-$(command -v chromium)}" node --test
+    cd tests/sdk && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
     ./target/debug/valet conformance fixtures
 
 # What the tests need beyond Rust and npm, each installed only when missing:
@@ -100,6 +101,11 @@ _browser-packages:
         npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
         cp package-lock.json node_modules/.installed-lock.json
     fi
+
+# The official Val Town SDK (pinned) and vals in the hosted docs' style, against a real valet.
+test-sdk: setup
+    cargo build -p valet-cli
+    cd tests/sdk && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
 
 # Benchmarks: token mint/verify, API under load, run overhead.
 bench: setup

@@ -3,6 +3,9 @@
 // covered by the Rust tests and the conformance fixtures.
 import { failure } from "./std/_client.ts";
 import { ValTownBlobError, ValTownBlobNotFoundError } from "./std/blob.ts";
+import { LibsqlError } from "./std/sqlite.ts";
+import * as errorModule from "./esm/ValTownBlobError";
+import * as notFoundModule from "./esm/ValTownBlobNotFoundError";
 
 function assertEquals(actual: unknown, expected: unknown) {
   const a = JSON.stringify(actual);
@@ -38,6 +41,19 @@ Deno.test("blob errors keep the hosted class hierarchy", () => {
   assert(e instanceof ValTownBlobError, "not-found is a blob error");
   assertEquals(e.name, "ValTownBlobNotFoundError");
   assert(e.message.includes("k"), e.message);
+});
+
+Deno.test("the hosted error modules export the very classes std/blob throws", () => {
+  assert(errorModule.ValTownBlobError === ValTownBlobError, "std/ValTownBlobError");
+  assert(notFoundModule.ValTownBlobNotFoundError === ValTownBlobNotFoundError, "std/ValTownBlobNotFoundError");
+  assertEquals(new ValTownBlobNotFoundError().message, "blob not found");
+});
+
+Deno.test("sqlite errors read like libsql's: the code leads the message", () => {
+  const e = new LibsqlError('near "SELEC": syntax error', "SQLITE_ERROR", 1);
+  assert(e instanceof Error, "an Error");
+  assertEquals([e.name, e.code, e.rawCode], ["LibsqlError", "SQLITE_ERROR", 1]);
+  assertEquals(e.message, 'SQLITE_ERROR: near "SELEC": syntax error');
 });
 
 Deno.test("calls without a valet key explain how to get one", async () => {

@@ -36,7 +36,8 @@ export async function failure(res: Response): Promise<ValTownApiError> {
     required = body?.error?.required;
   } catch { /* not JSON */ }
   if (code === "missing_scope" && required) {
-    message = message.includes("/settings")
+    // A run's refusal already points at the val's settings page.
+    message = message.includes("settings page")
       ? `missing scope '${required}': ${message}`
       : `missing scope '${required}': ${message}. Allow it on the val's settings page ` +
         `(/vals/<name>/settings) or with POST /v1/vals/<id>/scope-requests/${required}/allow`;

@@ -1,21 +1,59 @@
-// std/sqlite: the hosted std library's SQLite API (libsql result shape),
-// backed by valet's /v1/sqlite on the owner's own database.
-import { apiJson } from "./_client.ts";
+// std/sqlite: the hosted std library's SQLite API, backed by valet's
+// /v1/sqlite on the owner's own database.
+//
+// Like the hosted module, a result is the API's JSON: rows are arrays, and
+// `lastInsertRowid` is a number (or null), so a result can go straight into
+// `JSON.stringify` or `Response.json`. Each row also answers its columns by
+// name (`row.title`), as libsql rows do; the names are not enumerable, so a
+// row still serialises as an array. A statement SQLite refuses throws a
+// `LibsqlError` with a `SQLITE_*` code, as on the hosted platform; a refused
+// scope or a bad token throws a ValTownApiError that says what to do.
+import { apiJson, ValTownApiError } from "./_client.ts";
 
 export type InValue = null | string | number | bigint | boolean | Uint8Array | ArrayBuffer | Date;
 export type InArgs = InValue[] | Record<string, InValue>;
 export type InStatement = string | { sql: string; args?: InArgs };
 export type TransactionMode = "write" | "read" | "deferred";
 
+export type Row = unknown[] & Record<string, unknown>;
 export interface ResultSet {
   columns: string[];
   columnTypes: string[];
   rows: Row[];
   rowsAffected: number;
-  lastInsertRowid?: bigint;
-  toJSON(): unknown;
+  lastInsertRowid: number | string | null;
 }
-export type Row = unknown[] & Record<string, unknown>;
+
+/** The error @libsql/client throws, as the hosted std/sqlite throws it:
+ * `message` starts with the code (`SQLITE_ERROR: near "SELEC": ...`). */
+export class LibsqlError extends Error {
+  readonly code: string;
+  readonly rawCode?: number;
+
+  constructor(message: string, code: string, rawCode?: number) {
+    super(`${code}: ${message}`);
+    this.name = "LibsqlError";
+    this.code = code;
+    this.rawCode = rawCode;
+  }
+}
+
+/** SQLite's primary result code for what valet reported. The API names the
+ * failure (`sqlite_error`, `sqlite_timeout`, `database_full`) but not
+ * SQLite's own code, so a refused statement is told apart by SQLite's
+ * fixed messages: constraint failures and authorizer denials. */
+function sqliteCode(error: ValTownApiError): [string, number] | undefined {
+  switch (error.code) {
+    case "sqlite_timeout":
+      return ["SQLITE_INTERRUPT", 9];
+    case "database_full":
+      return ["SQLITE_FULL", 13];
+    case "sqlite_error":
+      if (/constraint failed/.test(error.message)) return ["SQLITE_CONSTRAINT", 19];
+      if (/^not authorized/.test(error.message)) return ["SQLITE_AUTH", 23];
+      return ["SQLITE_ERROR", 1];
+  }
+}
 
 function encodeValue(value: InValue): unknown {
   if (value instanceof Uint8Array || value instanceof ArrayBuffer) {
@@ -55,7 +93,7 @@ interface Raw {
   columnTypes: string[];
   rows: unknown[][];
   rowsAffected: number;
-  lastInsertRowid: number | null;
+  lastInsertRowid: number | string | null;
 }
 
 function decode(raw: Raw): ResultSet {
@@ -68,30 +106,32 @@ function decode(raw: Raw): ResultSet {
     });
     return row;
   });
-  return {
-    columns: raw.columns,
-    columnTypes: raw.columnTypes,
-    rows,
-    rowsAffected: raw.rowsAffected,
-    lastInsertRowid: raw.lastInsertRowid == null ? undefined : BigInt(raw.lastInsertRowid),
-    toJSON() {
-      return { ...raw, lastInsertRowid: raw.lastInsertRowid?.toString() ?? null };
-    },
-  };
+  return { ...raw, rows, lastInsertRowid: raw.lastInsertRowid ?? null };
 }
 
-async function execute(statement: InStatement): Promise<ResultSet> {
-  const raw = await apiJson<Raw>("/v1/sqlite/execute", {
-    method: "POST",
-    body: JSON.stringify({ statement: encode(statement) }),
-  });
-  return decode(raw);
+async function post<T>(path: string, body: unknown): Promise<T> {
+  try {
+    return await apiJson<T>(path, { method: "POST", body: JSON.stringify(body) });
+  } catch (e) {
+    const code = e instanceof ValTownApiError ? sqliteCode(e) : undefined;
+    if (code) throw new LibsqlError((e as Error).message, ...code);
+    throw e;
+  }
 }
 
+/** `execute(statement)`, or libsql's `execute(sql, args)`. */
+async function execute(statement: InStatement, args?: InArgs): Promise<ResultSet> {
+  const full = typeof statement === "string" && args !== undefined
+    ? { sql: statement, args }
+    : statement;
+  return decode(await post<Raw>("/v1/sqlite/execute", { statement: encode(full) }));
+}
+
+/** All statements in one transaction: all of them happen, or none. */
 async function batch(statements: InStatement[], mode?: TransactionMode): Promise<ResultSet[]> {
-  const raw = await apiJson<Raw[]>("/v1/sqlite/batch", {
-    method: "POST",
-    body: JSON.stringify({ statements: statements.map(encode), ...(mode ? { mode } : {}) }),
+  const raw = await post<Raw[]>("/v1/sqlite/batch", {
+    statements: statements.map(encode),
+    ...(mode ? { mode } : {}),
   });
   return raw.map(decode);
 }

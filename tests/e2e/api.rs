@@ -807,6 +807,7 @@ async fn errors_are_json_everywhere() {
         (
             c.post(format!("{}/v1/vals", server.url))
                 .bearer_auth(&token)
+                .header("content-type", "application/x-www-form-urlencoded")
                 .body("{}"),
             415,
             "unsupported_media_type",

@@ -24,8 +24,11 @@ const FILES: &[(&str, &str)] = runtime_files!(
     "esm/sqlite",
     "esm/email",
     "esm/API_URL",
+    "esm/ValTownBlobError",
+    "esm/ValTownBlobNotFoundError",
     "esm/blob.d/main.ts",
     "esm/sqlite.d/main.ts",
+    "esm/sqlite.d/global.ts",
     "esm/email.d/main.ts",
     "esm/API_URL.d/main.ts",
 );

@@ -8,6 +8,7 @@ mod runs;
 mod sqlite;
 mod tokens;
 mod vals;
+mod vals_v2;
 mod well_known;
 
 /// The JSON shape of a token, shared with the CLI's `--json`.
@@ -18,8 +19,9 @@ pub mod tokens_json {
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Router, middleware};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -52,6 +54,10 @@ fn v1(max_body: usize) -> Router<AppState> {
             "/v1/vals/{id}/scope-requests/{scope}/{decision}",
             post(vals::decide_scope_request),
         )
+        .route("/v2/vals", get(vals_v2::list).post(vals_v2::create))
+        // Deleting is the same act in both versions.
+        .route("/v2/vals/{id}", get(vals_v2::get).delete(vals::delete))
+        .route("/v2/me/vals", get(vals_v2::list_mine))
         .route("/v1/runs/{id}", get(runs::get))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route(
@@ -61,6 +67,7 @@ fn v1(max_body: usize) -> Router<AppState> {
                 .delete(tokens::revoke),
         )
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(lenient_json))
         .layer(DefaultBodyLimit::max(max_body))
 }
 
@@ -148,9 +155,47 @@ pub(crate) async fn blocking<T: Send + 'static>(
     Ok(state.store.call(f).await?)
 }
 
+/// The URL of `path` on this server as people reach it (`--public-url`),
+/// for the `links` and `url` fields the hosted API's answers carry.
+pub(crate) fn public_link(state: &AppState, path: &str) -> String {
+    format!("{}{path}", state.config.public_url.trim_end_matches('/'))
+}
+
+/// Lets the API's JSON bodies arrive without `Content-Type:
+/// application/json`. The hosted std library (and vals that copy it) posts
+/// `JSON.stringify(...)` with no content type, which `fetch` sends as
+/// `text/plain;charset=UTF-8`; the hosted API reads such bodies as JSON, so
+/// valet does too. Other types (forms, multipart) still get a 415 from
+/// [`json_body`]. This is safe because the API authenticates only by the
+/// `Authorization` header, never by cookie: a cross-site form that can send
+/// `text/plain` without a preflight carries no credential here. Layered on
+/// the API routes only, never on the pages (which take forms) or http vals.
+async fn lenient_json(mut request: Request, next: Next) -> Response {
+    let has_body = matches!(
+        *request.method(),
+        Method::POST | Method::PUT | Method::PATCH
+    );
+    let plain = match request.headers().get(header::CONTENT_TYPE) {
+        None => true,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/plain")),
+    };
+    if has_body && plain {
+        request.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    next.run(request).await
+}
+
 /// A JSON body, or a 4xx that names what is wrong with it. Handlers call
 /// this after their scope check, so a caller without the scope learns
-/// nothing about the body's shape.
+/// nothing about the body's shape. A body sent as `text/plain` or with no
+/// content type is read as JSON ([`lenient_json`]).
 pub(crate) fn json_body<T>(
     body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, ApiError> {
