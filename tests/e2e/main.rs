@@ -11,5 +11,6 @@ mod conformance;
 mod migration;
 mod pages;
 mod runs;
+mod sandbox;
 mod secret_scanning;
 mod support;

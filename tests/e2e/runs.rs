@@ -11,7 +11,7 @@ use valet_store::{NewVal, Outcome, User, ValKind};
 
 use crate::support::{Server, Smtp, error_code};
 
-fn spec(user: &User, code: &str, scopes: ScopeSet, timeout_ms: u64) -> RunSpec {
+pub(crate) fn spec(user: &User, code: &str, scopes: ScopeSet, timeout_ms: u64) -> RunSpec {
     RunSpec {
         user_id: user.id.clone(),
         val_id: None,
@@ -25,7 +25,7 @@ fn spec(user: &User, code: &str, scopes: ScopeSet, timeout_ms: u64) -> RunSpec {
     }
 }
 
-fn store_val(
+pub(crate) fn store_val(
     server: &Server,
     user: &User,
     name: &str,

@@ -28,6 +28,7 @@ pub struct Options {
     pub heap_mb: Option<u64>,
     pub github_keys_url: Option<String>,
     pub warm_pool: usize,
+    pub slots: Option<valet_runtime::SlotLimits>,
 }
 
 impl Server {
@@ -49,6 +50,9 @@ impl Server {
             config.api.github_keys_url = url;
         }
         config.warm_pool = options.warm_pool;
+        if let Some(slots) = options.slots {
+            config.slots = slots;
+        }
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;
         }

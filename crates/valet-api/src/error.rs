@@ -14,6 +14,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub required: Option<Scope>,
+    /// Seconds after which the same request may succeed (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -23,6 +25,15 @@ impl ApiError {
             code,
             message: message.into(),
             required: None,
+            retry_after: None,
+        }
+    }
+
+    /// Too much at once: 503 with `Retry-After`.
+    pub fn busy(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
         }
     }
 
@@ -34,6 +45,7 @@ impl ApiError {
                 "this token lacks the '{scope}' scope; grant it to the token (or to the val's runs) and try again"
             ),
             required: Some(scope),
+            retry_after: None,
         }
     }
 
@@ -70,7 +82,14 @@ impl IntoResponse for ApiError {
         if let Some(scope) = self.required {
             error["required"] = scope.to_string().into();
         }
-        (self.status, Json(serde_json::json!({ "error": error }))).into_response()
+        let mut response =
+            (self.status, Json(serde_json::json!({ "error": error }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

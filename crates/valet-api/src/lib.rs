@@ -22,7 +22,7 @@ use valet_store::Store;
 pub use auth::{Caller, Grant};
 pub use error::ApiError;
 pub use routes::tokens_json::token_json;
-pub use runner::{BoxFuture, RunSummary, Runner, ValResponse};
+pub use runner::{BoxFuture, RunRefused, RunSummary, Runner, ValResponse};
 
 /// Limits and settings of the API.
 #[derive(Debug, Clone)]

@@ -25,10 +25,22 @@ pub struct RunSummary {
 #[derive(Debug, Clone, Copy)]
 pub struct ValResponse;
 
+/// Why a run could not be made (the val failing is a summary, not this).
+#[derive(Debug, Clone)]
+pub enum RunRefused {
+    /// No run slot within the wait: retry after this many seconds.
+    Busy { message: String, retry_after: u64 },
+    /// Anything else; the detail is for the log.
+    Failed(String),
+}
+
 pub trait Runner: Send + Sync {
     /// Runs a script or cron val to completion.
-    fn run_val(&self, val: Val, trigger: &'static str)
-    -> BoxFuture<'_, Result<RunSummary, String>>;
+    fn run_val(
+        &self,
+        val: Val,
+        trigger: &'static str,
+    ) -> BoxFuture<'_, Result<RunSummary, RunRefused>>;
 
     /// Runs an http val for one request and streams its response back.
     fn serve_http(&self, val: Val, request: Request<Body>) -> BoxFuture<'_, Response<Body>>;

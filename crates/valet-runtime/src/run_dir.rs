@@ -52,6 +52,11 @@ impl RunRoot {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Removes the root and everything under it (at shutdown).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 impl Drop for RunRoot {

@@ -237,6 +237,7 @@ impl Supervisor {
     pub async fn drain(&self, limit: Duration) {
         self.inner.slots.drain(limit).await;
         self.inner.pool.close();
+        self.inner.launcher.root.remove();
     }
 
     /// A process for `spec`: a warm one when its code is stored, or one

@@ -99,6 +99,9 @@ pub struct Host {
     pub store: Store,
     pub state: AppState,
     shutdown: watch::Sender<bool>,
+    /// The API served on run channels; cleared at shutdown, which breaks
+    /// the cycle supervisor -> channel -> API -> supervisor.
+    channel_app: watch::Sender<Option<axum::Router>>,
     tasks: JoinSet<()>,
 }
 
@@ -222,6 +225,7 @@ impl Host {
             store,
             state,
             shutdown,
+            channel_app,
             tasks,
         })
     }
@@ -231,6 +235,7 @@ impl Host {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         self.supervisor.drain(Duration::from_secs(30)).await;
+        self.channel_app.send_replace(None);
         while self.tasks.join_next().await.is_some() {}
         self.store.flush_audit();
     }

@@ -4,8 +4,8 @@
 
 use axum::body::Body;
 use axum::http::{Request, Response};
-use valet_api::{BoxFuture, RunSummary, Runner, ValResponse};
-use valet_runtime::{HttpRunError, RunBody, RunSpec, Supervisor};
+use valet_api::{BoxFuture, RunRefused, RunSummary, Runner, ValResponse};
+use valet_runtime::{HttpRunError, RunBody, RunSpec, RuntimeError, Supervisor};
 use valet_store::Val;
 
 /// Runs vals for the API.
@@ -17,13 +17,19 @@ impl Runner for SupervisorRunner {
         &self,
         val: Val,
         trigger: &'static str,
-    ) -> BoxFuture<'_, Result<RunSummary, String>> {
+    ) -> BoxFuture<'_, Result<RunSummary, RunRefused>> {
         Box::pin(async move {
             let out = self
                 .0
                 .run(RunSpec::for_val(&val, trigger))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| match e {
+                    RuntimeError::Busy(busy) => RunRefused::Busy {
+                        message: busy.0,
+                        retry_after: busy.1,
+                    },
+                    e => RunRefused::Failed(e.to_string()),
+                })?;
             Ok(RunSummary {
                 run_id: out.run_id,
                 outcome: out.outcome,
@@ -57,6 +63,11 @@ pub fn http_response(result: Result<Response<RunBody>, HttpRunError>) -> Respons
             let body = serde_json::json!({ "error": { "code": e.code, "message": e.message } });
             let mut response = Response::new(Body::from(body.to_string()));
             *response.status_mut() = e.status;
+            if let Some(seconds) = e.retry_after {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, seconds.into());
+            }
             response.headers_mut().insert(
                 axum::http::header::CONTENT_TYPE,
                 axum::http::HeaderValue::from_static("application/json"),

@@ -34,7 +34,13 @@ pub async fn run_val(
     let summary = runner
         .run_val(val, "api")
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(|refused| match refused {
+            crate::RunRefused::Busy {
+                message,
+                retry_after,
+            } => ApiError::busy(message, retry_after),
+            crate::RunRefused::Failed(cause) => ApiError::internal(cause),
+        })?;
     Ok(Json(summary))
 }
 
