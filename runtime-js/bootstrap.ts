@@ -33,6 +33,9 @@ interface Claim {
   env: Record<string, string>;
   lastRunAt?: string | null;
   runId: string;
+  /** A hot http process: many requests, each its own run, whose key
+   * arrives with the request. */
+  hot?: boolean;
 }
 
 const config: Config = JSON.parse(Deno.args[0] ?? "{}");
@@ -66,15 +69,22 @@ async function readClaim(): Promise<Claim> {
 // --- Environment: read-only; the run's variables arrive in the claim. ---
 const env = Deno.env;
 const frozenEnv: Record<string, string> = {};
+/** The current request's own variables (its key), in a hot process. */
+let requestEnv: () => Record<string, string> | undefined = () => undefined;
+const lookup = (key: string): string | undefined => {
+  const own = requestEnv();
+  if (own && Object.hasOwn(own, key)) return own[key];
+  return Object.hasOwn(frozenEnv, key) ? frozenEnv[key] : undefined;
+};
 const readOnly = () => {
   throw new TypeError("the environment of a valet run is read-only");
 };
 for (const [name, value] of [
   ["set", readOnly],
   ["delete", readOnly],
-  ["toObject", () => ({ ...frozenEnv })],
-  ["has", (key: string) => Object.hasOwn(frozenEnv, key)],
-  ["get", (key: string) => (Object.hasOwn(frozenEnv, key) ? frozenEnv[key] : undefined)],
+  ["toObject", () => ({ ...frozenEnv, ...requestEnv() })],
+  ["has", (key: string) => lookup(key) !== undefined],
+  ["get", lookup],
 ] as const) {
   Object.defineProperty(env, name, { value, writable: false, configurable: false });
 }
@@ -262,6 +272,7 @@ async function start(val: Record<string, unknown>, claim: Claim): Promise<void> 
           "an http val must export a default function (req: Request) => Response",
         );
       }
+      const serve = claim.hot ? await hotHandler(handler, main) : (req: Request) => handler.call(main, req);
       Deno.serve({
         path: config.httpSocket,
         transport: "unix",
@@ -273,8 +284,55 @@ async function start(val: Record<string, unknown>, claim: Claim): Promise<void> 
           void report({ t: "handler_error", run: claim.runId });
           return new Response("Internal Server Error", { status: 500 });
         },
-      }, (req) => handler.call(main, req));
+      }, serve);
       return;
     }
   }
+}
+
+interface RequestRun {
+  run: string;
+  key: string;
+}
+
+/** A hot process's handler: each request runs in its own context, so its
+ * key (`Deno.env.get("valtown")`), its logs and its errors are its own. */
+async function hotHandler(
+  handler: (req: Request) => unknown,
+  main: unknown,
+): Promise<(req: Request) => Promise<Response>> {
+  const { AsyncLocalStorage } = await import("node:async_hooks");
+  const context = new AsyncLocalStorage<RequestRun>();
+  requestEnv = () => {
+    const run = context.getStore();
+    return run ? { valtown: run.key, VAL_TOWN_API_KEY: run.key } : undefined;
+  };
+  for (const [method, stream] of [
+    ["log", "out"], ["info", "out"], ["debug", "out"], ["warn", "err"], ["error", "err"],
+  ] as const) {
+    const original = console[method].bind(console);
+    console[method] = (...args: unknown[]) => {
+      const run = context.getStore();
+      if (!run) return original(...args);
+      const text = args.map((a) => typeof a === "string" ? a : Deno.inspect(a)).join(" ");
+      for (const line of text.split("\n")) void report({ t: "log", run: run.run, s: stream, line });
+    };
+  }
+  return async (req: Request) => {
+    const header = req.headers.get("x-valet-run");
+    if (!header) return new Response("Bad Gateway", { status: 502 });
+    const run: RequestRun = JSON.parse(header);
+    const headers = new Headers(req.headers);
+    headers.delete("x-valet-run");
+    const own = new Request(req, { headers });
+    return await context.run(run, async () => {
+      try {
+        return await (handler.call(main, own) as Promise<Response>);
+      } catch (error) {
+        logError("Uncaught error in http handler:", error);
+        void report({ t: "handler_error", run: run.run });
+        return new Response("Internal Server Error", { status: 500 });
+      }
+    });
+  };
 }

@@ -11,11 +11,16 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::watch;
+
+use crate::logs::LogBuffer;
 
 /// What the bootstrap has reported so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,8 +35,8 @@ pub struct Reported {
     pub uncaught: bool,
     /// An allocation failed (`ArrayBuffer`, Wasm memory): out of memory.
     pub oom: bool,
-    /// Runs (request ids) whose http handler threw.
-    pub handler_errors: Vec<String>,
+    /// Runs (requests) whose http handler threw.
+    pub handler_errors: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,13 +52,24 @@ enum Event {
         #[serde(default)]
         run: String,
     },
+    /// A line a request of a hot process logged.
+    Log {
+        run: String,
+        #[serde(default)]
+        s: String,
+        line: String,
+    },
 }
+
+/// The logs of the runs a hot process is serving, by run id.
+type RunLogs = Arc<Mutex<HashMap<String, LogBuffer>>>;
 
 /// The supervisor's end of one process's control channel.
 pub struct Control {
     path: PathBuf,
     state: watch::Receiver<Reported>,
     claim: tokio::sync::oneshot::Sender<String>,
+    logs: RunLogs,
 }
 
 impl Control {
@@ -73,6 +89,8 @@ impl Control {
         let (tx, state) = watch::channel(Reported::default());
         let (claim, claim_rx) = tokio::sync::oneshot::channel::<String>();
         let unlink = path.clone();
+        let logs: RunLogs = Arc::default();
+        let run_logs = logs.clone();
         tasks.spawn(async move {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
@@ -99,6 +117,12 @@ impl Control {
                     line = lines.next_line() => {
                         let Ok(Some(line)) = line else { break };
                         match serde_json::from_str::<Event>(&line) {
+                            Ok(Event::Log { run, s, line }) => {
+                                let logs = run_logs.lock().ok().and_then(|l| l.get(&run).cloned());
+                                if let Some(logs) = logs {
+                                    logs.push(if s == "err" { "err" } else { "out" }, &line);
+                                }
+                            }
                             Ok(event) => tx.send_modify(|r| apply(r, event)),
                             Err(e) => tracing::warn!(error = %e, "unreadable control event"),
                         }
@@ -106,13 +130,21 @@ impl Control {
                 }
             }
         });
-        Ok(Control { path, state, claim })
+        Ok(Control {
+            path,
+            state,
+            claim,
+            logs,
+        })
     }
 
     /// Sends the claim (one JSON line). Only once.
     pub fn claim(self, line: String) -> ControlEvents {
         let _ = self.claim.send(line);
-        ControlEvents { state: self.state }
+        ControlEvents {
+            state: self.state,
+            logs: self.logs,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -126,7 +158,10 @@ fn apply(reported: &mut Reported, event: Event) {
         Event::Listening => reported.listening = true,
         Event::Error { kind } if kind == "oom" => reported.oom = true,
         Event::Error { .. } => reported.uncaught = true,
-        Event::HandlerError { run } => reported.handler_errors.push(run),
+        Event::HandlerError { run } => {
+            reported.handler_errors.insert(run);
+        }
+        Event::Log { .. } => {}
     }
 }
 
@@ -134,11 +169,26 @@ fn apply(reported: &mut Reported, event: Event) {
 #[derive(Clone)]
 pub struct ControlEvents {
     state: watch::Receiver<Reported>,
+    logs: RunLogs,
 }
 
 impl ControlEvents {
     pub fn now(&self) -> Reported {
         self.state.borrow().clone()
+    }
+
+    /// Lines a hot process logs for `run_id` go to `logs` from now on.
+    pub fn attribute(&self, run_id: &str, logs: LogBuffer) {
+        if let Ok(mut map) = self.logs.lock() {
+            map.insert(run_id.to_owned(), logs);
+        }
+    }
+
+    /// Forgets a finished run of a hot process.
+    pub fn forget(&self, run_id: &str) {
+        if let Ok(mut map) = self.logs.lock() {
+            map.remove(run_id);
+        }
     }
 
     /// Waits for `f` to hold; false when the channel closed first.

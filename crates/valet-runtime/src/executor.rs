@@ -133,7 +133,7 @@ pub fn classify(
     run_id: &str,
     timeout: Duration,
 ) -> (Outcome, String) {
-    let handler_threw = reported.handler_errors.iter().any(|r| r == run_id);
+    let handler_threw = reported.handler_errors.contains(run_id);
     match exit {
         Exit::TimedOut => (
             Outcome::TimedOut,
@@ -187,7 +187,7 @@ mod tests {
         );
         assert_eq!(classify(Exit::TimedOut, &oom, "r", t).0, Outcome::TimedOut);
         let threw = Reported {
-            handler_errors: vec!["r".into()],
+            handler_errors: ["r".to_owned()].into(),
             ..Reported::default()
         };
         assert_eq!(classify(Exit::Stopped, &threw, "r", t).0, Outcome::Failed);

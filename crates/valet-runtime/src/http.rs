@@ -3,6 +3,8 @@
 //! streams the response back. The run ends when the response body has been
 //! sent (or the client went away, or the deadline passed).
 
+use std::future::Future;
+
 use hyper::body::{Body, Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -24,6 +26,27 @@ pub struct HttpRunError {
 }
 
 impl HttpRunError {
+    pub(crate) fn internal() -> HttpRunError {
+        HttpRunError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "run_failed",
+            "the val could not be run; the server log has the details".into(),
+        )
+    }
+
+    pub(crate) fn failed(message: String) -> HttpRunError {
+        HttpRunError::new(StatusCode::BAD_GATEWAY, "val_failed", message)
+    }
+
+    pub(crate) fn busy(busy: crate::slots::Busy) -> HttpRunError {
+        HttpRunError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "busy",
+            message: format!("this val is busy: {}", busy.0),
+            retry_after: Some(busy.1),
+        }
+    }
+
     fn new(status: StatusCode, code: &'static str, message: String) -> HttpRunError {
         HttpRunError {
             status,
@@ -35,10 +58,26 @@ impl HttpRunError {
 }
 
 /// An http val's response body, streamed from its process. Dropping it
-/// (the response was sent, or the client went away) ends the run.
+/// (the response was sent, or the client went away) ends the run; at the
+/// run's deadline it ends early.
 pub struct RunBody {
     incoming: Incoming,
     _done: DoneGuard,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl RunBody {
+    pub(crate) fn new(
+        incoming: Incoming,
+        done: DoneGuard,
+        deadline: Option<tokio::time::Instant>,
+    ) -> RunBody {
+        RunBody {
+            incoming,
+            _done: done,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        }
+    }
 }
 
 impl Body for RunBody {
@@ -49,6 +88,11 @@ impl Body for RunBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        if let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return std::task::Poll::Ready(None);
+        }
         std::pin::Pin::new(&mut self.incoming).poll_frame(cx)
     }
 
@@ -62,7 +106,13 @@ impl Body for RunBody {
 }
 
 /// Signals the reaper when the response body is finished or dropped.
-struct DoneGuard(Option<oneshot::Sender<()>>);
+pub(crate) struct DoneGuard(Option<oneshot::Sender<()>>);
+
+impl DoneGuard {
+    pub(crate) fn new(done: oneshot::Sender<()>) -> DoneGuard {
+        DoneGuard(Some(done))
+    }
+}
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
@@ -89,12 +139,10 @@ impl Supervisor {
             .slots
             .acquire(&spec.user_id, Some(&val_key))
             .await
-            .map_err(|busy| HttpRunError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                code: "busy",
-                message: format!("this val is busy: {}", busy.0),
-                retry_after: Some(busy.1),
-            })?;
+            .map_err(HttpRunError::busy)?;
+        if spec.val_id.is_some() && matches!(spec.source, crate::Source::Code(_)) {
+            return self.serve_hot(spec, request, permit).await;
+        }
         let mut active = self.begin(&spec, permit).await.map_err(|e: RuntimeError| {
             tracing::error!(error = %e, "could not start an http run");
             HttpRunError::new(
@@ -160,10 +208,7 @@ impl Supervisor {
         match result {
             Ok(response) => {
                 let (parts, incoming) = response.into_parts();
-                let body = RunBody {
-                    incoming,
-                    _done: DoneGuard(Some(done_tx)),
-                };
+                let body = RunBody::new(incoming, DoneGuard::new(done_tx), None);
                 Ok(Response::from_parts(parts, body))
             }
             Err(e) => {

@@ -19,6 +19,7 @@ use crate::channel::ApiChannel;
 use crate::control::ControlEvents;
 use crate::egress::{self, EgressAllow};
 use crate::executor::{self, Exit, Process};
+use crate::hot::{HotLimits, HotPool};
 use crate::launcher::{self, API_ORIGIN, Launcher, Started};
 use crate::os_layer::{LayerReport, OsLayer};
 use crate::pool::WarmPool;
@@ -46,6 +47,8 @@ pub struct RuntimeConfig {
     pub deno_dir: Option<PathBuf>,
     /// The uid and gid runs get when valet runs as root.
     pub sandbox_uid: u32,
+    /// Hot processes of http vals.
+    pub hot: HotLimits,
 }
 
 impl Default for RuntimeConfig {
@@ -60,6 +63,7 @@ impl Default for RuntimeConfig {
             warm_pool: 0,
             deno_dir: None,
             sandbox_uid: 65534,
+            hot: HotLimits::default(),
         }
     }
 }
@@ -118,12 +122,14 @@ pub struct Supervisor {
 }
 
 pub(crate) struct Inner {
-    store: Store,
-    keys: Arc<KeyRing>,
-    live: LiveRuns,
-    launcher: Arc<Launcher>,
+    pub(crate) store: Store,
+    pub(crate) keys: Arc<KeyRing>,
+    pub(crate) live: LiveRuns,
+    pub(crate) launcher: Arc<Launcher>,
     pub(crate) slots: Slots,
-    pool: Arc<WarmPool>,
+    pub(crate) pool: Arc<WarmPool>,
+    pub(crate) hot: HotPool,
+    pub(crate) max_log_bytes: usize,
 }
 
 /// A run between its claim and its end. Dropping it ends the key, kills
@@ -182,16 +188,27 @@ impl Supervisor {
             max_log_bytes: config.max_log_bytes,
         });
         let pool = WarmPool::new(launcher.clone(), config.warm_pool);
-        Ok(Supervisor {
-            inner: Arc::new(Inner {
-                store,
-                keys,
-                live,
-                launcher,
-                slots: Slots::new(config.slots),
-                pool,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            store,
+            keys,
+            live,
+            launcher,
+            slots: Slots::new(config.slots),
+            pool,
+            hot: HotPool::new(config.hot),
+            max_log_bytes: config.max_log_bytes,
+        });
+        // Stops idle hot processes; ends with the supervisor.
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.hot.reap();
+            }
+        });
+        Ok(Supervisor { inner })
     }
 
     /// Which OS layer confines runs.
@@ -227,6 +244,11 @@ impl Supervisor {
         self.inner.launcher.root.path()
     }
 
+    /// Hot processes of http vals alive right now.
+    pub fn hot_processes(&self) -> usize {
+        self.inner.hot.len()
+    }
+
     /// Warm processes ready right now.
     pub fn warm_ready(&self) -> usize {
         self.inner.pool.len()
@@ -237,6 +259,7 @@ impl Supervisor {
     pub async fn drain(&self, limit: Duration) {
         self.inner.slots.drain(limit).await;
         self.inner.pool.close();
+        self.inner.hot.clear();
         self.inner.launcher.root.remove();
     }
 
@@ -418,14 +441,30 @@ fn run_env(spec: &RunSpec, key: &str) -> BTreeMap<String, String> {
     env
 }
 
+/// A hot process's variables: its val's own and the API URL. Each
+/// request's key is added per request, inside the bootstrap.
+pub(crate) fn run_env_without_key(spec: &RunSpec) -> BTreeMap<String, String> {
+    let mut env = spec.env.clone();
+    env.insert("VALTOWN_API_URL".into(), API_ORIGIN.into());
+    env
+}
+
+/// Gives the runs' uid Deno's cache. Entries that vanish meanwhile (Deno
+/// renames its temporary files into place) are skipped.
 fn chown_tree(path: &std::path::Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path)? {
-            let entry = entry?;
-            if !entry.file_type()?.is_symlink() {
-                chown_tree(&entry.path(), (uid, gid))?;
-            }
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    match std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
+        Err(e) if gone(&e) => return Ok(()),
+        other => other?,
+    }
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| !t.is_symlink()) {
+            chown_tree(&entry.path(), (uid, gid))?;
         }
     }
     Ok(())

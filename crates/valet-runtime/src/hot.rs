@@ -1,0 +1,521 @@
+//! Hot http vals: a live process per val, dedicated to that val's exact
+//! code, scopes, env and timeout (never shared between vals or users),
+//! taking many requests at once. Each request is still a run: its own run
+//! record, its own valet key (live only until its response ends, accepted
+//! only through this process's channel), its own logs. Module-level state
+//! survives between requests of the same val, as on every peer platform.
+//!
+//! A process is replaced at once when its val changes (a new fingerprint),
+//! and reaped after an idle time, a maximum lifetime or a request count; a
+//! process that died between requests is replaced by the next request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::{Body, Bytes};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use valet_core::{ChannelId, LiveRun, MintRequest, ScopeSet};
+use valet_store::{NewRun, Outcome, new_id, time};
+
+use crate::control::ControlEvents;
+use crate::executor::Process;
+use crate::http::{DoneGuard, HttpRunError, RunBody};
+use crate::logs::LogBuffer;
+use crate::run_dir::RunDir;
+use crate::supervisor::{RunSpec, Source, Supervisor};
+use crate::{RuntimeError, launcher};
+
+/// The header that carries a request's run to the bootstrap over the
+/// process's private socket; a visitor's own is removed first.
+pub const RUN_HEADER: &str = "x-valet-run";
+
+/// Limits of hot processes.
+#[derive(Debug, Clone, Copy)]
+pub struct HotLimits {
+    /// Requests one process serves at once.
+    pub concurrency: usize,
+    /// A process with no request for this long is stopped.
+    pub idle: Duration,
+    /// A process older than this takes no new request.
+    pub max_life: Duration,
+    /// A process that served this many requests takes no new one.
+    pub max_requests: u64,
+}
+
+impl Default for HotLimits {
+    fn default() -> HotLimits {
+        HotLimits {
+            concurrency: 64,
+            idle: Duration::from_secs(60),
+            max_life: Duration::from_secs(15 * 60),
+            max_requests: 100_000,
+        }
+    }
+}
+
+type Fingerprint = [u8; 32];
+
+fn fingerprint(spec: &RunSpec, code: &str) -> Fingerprint {
+    let mut hash = Sha256::new();
+    for part in [
+        spec.user_id.as_bytes(),
+        spec.val_id.as_deref().unwrap_or("").as_bytes(),
+        code.as_bytes(),
+        spec.scopes.to_claim().as_bytes(),
+        &spec.timeout.as_millis().to_le_bytes(),
+    ] {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part);
+    }
+    for (name, value) in &spec.env {
+        hash.update((name.len() as u64).to_le_bytes());
+        hash.update(name.as_bytes());
+        hash.update((value.len() as u64).to_le_bytes());
+        hash.update(value.as_bytes());
+    }
+    hash.finalize().into()
+}
+
+/// One live process of one val.
+pub(crate) struct Hot {
+    fingerprint: Fingerprint,
+    // Field order is drop order: the process dies before its directory.
+    process: Mutex<Process>,
+    events: ControlEvents,
+    channel: ChannelId,
+    _tasks: JoinSet<()>,
+    dir: RunDir,
+    born: Instant,
+    last_used: Mutex<Instant>,
+    served: AtomicU64,
+    concurrency: Arc<Semaphore>,
+}
+
+impl Hot {
+    fn usable(&self, fingerprint: &Fingerprint, limits: &HotLimits) -> bool {
+        let alive = self
+            .process
+            .lock()
+            .map(|mut p| !p.has_exited())
+            .unwrap_or(false);
+        alive
+            && &self.fingerprint == fingerprint
+            && self.born.elapsed() < limits.max_life
+            && self.served.load(Ordering::Relaxed) < limits.max_requests
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Hot {
+    fn drop(&mut self) {
+        if let Ok(process) = self.process.lock() {
+            process.kill_group();
+        }
+    }
+}
+
+/// The hot processes, by val.
+#[derive(Default)]
+pub(crate) struct HotPool {
+    limits: HotLimits,
+    /// Per val: a tokio `Mutex` because starting a process is awaited
+    /// under it (requests for the same val wait for the one start); the
+    /// outer std `Mutex` is held for a map lookup only.
+    vals: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<Hot>>>>>>,
+}
+
+impl HotPool {
+    pub fn new(limits: HotLimits) -> HotPool {
+        HotPool {
+            limits,
+            vals: Mutex::default(),
+        }
+    }
+
+    fn slot(&self, val_id: &str) -> Arc<tokio::sync::Mutex<Option<Arc<Hot>>>> {
+        let mut vals = self.vals.lock().unwrap_or_else(|p| p.into_inner());
+        vals.entry(val_id.to_owned()).or_default().clone()
+    }
+
+    /// Stops processes idle past the limit.
+    pub fn reap(&self) {
+        let slots: Vec<_> = self
+            .vals
+            .lock()
+            .map(|v| v.values().cloned().collect())
+            .unwrap_or_default();
+        for slot in slots {
+            if let Ok(mut hot) = slot.try_lock()
+                && hot
+                    .as_ref()
+                    .is_some_and(|h| h.idle_for() > self.limits.idle)
+            {
+                *hot = None;
+            }
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut vals) = self.vals.lock() {
+            vals.clear();
+        }
+    }
+
+    /// Live processes.
+    pub fn len(&self) -> usize {
+        let slots: Vec<_> = self
+            .vals
+            .lock()
+            .map(|v| v.values().cloned().collect())
+            .unwrap_or_default();
+        slots
+            .iter()
+            .filter(|s| s.try_lock().map(|h| h.is_some()).unwrap_or(true))
+            .count()
+    }
+}
+
+/// One request's run on a hot process, from its start to its end.
+struct HotRun {
+    run_id: String,
+    /// The request's valet key: it travels to the process in the request's
+    /// private header, never in an environment.
+    key: String,
+    hot: Arc<Hot>,
+    logs: LogBuffer,
+    began: Instant,
+    deadline: Instant,
+    _guard: valet_core::live_runs::LiveRunGuard,
+    _permits: (crate::slots::SlotPermit, OwnedSemaphorePermit),
+}
+
+impl Supervisor {
+    /// A usable hot process for `spec`, started if needed.
+    async fn hot_for(&self, spec: &RunSpec, code: &str) -> Result<Arc<Hot>, RuntimeError> {
+        let inner = &self.inner;
+        let val_id = spec.val_id.clone().unwrap_or_default();
+        let fingerprint = fingerprint(spec, code);
+        let slot = inner.hot.slot(&val_id);
+        let mut current = slot.lock().await;
+        if let Some(hot) = current.as_ref()
+            && hot.usable(&fingerprint, &inner.hot.limits)
+        {
+            return Ok(hot.clone());
+        }
+        // Replaced: requests still in flight on the old one keep it alive
+        // until they end; then it is dropped and killed.
+        *current = None;
+        let hot = Arc::new(self.start_hot(spec, code, fingerprint).await?);
+        *current = Some(hot.clone());
+        Ok(hot)
+    }
+
+    async fn start_hot(
+        &self,
+        spec: &RunSpec,
+        code: &str,
+        fingerprint: Fingerprint,
+    ) -> Result<Hot, RuntimeError> {
+        let inner = &self.inner;
+        let started = match inner.pool.take() {
+            Some(started) => started,
+            None => {
+                let launcher = inner.launcher.clone();
+                tokio::task::spawn_blocking(move || launcher.start(&[]))
+                    .await
+                    .map_err(|e| RuntimeError::Spawn(format!("the launch task failed: {e}")))??
+            }
+        };
+        let path = started.dir.join("val.ts");
+        std::fs::write(&path, code)?;
+        let claim = serde_json::json!({
+            "kind": "http",
+            "hot": true,
+            "valUrl": launcher::file_url(&path),
+            "env": crate::supervisor::run_env_without_key(spec),
+            "runId": "",
+        });
+        let launcher::Started {
+            process,
+            control,
+            tasks,
+            channel,
+            dir,
+        } = started;
+        let mut events = control.claim(claim.to_string());
+        let ready = tokio::time::timeout(
+            spec.timeout,
+            events.wait_for(|r| r.listening || r.uncaught || r.oom),
+        )
+        .await
+        .unwrap_or(false)
+            && events.now().listening;
+        if !ready {
+            let logs = process.logs.finish();
+            return Err(RuntimeError::Spawn(format!(
+                "the val did not start listening: {}",
+                logs.lines().last().unwrap_or("no output")
+            )));
+        }
+        Ok(Hot {
+            fingerprint,
+            process: Mutex::new(process),
+            events,
+            channel,
+            _tasks: tasks,
+            dir,
+            born: Instant::now(),
+            last_used: Mutex::new(Instant::now()),
+            served: AtomicU64::new(0),
+            concurrency: Arc::new(Semaphore::new(inner.hot.limits.concurrency.max(1))),
+        })
+    }
+
+    /// Serves one request of a stored http val on its hot process.
+    pub(crate) async fn serve_hot<B>(
+        &self,
+        spec: RunSpec,
+        request: Request<B>,
+        permit: crate::slots::SlotPermit,
+    ) -> Result<Response<RunBody>, HttpRunError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Source::Code(code) = &spec.source else {
+            return Err(HttpRunError::internal());
+        };
+        let mut hot = self.hot_for(&spec, code).await.map_err(|e| {
+            tracing::warn!(error = %e, "could not start a hot process");
+            HttpRunError::failed("the val could not start; its logs are in its run records".into())
+        })?;
+        let (parts, body) = request.into_parts();
+        let mut body = Some(body);
+        let mut permit = Some(permit);
+        // Once more when the process died since its last request.
+        for attempt in 0..2 {
+            let run = self.begin_hot(&spec, hot.clone(), permit.take()).await?;
+            let mut head = Request::from_parts(parts.clone(), ());
+            head.headers_mut().remove(RUN_HEADER);
+            let context = serde_json::json!({ "run": run.run_id, "key": run.key });
+            let mut request = match body.take() {
+                Some(b) => head.map(|()| b),
+                None => break,
+            };
+            if let Ok(value) = context.to_string().parse() {
+                request.headers_mut().insert(RUN_HEADER, value);
+            }
+            let socket = hot.dir.join("http.sock");
+            let connected = tokio::net::UnixStream::connect(&socket).await;
+            let Ok(stream) = connected else {
+                // Dead between requests: replace it and try again, once.
+                self.end_hot(run, Outcome::Lost, "its process had ended")
+                    .await;
+                if attempt == 0 {
+                    *self
+                        .inner
+                        .hot
+                        .slot(spec.val_id.as_deref().unwrap_or(""))
+                        .lock()
+                        .await = None;
+                    hot = self.hot_for(&spec, code).await.map_err(|_| {
+                        HttpRunError::failed("the val could not be restarted".into())
+                    })?;
+                    // The request body was not consumed: the connection failed first.
+                    body = Some(request.into_body());
+                    permit = Some(
+                        self.inner
+                            .slots
+                            .acquire(&spec.user_id, spec.val_id.as_deref())
+                            .await
+                            .map_err(HttpRunError::busy)?,
+                    );
+                    continue;
+                }
+                return Err(HttpRunError::failed("the val is not answering".into()));
+            };
+            return self.forward_hot(run, stream, request).await;
+        }
+        Err(HttpRunError::internal())
+    }
+
+    async fn begin_hot(
+        &self,
+        spec: &RunSpec,
+        hot: Arc<Hot>,
+        permit: Option<crate::slots::SlotPermit>,
+    ) -> Result<HotRun, HttpRunError> {
+        let inner = &self.inner;
+        let Some(permit) = permit else {
+            return Err(HttpRunError::internal());
+        };
+        let process_permit = hot
+            .concurrency
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| HttpRunError::internal())?;
+        let run_id = new_id("run");
+        let started_ms = time::now_ms();
+        let start_s = (started_ms / 1000) as u64;
+        let scopes = spec.scopes.intersect(ScopeSet::all());
+        let key = inner
+            .keys
+            .mint(&MintRequest {
+                user_id: &spec.user_id,
+                val_id: spec.val_id.as_deref(),
+                run_id: &run_id,
+                scopes,
+                start: start_s,
+                deadline: start_s + spec.timeout.as_secs_f64().ceil().max(1.0) as u64,
+            })
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not mint a run key");
+                HttpRunError::internal()
+            })?;
+        let (id, user_id, val_id) = (run_id.clone(), spec.user_id.clone(), spec.val_id.clone());
+        let deadline_ms = started_ms + spec.timeout.as_millis() as i64;
+        inner
+            .store
+            .call(move |s| {
+                s.insert_run(&NewRun {
+                    id: &id,
+                    user_id: &user_id,
+                    val_id: val_id.as_deref(),
+                    trigger: "http",
+                    scopes,
+                    started_at: started_ms,
+                    deadline: deadline_ms,
+                })
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "could not record an http run");
+                HttpRunError::internal()
+            })?;
+        let guard = inner.live.begin(
+            &key,
+            LiveRun {
+                run_id: run_id.clone(),
+                user_id: spec.user_id.clone(),
+                val_id: spec.val_id.clone(),
+                scopes,
+                channel: hot.channel.clone(),
+            },
+        );
+        let logs = LogBuffer::new(inner.max_log_bytes, vec![key.clone()]);
+        hot.events.attribute(&run_id, logs.clone());
+        hot.served.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = hot.last_used.lock() {
+            *last = Instant::now();
+        }
+        let began = Instant::now();
+        Ok(HotRun {
+            run_id,
+            key,
+            hot,
+            logs,
+            began,
+            deadline: began + spec.timeout,
+            _guard: guard,
+            _permits: (permit, process_permit),
+        })
+    }
+
+    async fn forward_hot<B>(
+        &self,
+        run: HotRun,
+        stream: tokio::net::UnixStream,
+        request: Request<B>,
+    ) -> Result<Response<RunBody>, HttpRunError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let deadline = run.deadline;
+        let result = tokio::time::timeout_at(deadline, async {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        })
+        .await;
+        let response = match result {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                let run_id = run.run_id.clone();
+                tracing::info!(run_id, error = %e, "a hot val did not answer");
+                self.end_hot(run, Outcome::Failed, "the val did not answer")
+                    .await;
+                return Err(HttpRunError::failed(format!(
+                    "the val did not answer; its logs are at /v1/runs/{run_id}"
+                )));
+            }
+            Err(_) => {
+                let run_id = run.run_id.clone();
+                self.end_hot(run, Outcome::TimedOut, "no response before its deadline")
+                    .await;
+                return Err(HttpRunError::failed(format!(
+                    "the val did not answer in time; its logs are at /v1/runs/{run_id}"
+                )));
+            }
+        };
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let supervisor = self.clone();
+        tokio::spawn(async move {
+            let finished = tokio::time::timeout_at(deadline, done_rx).await.is_ok();
+            let threw = run.hot.events.now().handler_errors.contains(&run.run_id);
+            let (outcome, detail) = match (finished, threw) {
+                (false, _) => (Outcome::TimedOut, "its response outlived its deadline"),
+                (true, true) => (
+                    Outcome::Failed,
+                    "the handler threw; it answered 500 (the stack is in the logs)",
+                ),
+                (true, false) => (Outcome::Succeeded, "answered"),
+            };
+            supervisor.end_hot(run, outcome, detail).await;
+        });
+        let (parts, incoming) = response.into_parts();
+        Ok(Response::from_parts(
+            parts,
+            RunBody::new(incoming, DoneGuard::new(done_tx), Some(deadline)),
+        ))
+    }
+
+    /// Ends a request's run: its key dies first, then the record is written.
+    async fn end_hot(&self, run: HotRun, outcome: Outcome, detail: &str) {
+        let duration_ms = run.began.elapsed().as_millis() as u64;
+        run.hot.events.forget(&run.run_id);
+        let logs = run.logs.finish();
+        let run_id = run.run_id.clone();
+        drop(run);
+        let (id, d) = (run_id.clone(), detail.to_owned());
+        if let Err(e) = self
+            .inner
+            .store
+            .call(move |s| s.finish_run(&id, outcome, &d, &logs))
+            .await
+        {
+            tracing::error!(run_id, error = %e, "could not record the end of a run");
+        }
+        tracing::debug!(
+            run_id,
+            outcome = outcome.as_str(),
+            duration_ms,
+            "http run ended"
+        );
+    }
+}
