@@ -9,7 +9,7 @@ use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::{EncodePublicKey, LineEnding};
 use serde_json::json;
-use valet_core::{ScopeSet, TokenHash};
+use valet_core::{Granted, ScopeSet, TokenHash};
 
 use crate::support::{Options, Server, Smtp, error_code};
 
@@ -92,7 +92,11 @@ async fn leaked_tokens_are_revoked_labelled_and_their_owners_told_once() {
         .id;
     server
         .store
-        .revoke_token(&ada.id, &revoked_id, "revoked by its owner")
+        .revoke_token(
+            &Granted::for_operator(&ada.id),
+            &revoked_id,
+            "revoked by its owner",
+        )
         .expect("revoke");
     let unknown = valet_core::ApiToken::generate()
         .expect("rng")
@@ -307,7 +311,10 @@ fn operators_can_report_a_leak_from_the_command_line() {
     let store = valet_store::Store::open(dir.path()).expect("store");
     let user = store.user_by_name("ada").expect("q").expect("ada");
     assert_eq!(
-        store.list_emails(&user.id, 10).expect("emails").len(),
+        store
+            .list_emails(&Granted::for_operator(&user.id), 10)
+            .expect("emails")
+            .len(),
         1,
         "one email queued"
     );

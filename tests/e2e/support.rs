@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use valet_core::{ScopeSet, TokenScopes};
+use valet_core::{Granted, ScopeSet, TokenScopes};
 use valet_runtime::EgressAllow;
 use valet_server::{Host, HostConfig};
 use valet_store::{Store, User};
@@ -80,7 +80,12 @@ impl Server {
     pub fn token(&self, user: &User, scopes: ScopeSet) -> String {
         let (_, token) = self
             .store
-            .create_token(&user.id, "test", TokenScopes::Scoped(scopes), None)
+            .create_token(
+                &Granted::for_operator(&user.id),
+                "test",
+                TokenScopes::Scoped(scopes),
+                None,
+            )
             .expect("token");
         token.expose().to_owned()
     }

@@ -210,6 +210,7 @@ pub async fn verify(
         ))
     })?;
     let public_url = state.config.public_url.clone();
+    let sender = state.config.email_from.clone();
     let labels = state
         .store
         .call(move |store| {
@@ -219,7 +220,7 @@ pub async fn verify(
                     source = m.source.to_ascii_lowercase(),
                     "secret scanning report"
                 );
-                let outcome = report_leak(store, &m.token, &m.url, &public_url)?;
+                let outcome = report_leak(store, &m.token, &m.url, &sender, &public_url)?;
                 labels.push(Label {
                     token_hash: TokenHash::of(&m.token).to_hex(),
                     token_type: m.token_type,

@@ -15,6 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use valet_core::{Granted, GrantedSet, ScopeKind, ScopeSet};
 use valet_store::User;
 
 use crate::AppState;
@@ -124,6 +125,26 @@ impl FromRequestParts<AppState> for PageUser {
 }
 
 impl PageUser {
+    /// A proof of scope `S` on this person's own data. A signed-in person
+    /// is the account's owner and holds every scope (pages are not audited
+    /// as scope uses: the audit log is of tokens and runs).
+    pub fn grant<S: ScopeKind>(&self) -> Granted<S> {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a signed-in person is the account's owner, with every scope"
+        )]
+        Granted::for_operator(&self.user.id)
+    }
+
+    /// Proof that this person holds every scope (what hands power on).
+    pub fn grant_all(&self) -> GrantedSet {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a signed-in person is the account's owner, with every scope"
+        )]
+        GrantedSet::for_operator(&self.user.id, ScopeSet::all())
+    }
+
     /// Refuses a form without this session's CSRF token.
     pub fn check_csrf(&self, submitted: &str) -> Result<(), CsrfRefused> {
         if bool::from(self.csrf.as_bytes().ct_eq(submitted.as_bytes())) {
