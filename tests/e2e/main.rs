@@ -13,3 +13,4 @@ mod pages;
 mod runs;
 mod secret_scanning;
 mod support;
+mod trust;

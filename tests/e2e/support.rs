@@ -26,6 +26,9 @@ pub struct Options {
     pub heap_mb: Option<u64>,
     pub github_keys_url: Option<String>,
     pub warm_pool: usize,
+    pub public_url: Option<String>,
+    pub email_from: Option<String>,
+    pub email_quota: Option<valet_store::EmailQuota>,
 }
 
 impl Server {
@@ -47,6 +50,15 @@ impl Server {
             config.api.github_keys_url = url;
         }
         config.warm_pool = options.warm_pool;
+        if let Some(url) = options.public_url {
+            config.api.public_url = url;
+        }
+        if let Some(from) = options.email_from {
+            config.api.email_from = from;
+        }
+        if let Some(quota) = options.email_quota {
+            config.api.email_quota = quota;
+        }
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;
         }

@@ -44,14 +44,30 @@ fn mac(key: &[u8], id: &str) -> String {
     URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
 }
 
+/// `; Secure` when people reach valet over https: the cookie then never
+/// travels in clear text.
+pub fn secure_attribute(state: &AppState) -> &'static str {
+    if state
+        .config
+        .public_url
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
 /// Starts a session; returns the `Set-Cookie` value.
 pub async fn start(state: &AppState, user_id: &str) -> Result<String, String> {
     let id = random_token()?;
     let csrf = random_token()?;
     let cookie = format!(
-        "{COOKIE}={id}.{}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{COOKIE}={id}.{}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         mac(&state.session_key, &id),
-        SESSION_TTL_MS / 1000
+        SESSION_TTL_MS / 1000,
+        secure_attribute(state)
     );
     let user_id = user_id.to_owned();
     state
@@ -62,8 +78,11 @@ pub async fn start(state: &AppState, user_id: &str) -> Result<String, String> {
     Ok(cookie)
 }
 
-pub fn clear_cookie() -> String {
-    format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+pub fn clear_cookie(state: &AppState) -> String {
+    format!(
+        "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        secure_attribute(state)
+    )
 }
 
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

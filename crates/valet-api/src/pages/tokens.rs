@@ -71,7 +71,7 @@ async fn render(
                 h2 { "Your new token “" (name) "”" }
                 p.notice { strong { "Copy it now: " } "this is the only time valet shows it. Store it somewhere safe, never in code." }
                 div.secret #token-value { (token) }
-                p { button type="button" #copy-token onclick="navigator.clipboard.writeText(document.getElementById('token-value').textContent).then(()=>{this.textContent='Copied'})" { "Copy" } }
+                p { button type="button" #copy-token data-copy="token-value" { "Copy" } }
             }
         }
         section {
@@ -108,7 +108,7 @@ async fn render(
                                             }
                                         }
                                         form method="post" action=(format!("/settings/tokens/{}/revoke", t.id))
-                                            onsubmit=(format!("return confirm('Revoke “{}”? Anything using it stops working.')", t.name.replace(['\'', '"', '\\'], ""))) {
+                                            data-confirm=(format!("Revoke “{}”? Anything using it stops working.", t.name)) {
                                             input type="hidden" name="csrf" value=(csrf);
                                             p { button.danger type="submit" { "Revoke" } }
                                         }

@@ -108,12 +108,12 @@ async fn render(state: &AppState, user: &PageUser, key: String, error: Option<St
                     div.notice data-scope=(r.scope.to_string()) {
                         p { "This val asked for " code { (r.scope.to_string()) } " — refused " (r.count) " time(s), last at " (r.last_at.replace('T', " ").chars().take(19).collect::<String>()) " on " code { (r.sample_route) } "."
                             @if r.scope.is_risky() { " " span.risky { "⚠ lets this val change code or credentials." } } }
-                        form method="post" action=(format!("{base}/scope-requests/{}/allow", r.scope)) style="display:inline" {
+                        form method="post" action=(format!("{base}/scope-requests/{}/allow", r.scope)) class="inline" {
                             input type="hidden" name="csrf" value=(csrf);
                             button.primary type="submit" { "Allow" }
                         }
                         " "
-                        form method="post" action=(format!("{base}/scope-requests/{}/deny", r.scope)) style="display:inline" {
+                        form method="post" action=(format!("{base}/scope-requests/{}/deny", r.scope)) class="inline" {
                             input type="hidden" name="csrf" value=(csrf);
                             button type="submit" { "Deny" }
                         }
