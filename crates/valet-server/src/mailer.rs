@@ -175,4 +175,35 @@ mod tests {
         assert!(SmtpRelay::parse("http://x").is_err());
         assert!(SmtpRelay::parse("smtp://:25").is_err());
     }
+
+    #[test]
+    fn custom_headers_add_never_replace() {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("X-Val".to_owned(), "demo".to_owned());
+        headers.insert(
+            "List-Unsubscribe".to_owned(),
+            "<https://example.com/u>".to_owned(),
+        );
+        let message = EmailMessage::new(valet_store::EmailDraft {
+            from: "\"ada via valet\" <valet@valet.localhost>".into(),
+            to: vec!["ada@example.com".into()],
+            subject: "Hi".into(),
+            text: Some("x".into()),
+            headers,
+            ..Default::default()
+        })
+        .expect("valid");
+        let text = String::from_utf8(build(&message).expect("build").formatted()).expect("utf-8");
+        let from: Vec<&str> = text.lines().filter(|l| l.starts_with("From:")).collect();
+        assert_eq!(from, ["From: \"ada via valet\" <valet@valet.localhost>"]);
+        assert!(text.contains("X-Val: demo"), "{text}");
+        assert!(
+            text.contains("List-Unsubscribe: <https://example.com/u>"),
+            "{text}"
+        );
+        // A message carrying From as a custom header cannot even be made,
+        // not from a draft and not from a stored row.
+        let forged = r#"{"from":"valet@valet.localhost","to":["a@b.io"],"headers":{"From":"ceo@paypal.com"}}"#;
+        assert!(serde_json::from_str::<EmailMessage>(forged).is_err());
+    }
 }

@@ -430,13 +430,21 @@ mod tests {
                 at: time::now_ms(),
             }])
             .expect("audit");
-        let summary = store
-            .migrate_scopes(&MigrationOptions::default(), |_, _| {})
-            .expect("migrate");
+        let options = MigrationOptions {
+            email_from: "ops@valet.example".into(),
+            ..MigrationOptions::default()
+        };
+        let summary = store.migrate_scopes(&options, |_, _| {}).expect("migrate");
         assert_eq!(
             (summary.migrated, summary.held, summary.owners_emailed),
             (1, 1, 1)
         );
+        // The owner's email comes from the configured sender.
+        let emails = store
+            .list_emails(&Granted::for_operator(&user.id), 10)
+            .expect("emails");
+        assert_eq!(emails.len(), 1);
+        assert_eq!(emails[0].message.from(), "\"valet\" <ops@valet.example>");
         assert_eq!(
             store.token_by_id(&reader.id).expect("t").scopes,
             TokenScopes::Scoped(ScopeSet::default_val())
