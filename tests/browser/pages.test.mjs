@@ -15,6 +15,10 @@ const artifacts = join(root, "tests/artifacts");
 const data = mkdtempSync(join(tmpdir(), "valet-pages-"));
 const password = "correct horse battery";
 let server, browser, base, page, valId, runner;
+// What the pages' CSP blocked, and the confirmations shown: the pages'
+// script is served by valet and must run under its strict CSP.
+const blocked = [];
+const dialogs = [];
 
 function cli(args, input) {
   const r = spawnSync(valet, ["--data-dir", data, ...args], { input, encoding: "utf8" });
@@ -67,7 +71,8 @@ export default async function () {
   });
   const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
   page = await context.newPage();
-  page.on("dialog", (dialog) => dialog.accept());
+  page.on("dialog", (dialog) => { dialogs.push(dialog.message()); dialog.accept(); });
+  page.on("console", (m) => { if (/Content Security Policy/i.test(m.text())) blocked.push(m.text()); });
 });
 
 after(async () => {
@@ -124,6 +129,8 @@ test("sign in, make a blob:read token, widen it, revoke it", async () => {
   await again.getByRole("button", { name: "Revoke" }).click();
   await page.waitForURL(base + "/settings/tokens");
   assert.match(await page.locator("tr", { hasText: "browser-test" }).first().textContent(), /revoked/);
+  assert.ok(dialogs.some((m) => m.startsWith("Revoke")), `the confirmation was shown: ${dialogs}`);
+  assert.deepEqual(blocked, [], "nothing the pages use is blocked by their CSP");
   await shot("04-token-revoked");
   assert.equal((await api(token, "/v1/blob")).status, 401);
 });

@@ -3,7 +3,7 @@
 
 use reqwest::Method;
 use serde_json::json;
-use valet_core::{Scope, ScopeSet, TokenScopes};
+use valet_core::{Granted, GrantedSet, Scope, ScopeSet, TokenScopes};
 
 use crate::support::{Server, Smtp, error_code};
 
@@ -48,7 +48,8 @@ async fn routes(server: &Server, user: &valet_store::User) -> Vec<Route> {
     let val = server
         .store
         .create_val(
-            &user.id,
+            &Granted::for_operator(&user.id),
+            &GrantedSet::for_operator(&user.id, ScopeSet::all()),
             valet_store::NewVal {
                 name: format!("v{}", rand_suffix()),
                 kind: valet_store::ValKind::Script,
@@ -63,7 +64,7 @@ async fn routes(server: &Server, user: &valet_store::User) -> Vec<Route> {
     let (token, _) = server
         .store
         .create_token(
-            &user.id,
+            &Granted::for_operator(&user.id),
             "target",
             TokenScopes::Scoped(ScopeSet::EMPTY),
             None,
@@ -72,7 +73,7 @@ async fn routes(server: &Server, user: &valet_store::User) -> Vec<Route> {
     server
         .store
         .blob_put(
-            &user.id,
+            &Granted::for_operator(&user.id),
             &valet_store::BlobKey::parse("k").expect("key"),
             b"v",
             1 << 20,
@@ -221,7 +222,7 @@ async fn every_route_refuses_missing_bad_expired_and_revoked_tokens() {
     let (expired_record, expired) = server
         .store
         .create_token(
-            &user.id,
+            &Granted::for_operator(&user.id),
             "old",
             TokenScopes::Scoped(ScopeSet::all()),
             Some(1),
@@ -236,7 +237,7 @@ async fn every_route_refuses_missing_bad_expired_and_revoked_tokens() {
         .expect("found");
     server
         .store
-        .revoke_token(&user.id, &revoked_record.id, "test")
+        .revoke_token(&Granted::for_operator(&user.id), &revoked_record.id, "test")
         .expect("revoke");
     let forged_jwt = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.";
     let cases: Vec<(Option<&str>, &str)> = vec![
@@ -676,7 +677,10 @@ async fn email_reaches_a_real_smtp_server_and_header_injection_is_refused() {
         assert_eq!((status, code.as_str()), (400, "invalid_email"), "{body}");
     }
     // Refused messages never reach the outbox, so nothing else can be sent.
-    let outbox = server.store.list_emails(&ada.id, 10).expect("outbox");
+    let outbox = server
+        .store
+        .list_emails(&valet_core::Granted::for_operator(&ada.id), 10)
+        .expect("outbox");
     assert_eq!(outbox.len(), 1, "nothing else was queued");
     assert_eq!(smtp.messages().len(), 1, "nothing else was sent");
     server.stop().await;

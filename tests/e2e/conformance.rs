@@ -27,9 +27,9 @@ async fn the_conformance_suite_passes_and_delivers_its_email() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(passed >= 60, "only {passed} cases");
-    // Five cases send one email each; all reached the SMTP server.
-    let messages = smtp.wait_for(5).await;
-    assert_eq!(messages.len(), 5, "{messages:#?}");
+    // Seven cases send one email each; all reached the SMTP server.
+    let messages = smtp.wait_for(7).await;
+    assert_eq!(messages.len(), 7, "{messages:#?}");
     assert!(
         messages.iter().any(|m| m.contains("notes.txt")),
         "the attachment arrived"
@@ -37,5 +37,9 @@ async fn the_conformance_suite_passes_and_delivers_its_email() {
     assert!(
         !messages.iter().any(|m| m.contains("victim@example.com")),
         "no injected header"
+    );
+    assert!(
+        !messages.iter().any(|m| m.contains("paypal.com")),
+        "no replaced sender"
     );
 }

@@ -14,3 +14,4 @@ mod runs;
 mod sandbox;
 mod secret_scanning;
 mod support;
+mod trust;

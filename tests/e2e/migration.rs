@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use valet_core::{Scope, ScopeSet, TokenScopes};
+use valet_core::{Granted, Scope, ScopeSet, TokenScopes};
 use valet_store::{AuditEvent, MigrationOptions, Principal, Store, time};
 
 use crate::support::{Options, Server, Smtp, error_code};
@@ -30,30 +30,52 @@ fn seed(store: &Store, owners: usize, held: usize) -> Seeded {
             .expect("user");
         for i in 0..200 {
             let (t, _) = store
-                .create_token(&user.id, &format!("plain{i}"), TokenScopes::Legacy, None)
+                .create_token(
+                    &Granted::for_operator(&user.id),
+                    &format!("plain{i}"),
+                    TokenScopes::Legacy,
+                    None,
+                )
                 .expect("t");
             audit.push(event(&user.id, &t.id, Scope::BLOB_READ, now - DAY));
         }
         if o < held {
             let (t, _) = store
-                .create_token(&user.id, "deployer", TokenScopes::Legacy, None)
+                .create_token(
+                    &Granted::for_operator(&user.id),
+                    "deployer",
+                    TokenScopes::Legacy,
+                    None,
+                )
                 .expect("t");
             audit.push(event(&user.id, &t.id, Scope::VAL_WRITE, now - 3 * DAY));
             audit.push(event(&user.id, &t.id, Scope::BLOB_READ, now - DAY));
         }
         let (old, _) = store
-            .create_token(&user.id, "old-deployer", TokenScopes::Legacy, None)
+            .create_token(
+                &Granted::for_operator(&user.id),
+                "old-deployer",
+                TokenScopes::Legacy,
+                None,
+            )
             .expect("t");
         audit.push(event(&user.id, &old.id, Scope::VAL_WRITE, now - 200 * DAY));
         for i in 0..2 {
             let (t, _) = store
-                .create_token(&user.id, &format!("revoked{i}"), TokenScopes::Legacy, None)
+                .create_token(
+                    &Granted::for_operator(&user.id),
+                    &format!("revoked{i}"),
+                    TokenScopes::Legacy,
+                    None,
+                )
                 .expect("t");
             audit.push(event(&user.id, &t.id, Scope::USER_WRITE, now - DAY));
-            store.revoke_token(&user.id, &t.id, "test").expect("revoke");
+            store
+                .revoke_token(&Granted::for_operator(&user.id), &t.id, "test")
+                .expect("revoke");
             store
                 .create_token(
-                    &user.id,
+                    &Granted::for_operator(&user.id),
                     &format!("expired{i}"),
                     TokenScopes::Legacy,
                     Some(now - DAY),
@@ -63,7 +85,7 @@ fn seed(store: &Store, owners: usize, held: usize) -> Seeded {
         for i in 0..3 {
             store
                 .create_token(
-                    &user.id,
+                    &Granted::for_operator(&user.id),
                     &format!("scoped{i}"),
                     TokenScopes::Scoped(ScopeSet::default_val()),
                     None,
@@ -95,7 +117,10 @@ fn event(user: &str, token: &str, scope: Scope, at: i64) -> AuditEvent {
 fn state(store: &Store, owners: &[String]) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for owner in owners {
-        for t in store.list_tokens(owner).expect("list") {
+        for t in store
+            .list_tokens(&Granted::for_operator(owner))
+            .expect("list")
+        {
             out.insert(
                 format!("{owner}/{}", t.name),
                 format!("{:?} {:?}", t.scopes, t.migration_state),
@@ -104,7 +129,7 @@ fn state(store: &Store, owners: &[String]) -> BTreeMap<String, String> {
         out.insert(
             format!("{owner}/emails"),
             store
-                .list_emails(owner, 100)
+                .list_emails(&Granted::for_operator(owner), 100)
                 .expect("emails")
                 .len()
                 .to_string(),
@@ -122,7 +147,10 @@ fn dump(path: &std::path::Path) -> String {
         let Some(u) = store.user_by_name(user).expect("q") else {
             continue;
         };
-        for t in store.list_tokens(&u.id).expect("list") {
+        for t in store
+            .list_tokens(&Granted::for_operator(&u.id))
+            .expect("list")
+        {
             out.push_str(&format!(
                 "{} {} {:?} {:?} {:?} {:?} {:?}\n",
                 t.id,
@@ -136,7 +164,10 @@ fn dump(path: &std::path::Path) -> String {
         }
         out.push_str(&format!(
             "emails {}\n",
-            store.list_emails(&u.id, 1000).expect("emails").len()
+            store
+                .list_emails(&Granted::for_operator(&u.id), 1000)
+                .expect("emails")
+                .len()
         ));
     }
     out
@@ -264,7 +295,7 @@ fn dry_run_changes_nothing_and_revert_restores_one_token() {
     let store = Store::open(dir.path()).expect("open");
     let owner = store.user_by_name("owner0").expect("q").expect("owner");
     let token = store
-        .list_tokens(&owner.id)
+        .list_tokens(&Granted::for_operator(&owner.id))
         .expect("list")
         .into_iter()
         .find(|t| t.name == "plain7")
@@ -300,7 +331,7 @@ fn dry_run_changes_nothing_and_revert_restores_one_token() {
     ]);
     assert!(done.status.success());
     let deployer = store
-        .list_tokens(&owner.id)
+        .list_tokens(&Granted::for_operator(&owner.id))
         .expect("list")
         .into_iter()
         .find(|t| t.name == "deployer")
@@ -310,7 +341,10 @@ fn dry_run_changes_nothing_and_revert_restores_one_token() {
         TokenScopes::Scoped(ScopeSet::default_val())
     );
     assert_eq!(
-        store.list_emails(&owner.id, 10).expect("emails").len(),
+        store
+            .list_emails(&Granted::for_operator(&owner.id), 10)
+            .expect("emails")
+            .len(),
         2,
         "held email, then the finish email"
     );
@@ -328,15 +362,30 @@ async fn held_owners_get_one_email_and_migrated_tokens_lose_val_write() {
     let bob = server.user("bob");
     let (_, legacy) = server
         .store
-        .create_token(&ada.id, "old", TokenScopes::Legacy, None)
+        .create_token(
+            &Granted::for_operator(&ada.id),
+            "old",
+            TokenScopes::Legacy,
+            None,
+        )
         .expect("t");
     let (deployer, _) = server
         .store
-        .create_token(&bob.id, "deploy", TokenScopes::Legacy, None)
+        .create_token(
+            &Granted::for_operator(&bob.id),
+            "deploy",
+            TokenScopes::Legacy,
+            None,
+        )
         .expect("t");
     let (deployer2, _) = server
         .store
-        .create_token(&bob.id, "deploy2", TokenScopes::Legacy, None)
+        .create_token(
+            &Granted::for_operator(&bob.id),
+            "deploy2",
+            TokenScopes::Legacy,
+            None,
+        )
         .expect("t");
     let now = time::now_ms();
     server
@@ -393,7 +442,13 @@ async fn held_owners_get_one_email_and_migrated_tokens_lose_val_write() {
         .expect("list");
     assert_eq!(r.status(), 200, "a migrated token still reads blobs");
     // The outbox is what the mailer sends: one email, to bob.
-    let queued = |user: &str| server.store.list_emails(user, 10).expect("outbox").len();
+    let queued = |user: &str| {
+        server
+            .store
+            .list_emails(&valet_core::Granted::for_operator(user), 10)
+            .expect("outbox")
+            .len()
+    };
     assert_eq!(
         (queued(&bob.id), queued(&ada.id)),
         (1, 0),

@@ -3,7 +3,7 @@
 
 use reqwest::redirect::Policy;
 use reqwest::{Client, StatusCode};
-use valet_core::{ScopeSet, TokenScopes};
+use valet_core::{Granted, GrantedSet, ScopeSet, TokenScopes};
 
 use crate::support::Server;
 
@@ -148,13 +148,20 @@ async fn pages_need_a_session_and_forms_need_csrf() {
         StatusCode::FORBIDDEN
     );
     assert!(
-        server.store.list_tokens(&ada.id).expect("list").is_empty(),
+        server
+            .store
+            .list_tokens(&Granted::for_operator(&ada.id))
+            .expect("list")
+            .is_empty(),
         "refused forms created nothing"
     );
     let ok = create(&csrf).await.expect("post");
     assert_eq!(ok.status(), 200);
     assert!(ok.text().await.expect("html").contains("vlt_"));
-    let tokens = server.store.list_tokens(&ada.id).expect("list");
+    let tokens = server
+        .store
+        .list_tokens(&Granted::for_operator(&ada.id))
+        .expect("list");
     assert_eq!(tokens.len(), 1);
     assert_eq!(
         tokens[0].scopes,
@@ -191,12 +198,18 @@ async fn users_cannot_reach_each_others_tokens_or_vals_by_url() {
     user_with_password(&server, "bob");
     let (ada_token, _) = server
         .store
-        .create_token(&ada.id, "adas", TokenScopes::Scoped(ScopeSet::all()), None)
+        .create_token(
+            &Granted::for_operator(&ada.id),
+            "adas",
+            TokenScopes::Scoped(ScopeSet::all()),
+            None,
+        )
         .expect("t");
     let val = server
         .store
         .create_val(
-            &ada.id,
+            &Granted::for_operator(&ada.id),
+            &GrantedSet::for_operator(&ada.id, ScopeSet::all()),
             valet_store::NewVal {
                 name: "private".into(),
                 kind: valet_store::ValKind::Script,
@@ -248,11 +261,20 @@ async fn users_cannot_reach_each_others_tokens_or_vals_by_url() {
     }
     let token = server
         .store
-        .token_of_user(&ada.id, &ada_token.id)
+        .token_of_user(
+            &Granted::<valet_core::grant::UserRead>::for_operator(&ada.id),
+            &ada_token.id,
+        )
         .expect("token");
     assert!(token.revoked_at.is_none());
     assert_eq!(token.scopes, TokenScopes::Scoped(ScopeSet::all()));
-    let val = server.store.val_of_user(&ada.id, &val.id).expect("val");
+    let val = server
+        .store
+        .val_of_user(
+            &Granted::<valet_core::grant::ValRead>::for_operator(&ada.id),
+            &val.id,
+        )
+        .expect("val");
     assert_eq!(
         (val.scopes, val.timeout_ms),
         (ScopeSet::default_val(), 5000)

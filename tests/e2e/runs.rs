@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use valet_core::ScopeSet;
+use valet_core::{Granted, GrantedSet, ScopeSet};
 use valet_runtime::{RunSpec, Source};
 use valet_store::{NewVal, Outcome, User, ValKind};
 
@@ -36,7 +36,8 @@ pub(crate) fn store_val(
     server
         .store
         .create_val(
-            &user.id,
+            &Granted::for_operator(&user.id),
+            &GrantedSet::for_operator(&user.id, ScopeSet::all()),
             NewVal {
                 name: name.into(),
                 kind,
@@ -110,7 +111,15 @@ async fn std_blob_sqlite_email_work_with_default_scopes_and_val_write_is_refused
     );
     // The refusal left a scope request on the val.
     let requests = crate::support::eventually(
-        || async { server.store.scope_requests(&val.id).expect("requests") },
+        || async {
+            server
+                .store
+                .scope_requests(
+                    &Granted::<valet_core::grant::ValRead>::for_operator(&val.user_id),
+                    &val.id,
+                )
+                .expect("requests")
+        },
         |r| !r.is_empty(),
     )
     .await;
@@ -354,7 +363,7 @@ async fn limits_end_runs_on_time_and_leave_nothing_behind() {
     assert_eq!(left, 0, "a run outlived its end");
     let record = server
         .store
-        .run_of_user(&ada.id, &out.run_id)
+        .run_of_user(&Granted::for_operator(&ada.id), &out.run_id)
         .expect("record");
     assert_eq!(record.outcome, Outcome::Failed);
     assert!(record.ended_at.is_some());
@@ -461,7 +470,12 @@ async fn http_vals_answer_through_their_url_and_users_do_not_collide() {
         .expect("lookup")
         .expect("val");
     let runs = crate::support::eventually(
-        || async { server.store.runs_of_val(&val.id, 10).expect("runs") },
+        || async {
+            server
+                .store
+                .runs_of_val(&Granted::for_operator(&val.user_id), &val.id, 10)
+                .expect("runs")
+        },
         |runs| runs.len() == 3 && runs.iter().all(|r| r.outcome != Outcome::Running),
     )
     .await;
@@ -518,7 +532,7 @@ async fn scripts_run_through_the_api_and_cron_vals_get_last_run_at() {
 
     let cron = server
         .store
-        .create_val(&ada.id, NewVal {
+        .create_val(&Granted::for_operator(&ada.id), &GrantedSet::for_operator(&ada.id, ScopeSet::all()), NewVal {
             name: "tick".into(),
             kind: ValKind::Cron,
             code: "export default (i) => console.log('last', i.lastRunAt?.toISOString() ?? 'never')".into(),
@@ -530,7 +544,10 @@ async fn scripts_run_through_the_api_and_cron_vals_get_last_run_at() {
         .expect("cron val");
     let deadline = Instant::now() + Duration::from_secs(15);
     let runs = loop {
-        let runs = server.store.runs_of_val(&cron.id, 10).expect("runs");
+        let runs = server
+            .store
+            .runs_of_val(&Granted::for_operator(&ada.id), &cron.id, 10)
+            .expect("runs");
         if runs
             .iter()
             .filter(|r| r.outcome == Outcome::Succeeded)
@@ -645,7 +662,7 @@ async fn a_restarted_server_marks_interrupted_runs_lost() {
     host.shutdown().await;
     assert_eq!(
         store
-            .run_of_user(&user.id, "run_interrupted")
+            .run_of_user(&Granted::for_operator(&user.id), "run_interrupted")
             .expect("run")
             .outcome,
         Outcome::Running
@@ -658,7 +675,7 @@ async fn a_restarted_server_marks_interrupted_runs_lost() {
     host.shutdown().await;
     assert_eq!(
         store
-            .run_of_user(&user.id, "run_interrupted")
+            .run_of_user(&Granted::for_operator(&user.id), "run_interrupted")
             .expect("run")
             .outcome,
         Outcome::Lost

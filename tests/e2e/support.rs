@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use valet_core::{ScopeSet, TokenScopes};
+use valet_core::{Granted, ScopeSet, TokenScopes};
 use valet_runtime::EgressAllow;
 use valet_server::{Host, HostConfig};
 use valet_store::{Store, User};
@@ -29,6 +29,9 @@ pub struct Options {
     pub github_keys_url: Option<String>,
     pub warm_pool: usize,
     pub slots: Option<valet_runtime::SlotLimits>,
+    pub public_url: Option<String>,
+    pub email_from: Option<String>,
+    pub email_quota: Option<valet_store::EmailQuota>,
 }
 
 impl Server {
@@ -52,6 +55,15 @@ impl Server {
         config.warm_pool = options.warm_pool;
         if let Some(slots) = options.slots {
             config.slots = slots;
+        }
+        if let Some(url) = options.public_url {
+            config.api.public_url = url;
+        }
+        if let Some(from) = options.email_from {
+            config.api.email_from = from;
+        }
+        if let Some(quota) = options.email_quota {
+            config.api.email_quota = quota;
         }
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;
@@ -88,7 +100,12 @@ impl Server {
     pub fn token(&self, user: &User, scopes: ScopeSet) -> String {
         let (_, token) = self
             .store
-            .create_token(&user.id, "test", TokenScopes::Scoped(scopes), None)
+            .create_token(
+                &Granted::for_operator(&user.id),
+                "test",
+                TokenScopes::Scoped(scopes),
+                None,
+            )
             .expect("token");
         token.expose().to_owned()
     }

@@ -2,41 +2,32 @@
 //!
 //! [`Caller`] is the one extractor: it accepts an API token (`vlt_…`, looked
 //! up by hash) or a run token (a JWT whose run must still be running). A
-//! handler gets at the caller's user id only through a [`Grant`], and the
-//! only way to get a `Grant` is a scope check, so a route that forgets its
-//! check does not compile.
+//! handler gets at the caller's user id only through a proof
+//! ([`Granted`], [`GrantedSet`]) that valet-store's tenant calls demand, and
+//! the only way to get one is a scope check here, which also records the
+//! use in the audit log: a route that forgets its check does not compile,
+//! and no check goes unrecorded. (`clippy.toml` forbids this crate to make
+//! proofs anywhere else.)
 
 use axum::extract::{FromRequestParts, MatchedPath};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use valet_core::{ApiToken, ChannelId, LiveRunRefusal, Scope, ScopeSet};
-use valet_store::{AuditEvent, Principal, time};
+use valet_core::grant::{SqliteRead, SqliteWrite};
+use valet_core::{
+    ApiToken, ChannelId, Granted, GrantedSet, LiveRunRefusal, Scope, ScopeKind, ScopeSet,
+};
+use valet_store::{AuditEvent, Principal, SqliteGrants, time};
 
 use crate::{ApiError, AppState};
 
-/// An authenticated caller, not yet checked for any scope.
+/// An authenticated caller, not yet checked for any scope. Its principal
+/// and scopes are private: proofs are the way out.
+#[derive(Clone)]
 pub struct Caller {
     principal: Principal,
     scopes: ScopeSet,
     route: String,
     state: AppState,
-}
-
-/// Proof that the caller holds a scope. Carries the user id that store
-/// calls need.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    user_id: String,
-    scope: Scope,
-}
-
-impl Grant {
-    pub fn user_id(&self) -> &str {
-        &self.user_id
-    }
-
-    pub fn scope(&self) -> Scope {
-        self.scope
-    }
 }
 
 impl std::fmt::Debug for Caller {
@@ -46,52 +37,58 @@ impl std::fmt::Debug for Caller {
 }
 
 impl Caller {
-    pub fn scopes(&self) -> ScopeSet {
-        self.scopes
+    /// Checks scope `S`: a proof, with its use recorded in the audit log,
+    /// or a 403 naming the scope.
+    pub fn require<S: ScopeKind>(&self) -> Result<Granted<S>, ApiError> {
+        self.grant::<S>().ok_or_else(|| self.refuse(S::SCOPE))
     }
 
-    pub fn principal(&self) -> &Principal {
-        &self.principal
-    }
-
-    /// Checks one scope and records its use in the audit log.
-    pub fn require(&self, scope: Scope) -> Result<Grant, ApiError> {
-        let grant = self.check(scope)?;
-        self.audit(scope);
-        Ok(grant)
-    }
-
-    /// Checks that the caller holds at least one of `scopes` (the first is
-    /// named when it holds none). Records nothing: the handler calls
-    /// [`Caller::audit`] with the scope it ends up using.
-    pub fn require_any(&self, scopes: &[Scope]) -> Result<Grant, ApiError> {
-        match scopes.iter().find(|s| self.scopes.contains(**s)) {
-            Some(scope) => Ok(Grant {
-                user_id: self.principal.user_id().to_owned(),
-                scope: *scope,
-            }),
-            None => Err(self.refuse(scopes.first().copied().unwrap_or(Scope::USER_READ))),
+    /// Checks that the caller holds every scope of `wanted` (a token, a
+    /// val's runs or a change to a val's code never gets more than its
+    /// maker holds), recording each as used.
+    pub fn require_all(&self, wanted: ScopeSet) -> Result<GrantedSet, ApiError> {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the scope check itself, audited below"
+        )]
+        let proof = GrantedSet::check(self.principal.user_id(), wanted, self.scopes)
+            .map_err(ApiError::missing_scope)?;
+        for scope in wanted.iter() {
+            self.audit(scope);
         }
+        Ok(proof)
     }
 
-    /// Checks that `wanted` is within what the caller holds: a token never
-    /// hands out more than its maker has.
-    pub fn require_all(&self, wanted: ScopeSet) -> Result<(), ApiError> {
-        match wanted.minus(self.scopes).iter().next() {
-            Some(missing) => Err(ApiError::missing_scope(missing)),
-            None => Ok(()),
-        }
+    /// The part of `wanted` the caller holds, as a proof: for a new val
+    /// whose scopes the client cannot name (the hosted SDK's create), so
+    /// it gets the defaults cut down to its maker's.
+    pub fn require_within(&self, wanted: ScopeSet) -> Result<GrantedSet, ApiError> {
+        self.require_all(wanted.intersect(self.scopes))
     }
 
-    fn check(&self, scope: Scope) -> Result<Grant, ApiError> {
-        if self.scopes.contains(scope) {
-            Ok(Grant {
-                user_id: self.principal.user_id().to_owned(),
-                scope,
+    /// For the sqlite routes, whose needed access is known only as SQLite
+    /// classifies each statement: a caller holding `sqlite:read` or
+    /// `sqlite:write`, which hands the store one proof per access used,
+    /// each through the audited check.
+    pub fn require_sqlite(&self) -> Result<SqliteCaller, ApiError> {
+        if self.scopes.contains(Scope::SQLITE_READ) || self.scopes.contains(Scope::SQLITE_WRITE) {
+            Ok(SqliteCaller {
+                caller: self.clone(),
             })
         } else {
-            Err(self.refuse(scope))
+            Err(self.refuse(Scope::SQLITE_READ))
         }
+    }
+
+    /// The check behind every proof: audits what it grants.
+    fn grant<S: ScopeKind>(&self) -> Option<Granted<S>> {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "the scope check itself, audited below"
+        )]
+        let proof = Granted::<S>::check(self.principal.user_id(), self.scopes)?;
+        self.audit(S::SCOPE);
+        Some(proof)
     }
 
     /// A 403, and for a run of a val, a scope request its owner can allow.
@@ -121,7 +118,7 @@ impl Caller {
         error
     }
 
-    pub fn audit(&self, scope: Scope) {
+    fn audit(&self, scope: Scope) {
         self.state.store.audit().record(AuditEvent {
             principal: self.principal.clone(),
             scope,
@@ -131,13 +128,50 @@ impl Caller {
     }
 }
 
+/// A caller with `sqlite:read` or `sqlite:write` (see
+/// [`Caller::require_sqlite`]).
+pub struct SqliteCaller {
+    caller: Caller,
+}
+
+impl SqliteCaller {
+    /// The 403 for an access the store found missing.
+    pub fn refuse(&self, scope: Scope) -> ApiError {
+        self.caller.refuse(scope)
+    }
+}
+
+impl SqliteGrants for SqliteCaller {
+    fn owner(&self) -> &str {
+        self.caller.principal.user_id()
+    }
+
+    fn read(&mut self) -> Option<Granted<SqliteRead>> {
+        self.caller.grant()
+    }
+
+    fn write(&mut self) -> Option<Granted<SqliteWrite>> {
+        self.caller.grant()
+    }
+}
+
 fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    let header = parts
+    let mut headers = parts
         .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .ok_or_else(|| {
-            ApiError::unauthorized("missing_token", "send 'Authorization: Bearer <token>'")
-        })?;
+        .get_all(axum::http::header::AUTHORIZATION)
+        .iter();
+    let header = headers.next().ok_or_else(|| {
+        ApiError::unauthorized("missing_token", "send 'Authorization: Bearer <token>'")
+    })?;
+    // Two credentials in one request: whichever one a proxy or a framework
+    // picks, the answer would depend on it. Refuse to guess.
+    if headers.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "ambiguous_credentials",
+            "send exactly one Authorization header",
+        ));
+    }
     let value = header.to_str().map_err(|_| {
         ApiError::unauthorized("invalid_token", "the Authorization header is not text")
     })?;

@@ -108,6 +108,12 @@ impl From<StoreError> for ApiError {
                 "quota_exceeded",
                 e.to_string(),
             ),
+            StoreError::ScopeNotHeld(scope) => ApiError::missing_scope(scope),
+            StoreError::EmailQuota(over) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "email_quota_exceeded",
+                over.to_string(),
+            ),
             other => ApiError::internal(other),
         }
     }
@@ -132,6 +138,9 @@ impl From<SqlError> for ApiError {
                 "database_full",
                 e.to_string(),
             ),
+            SqlError::TooLarge(m) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "result_too_large", m)
+            }
             SqlError::Store(s) => s.into(),
         }
     }

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use valet_core::{ChannelId, KeyRing, LiveRuns};
 use valet_store::Store;
 
-pub use auth::{Caller, Grant};
+pub use auth::{Caller, SqliteCaller};
 pub use error::ApiError;
 pub use routes::tokens_json::token_json;
 pub use runner::{BoxFuture, RunRefused, RunSummary, Runner, ValResponse};
@@ -31,8 +31,11 @@ pub struct ApiConfig {
     pub blob_quota: u64,
     /// Largest request body (a blob, an email with attachments).
     pub max_body_bytes: usize,
-    /// The address valet sends email from.
+    /// The address valet sends email from: vals' mail (with the val's
+    /// display name) and valet's own (leak reports).
     pub email_from: String,
+    /// How much mail each user may send per day.
+    pub email_quota: valet_store::EmailQuota,
     /// The URL people reach this server at, for links in messages.
     pub public_url: String,
     /// Where GitHub publishes its secret-scanning signing keys.
@@ -47,7 +50,8 @@ impl Default for ApiConfig {
         ApiConfig {
             blob_quota: 100 << 20,
             max_body_bytes: 10 << 20,
-            email_from: "valet@valet.localhost".into(),
+            email_from: valet_store::DEFAULT_EMAIL_FROM.into(),
+            email_quota: valet_store::EmailQuota::default(),
             public_url: "http://127.0.0.1:7070".into(),
             github_keys_url: secret_scanning::GITHUB_KEYS_URL.into(),
             vals_domain: None,

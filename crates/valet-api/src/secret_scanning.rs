@@ -3,8 +3,9 @@
 //! them, emails each owner once, and labels every report.
 //!
 //! The signature is ECDSA P-256 / SHA-256 over the raw body, base64 DER, by
-//! a key GitHub publishes at `keys_url` (cached for 30 minutes, refetched
-//! once, at most every 10 seconds, when an unknown key id shows up).
+//! a key GitHub publishes at `keys_url`, cached for 30 minutes. Fetches are
+//! one at a time and at most one per 10 seconds in total, whatever arrives:
+//! a cold cache, a flood of made-up key ids, a key server that is down.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,15 +36,32 @@ pub struct GithubKeys {
     client: reqwest::Client,
     /// A std `Mutex`: held to read or swap the map, never across the fetch.
     cache: Mutex<Cache>,
+    /// Held across a fetch (so tokio's), making fetches one at a time:
+    /// requests that arrive during a fetch wait for it and use its result.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
 struct Cache {
     keys: HashMap<String, VerifyingKey>,
+    /// When a fetch last succeeded: the keys are fresh for [`CACHE_FOR`].
     fetched_at: Option<Instant>,
-    /// When an unknown key id last forced a refetch: a flood of made-up
-    /// key ids must not turn into a flood of requests to GitHub.
-    forced_at: Option<Instant>,
+    /// When a fetch was last started, whatever its result: the next one
+    /// waits [`REFETCH_AT_MOST_EVERY`], so no stream of requests (cold
+    /// cache, made-up key ids, a key server that is down) becomes a stream
+    /// of requests to GitHub.
+    attempted_at: Option<Instant>,
+    /// Why the last fetch failed, while no keys were ever fetched.
+    last_error: Option<KeysError>,
+}
+
+/// What the cache says about a key id without fetching.
+enum Lookup {
+    Found(VerifyingKey),
+    /// Fresh keys, or a fetch too recent to repeat: answer from the cache.
+    Settled(Option<VerifyingKey>, Option<KeysError>),
+    /// A fetch may help.
+    Fetch,
 }
 
 #[derive(Deserialize)]
@@ -57,7 +75,7 @@ struct PublishedKey {
     key: String,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KeysError {
     #[error("could not fetch GitHub's signing keys from {0}: {1}")]
     Fetch(String, String),
@@ -76,36 +94,67 @@ impl GithubKeys {
             url: url.into(),
             client,
             cache: Mutex::new(Cache::default()),
+            fetching: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The key for `kid`: from the cache, else after one fetch.
+    /// The key for `kid`: from the cache, else after a fetch if one is
+    /// allowed now.
     pub async fn key(&self, kid: &str) -> Result<Option<VerifyingKey>, KeysError> {
-        let (cached, fresh, may_force) = match self.cache.lock() {
-            Ok(cache) => (
-                cache.keys.get(kid).copied(),
-                cache.fetched_at.is_some_and(|t| t.elapsed() < CACHE_FOR),
-                cache
-                    .forced_at
-                    .is_none_or(|t| t.elapsed() >= REFETCH_AT_MOST_EVERY),
-            ),
-            Err(_) => (None, false, true),
-        };
-        match (cached, fresh) {
-            (Some(key), true) => return Ok(Some(key)),
-            (None, true) if !may_force => return Ok(None),
-            _ => {}
+        match self.lookup(kid) {
+            Lookup::Found(key) => return Ok(Some(key)),
+            Lookup::Settled(key, error) => return settled(key, error),
+            Lookup::Fetch => {}
         }
-        let keys = self.fetch().await?;
-        let key = keys.get(kid).copied();
+        let _one_at_a_time = self.fetching.lock().await;
+        // A fetch that finished while this request waited counts too.
+        match self.lookup(kid) {
+            Lookup::Found(key) => return Ok(Some(key)),
+            Lookup::Settled(key, error) => return settled(key, error),
+            Lookup::Fetch => {}
+        }
         if let Ok(mut cache) = self.cache.lock() {
-            cache.keys = keys;
-            if fresh {
-                cache.forced_at = Some(Instant::now());
-            }
-            cache.fetched_at = Some(Instant::now());
+            cache.attempted_at = Some(Instant::now());
         }
-        Ok(key)
+        let fetched = self.fetch().await;
+        let Ok(mut cache) = self.cache.lock() else {
+            return fetched.map(|keys| keys.get(kid).copied());
+        };
+        match fetched {
+            Ok(keys) => {
+                let key = keys.get(kid).copied();
+                cache.keys = keys;
+                cache.fetched_at = Some(Instant::now());
+                cache.last_error = None;
+                Ok(key)
+            }
+            Err(e) => {
+                // Keys fetched before still verify (GitHub rotates with overlap).
+                let key = cache.keys.get(kid).copied();
+                if cache.keys.is_empty() {
+                    cache.last_error = Some(e.clone());
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "secret scanning: keeping the keys fetched before");
+                Ok(key)
+            }
+        }
+    }
+
+    fn lookup(&self, kid: &str) -> Lookup {
+        let Ok(cache) = self.cache.lock() else {
+            return Lookup::Fetch;
+        };
+        let key = cache.keys.get(kid).copied();
+        let fresh = cache.fetched_at.is_some_and(|t| t.elapsed() < CACHE_FOR);
+        let recent = cache
+            .attempted_at
+            .is_some_and(|t| t.elapsed() < REFETCH_AT_MOST_EVERY);
+        match key {
+            Some(key) if fresh || recent => Lookup::Found(key),
+            _ if recent => Lookup::Settled(key, cache.last_error.clone()),
+            _ => Lookup::Fetch,
+        }
     }
 
     async fn fetch(&self) -> Result<HashMap<String, VerifyingKey>, KeysError> {
@@ -131,6 +180,19 @@ impl GithubKeys {
             keys.insert(published.key_identifier, key);
         }
         Ok(keys)
+    }
+}
+
+/// The answer when no fetch is allowed: the key if cached, else the last
+/// fetch's error when there never were keys, else "unknown key".
+fn settled(
+    key: Option<VerifyingKey>,
+    error: Option<KeysError>,
+) -> Result<Option<VerifyingKey>, KeysError> {
+    match (key, error) {
+        (Some(key), _) => Ok(Some(key)),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok(None),
     }
 }
 
@@ -210,6 +272,7 @@ pub async fn verify(
         ))
     })?;
     let public_url = state.config.public_url.clone();
+    let sender = state.config.email_from.clone();
     let labels = state
         .store
         .call(move |store| {
@@ -219,7 +282,7 @@ pub async fn verify(
                     source = m.source.to_ascii_lowercase(),
                     "secret scanning report"
                 );
-                let outcome = report_leak(store, &m.token, &m.url, &public_url)?;
+                let outcome = report_leak(store, &m.token, &m.url, &sender, &public_url)?;
                 labels.push(Label {
                     token_hash: TokenHash::of(&m.token).to_hex(),
                     token_type: m.token_type,

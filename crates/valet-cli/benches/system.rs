@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use valet_core::{ApiToken, Scope, ScopeSet, TokenScopes};
+use valet_core::{ApiToken, Granted, GrantedSet, Scope, ScopeSet, TokenScopes};
 use valet_server::{Host, HostConfig};
 use valet_store::{AuditEvent, BlobKey, MigrationOptions, Principal, Store, time};
 
@@ -64,7 +64,7 @@ async fn api_bench() {
         .unwrap();
     let (_, token) = store
         .create_token(
-            &user.id,
+            &Granted::for_operator(&user.id),
             "bench",
             TokenScopes::Scoped(ScopeSet::all()),
             None,
@@ -72,7 +72,7 @@ async fn api_bench() {
         .unwrap();
     store
         .blob_put(
-            &user.id,
+            &Granted::for_operator(&user.id),
             &BlobKey::parse("k").unwrap(),
             &[7u8; 1024],
             u64::MAX,
@@ -244,7 +244,8 @@ async fn run_bench() {
     // The same code as a stored val: claimed by a warm process.
     let stored = store
         .create_val(
-            &user.id,
+            &Granted::for_operator(&user.id),
+            &GrantedSet::for_operator(&user.id, ScopeSet::all()),
             valet_store::NewVal {
                 name: "trivial".into(),
                 kind: valet_store::ValKind::Script,
@@ -276,7 +277,8 @@ async fn run_bench() {
     let code = "export default (req: Request) => new Response('hi');\n";
     store
         .create_val(
-            &user.id,
+            &Granted::for_operator(&user.id),
+            &GrantedSet::for_operator(&user.id, ScopeSet::all()),
             valet_store::NewVal {
                 name: "hello".into(),
                 kind: valet_store::ValKind::Http,
@@ -415,7 +417,12 @@ fn migration_bench() {
     let mut ids = Vec::with_capacity(tokens);
     for i in 0..tokens {
         let (t, _) = store
-            .create_token(&users[i % users.len()], "legacy", TokenScopes::Legacy, None)
+            .create_token(
+                &Granted::for_operator(&users[i % users.len()]),
+                "legacy",
+                TokenScopes::Legacy,
+                None,
+            )
             .unwrap();
         ids.push((users[i % users.len()].clone(), t.id));
     }

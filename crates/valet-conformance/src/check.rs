@@ -7,11 +7,13 @@ use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use valet_store::{
-    BatchMode, BlobKey, NewVal, OutboxStatus, SqlStatement, StatementAccess, Store, ValKind,
+    BatchMode, BlobKey, HeldSqliteGrants, NewVal, OutboxStatus, SqlStatement, Store, ValKind,
 };
 
 use super::CaseResult;
 use super::case::{Case, EmailCheck, Expect};
+use valet_core::grant::ValRead;
+use valet_core::{Granted, GrantedSet};
 use valet_runtime::{RunSpec, Source};
 use valet_server::{Host, HostConfig};
 
@@ -83,9 +85,11 @@ async fn execute(
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
+    // The runner acts for the case's user, who holds every scope.
     let val = store
         .create_val(
-            &user.id,
+            &Granted::for_operator(&user.id),
+            &GrantedSet::for_operator(&user.id, scopes),
             NewVal {
                 name: format!("c-{val_name}"),
                 kind,
@@ -100,7 +104,12 @@ async fn execute(
     for (key, value) in &case.seed.blobs {
         let key = BlobKey::parse(key).map_err(|e| e.to_string())?;
         store
-            .blob_put(&user.id, &key, value.as_bytes(), u64::MAX)
+            .blob_put(
+                &Granted::for_operator(&user.id),
+                &key,
+                value.as_bytes(),
+                u64::MAX,
+            )
             .map_err(|e| e.to_string())?;
     }
     if !case.seed.sql.is_empty() {
@@ -110,14 +119,14 @@ async fn execute(
             .iter()
             .map(|s| SqlStatement::Text(s.clone()))
             .collect();
+        let mut grants = HeldSqliteGrants::new(
+            Some(Granted::for_operator(&user.id)),
+            Some(Granted::for_operator(&user.id)),
+        )
+        .ok_or("seed sql: no grants")?;
         store
             .user_dbs()
-            .execute(
-                &user.id,
-                &statements,
-                BatchMode::Write,
-                &[StatementAccess::Read, StatementAccess::Write],
-            )
+            .execute(&mut grants, &statements, BatchMode::Write)
             .map_err(|e| format!("seed sql: {e}"))?;
     }
 
@@ -189,6 +198,7 @@ async fn http(
     spec: RunSpec,
     case: &Case,
 ) -> Result<Observed, String> {
+    let user_id = spec.user_id.clone();
     let request = case
         .request
         .as_ref()
@@ -231,9 +241,9 @@ async fn http(
     // The run ends after the body; wait for its record.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let id = val_id.to_owned();
+        let (id, grant) = (val_id.to_owned(), Granted::for_operator(&user_id));
         let runs = store
-            .call(move |s| s.runs_of_val(&id, 1))
+            .call(move |s| s.runs_of_val(&grant, &id, 1))
             .await
             .map_err(|e| e.to_string())?;
         if let Some(run) = runs
@@ -344,12 +354,13 @@ async fn check(
         let (uid, query) = (user_id.to_owned(), sql.query.clone());
         let result = store
             .call(move |s| {
-                Ok(s.user_dbs().execute(
-                    &uid,
-                    &[SqlStatement::Text(query)],
-                    BatchMode::Read,
-                    &[StatementAccess::Read],
-                ))
+                let Some(mut grants) =
+                    HeldSqliteGrants::new(Some(Granted::for_operator(&uid)), None)
+                else {
+                    return Ok(Err(valet_store::SqlError::Invalid("no grants".into())));
+                };
+                Ok(s.user_dbs()
+                    .execute(&mut grants, &[SqlStatement::Text(query)], BatchMode::Read))
             })
             .await
             .unwrap_or_else(|e| Err(valet_store::SqlError::Invalid(e.to_string())));
@@ -377,9 +388,9 @@ async fn check(
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut got: Vec<String> = Vec::new();
         while Instant::now() < deadline {
-            let id = val_id.to_owned();
+            let (id, grant) = (val_id.to_owned(), Granted::<ValRead>::for_operator(user_id));
             let requests = store
-                .call(move |s| s.scope_requests(&id))
+                .call(move |s| s.scope_requests(&grant, &id))
                 .await
                 .unwrap_or_default();
             got = requests.iter().map(|r| r.scope.to_string()).collect();
@@ -406,8 +417,8 @@ async fn check_emails(
     let mut failures = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(15);
     let list = || {
-        let uid = user_id.to_owned();
-        store.call(move |s| s.list_emails(&uid, 100))
+        let grant = Granted::for_operator(user_id);
+        store.call(move |s| s.list_emails(&grant, 100))
     };
     let mut entries = list().await.unwrap_or_default();
     // With a relay, wait until every message was delivered.
@@ -442,30 +453,35 @@ async fn check_emails(
                 failures.push(format!("email {i} {field} {got:?} (expected {w:?})"));
             }
         };
-        list_eq("to", &want.to, &m.to, &mut failures);
-        list_eq("cc", &want.cc, &m.cc, &mut failures);
-        list_eq("bcc", &want.bcc, &m.bcc, &mut failures);
-        list_eq("replyTo", &want.reply_to, &m.reply_to, &mut failures);
+        list_eq("to", &want.to, &m.to().to_vec(), &mut failures);
+        list_eq("cc", &want.cc, &m.cc().to_vec(), &mut failures);
+        list_eq("bcc", &want.bcc, &m.bcc().to_vec(), &mut failures);
+        list_eq(
+            "replyTo",
+            &want.reply_to,
+            &m.reply_to().to_vec(),
+            &mut failures,
+        );
         if let Some(s) = &want.subject
-            && s != &m.subject
+            && s != m.subject()
         {
             failures.push(format!(
                 "email {i} subject {:?} (expected {s:?})",
-                m.subject
+                m.subject()
             ));
         }
         if let Some(t) = &want.text_contains
-            && !m.text.as_deref().unwrap_or("").contains(t.as_str())
+            && !m.text().unwrap_or("").contains(t.as_str())
         {
-            failures.push(format!("email {i} text {:?} lacks {t:?}", m.text));
+            failures.push(format!("email {i} text {:?} lacks {t:?}", m.text()));
         }
         if let Some(h) = &want.html_contains
-            && !m.html.as_deref().unwrap_or("").contains(h.as_str())
+            && !m.html().unwrap_or("").contains(h.as_str())
         {
-            failures.push(format!("email {i} html {:?} lacks {h:?}", m.html));
+            failures.push(format!("email {i} html {:?} lacks {h:?}", m.html()));
         }
         if let Some(a) = &want.attachments {
-            let names: Vec<String> = m.attachments.iter().map(|a| a.filename.clone()).collect();
+            let names: Vec<String> = m.attachments().iter().map(|a| a.filename.clone()).collect();
             if &names != a {
                 failures.push(format!("email {i} attachments {names:?} (expected {a:?})"));
             }
@@ -509,9 +525,9 @@ fn indent(text: &str) -> String {
 /// A blob's bytes, or `None` when the key is invalid or missing.
 async fn read_blob(store: &Store, user_id: &str, key: &str) -> Option<Vec<u8>> {
     let key = BlobKey::parse(key).ok()?;
-    let user_id = user_id.to_owned();
+    let grant = Granted::for_operator(user_id);
     store
-        .call(move |s| s.blob_get(&user_id, &key))
+        .call(move |s| s.blob_get(&grant, &key))
         .await
         .ok()
         .flatten()

@@ -5,6 +5,7 @@
 //! tested with fixed inputs.
 
 pub mod api_token;
+pub mod grant;
 pub mod live_runs;
 pub mod password;
 pub mod run_token;
@@ -12,6 +13,7 @@ pub mod schedule;
 pub mod scope;
 
 pub use api_token::{ApiToken, TokenFormatError, TokenHash};
+pub use grant::{Granted, GrantedSet, ScopeKind};
 pub use live_runs::{ChannelId, LiveRun, LiveRunRefusal, LiveRuns};
 pub use run_token::{KeyRing, MintRequest, RunClaims, RunTokenError, SigningKey};
 pub use schedule::Schedule;

@@ -46,36 +46,43 @@ fn mailbox(text: &str) -> Result<Mailbox, String> {
         .map_err(|e| format!("bad address '{text}': {e}"))
 }
 
-/// Builds the MIME message. Every field was validated when queued; lettre
-/// encodes headers again, so nothing a val wrote can add a header line.
+/// Builds the MIME message. Every field was checked when queued (and again
+/// when read back); lettre encodes headers again, so nothing a val wrote can
+/// add a header line, and a custom header is added only when it is on the
+/// allowlist and valet has not set it: it never replaces From, Sender, the
+/// recipients, Message-ID or the MIME headers.
 pub fn build(message: &EmailMessage) -> Result<Message, String> {
     let mut builder = Message::builder()
-        .from(mailbox(&message.from)?)
-        .subject(&message.subject);
-    for to in &message.to {
+        .from(mailbox(message.from())?)
+        .subject(message.subject());
+    for to in message.to() {
         builder = builder.to(mailbox(to)?);
     }
-    for cc in &message.cc {
+    for cc in message.cc() {
         builder = builder.cc(mailbox(cc)?);
     }
-    for bcc in &message.bcc {
+    for bcc in message.bcc() {
         builder = builder.bcc(mailbox(bcc)?);
     }
-    for reply in &message.reply_to {
+    for reply in message.reply_to() {
         builder = builder.reply_to(mailbox(reply)?);
     }
-    let body = match (&message.text, &message.html) {
-        (Some(text), Some(html)) => MultiPart::alternative_plain_html(text.clone(), html.clone()),
-        (None, Some(html)) => MultiPart::alternative().singlepart(SinglePart::html(html.clone())),
-        (text, None) => {
-            MultiPart::mixed().singlepart(SinglePart::plain(text.clone().unwrap_or_default()))
+    let body = match (message.text(), message.html()) {
+        (Some(text), Some(html)) => {
+            MultiPart::alternative_plain_html(text.to_owned(), html.to_owned())
         }
+        (None, Some(html)) => {
+            MultiPart::alternative().singlepart(SinglePart::html(html.to_owned()))
+        }
+        (text, None) => MultiPart::mixed().singlepart(SinglePart::plain(
+            text.map(str::to_owned).unwrap_or_default(),
+        )),
     };
-    let body = if message.attachments.is_empty() {
+    let body = if message.attachments().is_empty() {
         body
     } else {
         let mut mixed = MultiPart::mixed().multipart(body);
-        for a in &message.attachments {
+        for a in message.attachments() {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(&a.content)
                 .map_err(|e| format!("attachment '{}': {e}", a.filename))?;
@@ -90,7 +97,14 @@ pub fn build(message: &EmailMessage) -> Result<Message, String> {
         mixed
     };
     let mut email = builder.multipart(body).map_err(|e| e.to_string())?;
-    for (name, value) in &message.headers {
+    for (name, value) in message.headers() {
+        valet_store::check_custom_header(name).map_err(|e| e.to_string())?;
+        // `insert_raw` replaces a header of the same name: never let it.
+        if email.headers().get_raw(name).is_some() {
+            return Err(format!(
+                "header '{name}' is set by valet and cannot be overridden"
+            ));
+        }
         let name = HeaderName::new_from_ascii(name.clone())
             .map_err(|e| format!("header '{name}': {e}"))?;
         email
@@ -160,5 +174,36 @@ mod tests {
         assert!(SmtpRelay::parse("smtp://127.0.0.1:2525").is_ok());
         assert!(SmtpRelay::parse("http://x").is_err());
         assert!(SmtpRelay::parse("smtp://:25").is_err());
+    }
+
+    #[test]
+    fn custom_headers_add_never_replace() {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("X-Val".to_owned(), "demo".to_owned());
+        headers.insert(
+            "List-Unsubscribe".to_owned(),
+            "<https://example.com/u>".to_owned(),
+        );
+        let message = EmailMessage::new(valet_store::EmailDraft {
+            from: "\"ada via valet\" <valet@valet.localhost>".into(),
+            to: vec!["ada@example.com".into()],
+            subject: "Hi".into(),
+            text: Some("x".into()),
+            headers,
+            ..Default::default()
+        })
+        .expect("valid");
+        let text = String::from_utf8(build(&message).expect("build").formatted()).expect("utf-8");
+        let from: Vec<&str> = text.lines().filter(|l| l.starts_with("From:")).collect();
+        assert_eq!(from, ["From: \"ada via valet\" <valet@valet.localhost>"]);
+        assert!(text.contains("X-Val: demo"), "{text}");
+        assert!(
+            text.contains("List-Unsubscribe: <https://example.com/u>"),
+            "{text}"
+        );
+        // A message carrying From as a custom header cannot even be made,
+        // not from a draft and not from a stored row.
+        let forged = r#"{"from":"valet@valet.localhost","to":["a@b.io"],"headers":{"From":"ceo@paypal.com"}}"#;
+        assert!(serde_json::from_str::<EmailMessage>(forged).is_err());
     }
 }

@@ -9,6 +9,9 @@ use std::path::PathBuf;
 use rusqlite::params;
 use sha2::{Digest, Sha256};
 
+use valet_core::Granted;
+use valet_core::grant::{BlobRead, BlobWrite};
+
 use crate::{Store, StoreError, time};
 
 pub const MAX_KEY_BYTES: usize = 512;
@@ -87,11 +90,12 @@ impl Store {
     /// user's quota in bytes.
     pub fn blob_put(
         &self,
-        user_id: &str,
+        grant: &Granted<BlobWrite>,
         key: &BlobKey,
         body: &[u8],
         quota: u64,
     ) -> Result<(), StoreError> {
+        let user_id = grant.user_id();
         let dir = self.blobs().user_dir(user_id)?;
         std::fs::create_dir_all(&dir)?;
         let mut tmp = tempfile_in(&dir)?;
@@ -127,8 +131,12 @@ impl Store {
         result
     }
 
-    pub fn blob_get(&self, user_id: &str, key: &BlobKey) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.blobs().path(user_id, key)?;
+    pub fn blob_get(
+        &self,
+        grant: &Granted<BlobRead>,
+        key: &BlobKey,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.blobs().path(grant.user_id(), key)?;
         match std::fs::read(path) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -137,7 +145,12 @@ impl Store {
     }
 
     /// Blobs whose key starts with `prefix`, in key order.
-    pub fn blob_list(&self, user_id: &str, prefix: &str) -> Result<Vec<BlobMeta>, StoreError> {
+    pub fn blob_list(
+        &self,
+        grant: &Granted<BlobRead>,
+        prefix: &str,
+    ) -> Result<Vec<BlobMeta>, StoreError> {
+        let user_id = grant.user_id();
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT key, size, modified_at FROM blobs
@@ -152,7 +165,12 @@ impl Store {
     }
 
     /// Deletes a blob; deleting a missing blob is not an error.
-    pub fn blob_delete(&self, user_id: &str, key: &BlobKey) -> Result<bool, StoreError> {
+    pub fn blob_delete(
+        &self,
+        grant: &Granted<BlobWrite>,
+        key: &BlobKey,
+    ) -> Result<bool, StoreError> {
+        let user_id = grant.user_id();
         let path = self.blobs().path(user_id, key)?;
         self.write(|c| {
             let n = c.execute(
@@ -168,7 +186,8 @@ impl Store {
         })
     }
 
-    pub fn blob_usage(&self, user_id: &str) -> Result<u64, StoreError> {
+    pub fn blob_usage(&self, grant: &Granted<BlobRead>) -> Result<u64, StoreError> {
+        let user_id = grant.user_id();
         self.read(|c| {
             let used: i64 = c.query_row(
                 "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE user_id = ?1",
@@ -212,6 +231,10 @@ mod tests {
         let user = store
             .create_user("ada", "ada@example.com", None)
             .expect("user");
+        let (read, write) = (
+            Granted::for_operator(&user.id),
+            Granted::for_operator(&user.id),
+        );
         for key in [
             "../../etc/passwd",
             "/abs",
@@ -223,10 +246,10 @@ mod tests {
         ] {
             let k = BlobKey::parse(key).expect("valid key");
             store
-                .blob_put(&user.id, &k, key.as_bytes(), 1 << 20)
+                .blob_put(&write, &k, key.as_bytes(), 1 << 20)
                 .expect("put");
             assert_eq!(
-                store.blob_get(&user.id, &k).expect("get").as_deref(),
+                store.blob_get(&read, &k).expect("get").as_deref(),
                 Some(key.as_bytes())
             );
         }
@@ -246,7 +269,7 @@ mod tests {
                 .count(),
             1
         );
-        assert_eq!(store.blob_list(&user.id, "a/").expect("list").len(), 1);
+        assert_eq!(store.blob_list(&read, "a/").expect("list").len(), 1);
     }
 
     #[test]
@@ -256,17 +279,21 @@ mod tests {
         let user = store
             .create_user("ada", "ada@example.com", None)
             .expect("user");
+        let (read, write) = (
+            Granted::for_operator(&user.id),
+            Granted::for_operator(&user.id),
+        );
         let k = BlobKey::parse("a").expect("key");
-        store.blob_put(&user.id, &k, &[0; 60], 100).expect("first");
+        store.blob_put(&write, &k, &[0; 60], 100).expect("first");
         store
-            .blob_put(&user.id, &k, &[0; 90], 100)
+            .blob_put(&write, &k, &[0; 90], 100)
             .expect("overwrite within quota");
         let other = BlobKey::parse("b").expect("key");
         let err = store
-            .blob_put(&user.id, &other, &[0; 20], 100)
+            .blob_put(&write, &other, &[0; 20], 100)
             .expect_err("over quota");
         assert!(matches!(err, StoreError::QuotaExceeded { .. }));
-        assert!(store.blob_get(&user.id, &other).expect("get").is_none());
-        assert_eq!(store.blob_usage(&user.id).expect("usage"), 90);
+        assert!(store.blob_get(&read, &other).expect("get").is_none());
+        assert_eq!(store.blob_usage(&read).expect("usage"), 90);
     }
 }

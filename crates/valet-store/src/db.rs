@@ -198,7 +198,7 @@ mod tests {
                     for i in 0..100 {
                         store
                                 .create_token(
-                                    &user_id,
+                                    &valet_core::Granted::for_operator(&user_id),
                                     &format!("t{n}-{i}"),
                                     valet_core::TokenScopes::Scoped(
                                         valet_core::ScopeSet::default_val(),
@@ -214,6 +214,12 @@ mod tests {
             t.join().expect("thread");
         }
         let store = Store::open(dir.path()).expect("reopen");
-        assert_eq!(store.list_tokens(&user.id).expect("list").len(), 200);
+        assert_eq!(
+            store
+                .list_tokens(&valet_core::Granted::for_operator(&user.id))
+                .expect("list")
+                .len(),
+            200
+        );
     }
 }

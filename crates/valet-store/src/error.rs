@@ -14,6 +14,12 @@ pub enum StoreError {
     Invalid(String),
     #[error("storage quota exceeded: {used} of {limit} bytes used")]
     QuotaExceeded { used: u64, limit: u64 },
+    /// A change would hand on a scope its maker does not hold.
+    #[error("this change needs the '{0}' scope, which the caller does not hold")]
+    ScopeNotHeld(valet_core::Scope),
+    /// The user's daily email allowance is used up.
+    #[error("{0}")]
+    EmailQuota(crate::outbox::QuotaExceeded),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("background task failed: {0}")]

@@ -2,9 +2,9 @@
 //! Used by GitHub's secret-scanning endpoint and by
 //! `valet token revoke-leaked`.
 
-use valet_core::ApiToken;
+use valet_core::{ApiToken, Granted};
 
-use crate::{EmailMessage, Store, StoreError};
+use crate::{Store, StoreError, system_message};
 
 /// What happened to one reported token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,12 +17,14 @@ pub enum LeakOutcome {
     AlreadyRevoked,
 }
 
-/// Revokes a leaked token, records the event and emails the owner once.
-/// Used by the GitHub endpoint and by `valet token revoke-leaked`.
+/// Revokes a leaked token, records the event and emails the owner once,
+/// from `sender` (the configured address valet sends mail from). Used by
+/// the GitHub endpoint and by `valet token revoke-leaked`.
 pub fn report_leak(
     store: &Store,
     token_text: &str,
     url: &str,
+    sender: &str,
     public_url: &str,
 ) -> Result<LeakOutcome, StoreError> {
     // The format and checksum rule out noise without touching the database.
@@ -43,17 +45,15 @@ pub fn report_leak(
         } else {
             url.to_owned()
         };
-        let message = EmailMessage {
-            from: "\"valet security\" <security@valet.localhost>".into(),
-            to: vec![owner.email.clone()],
-            cc: Vec::new(),
-            bcc: Vec::new(),
-            reply_to: Vec::new(),
-            subject: format!(
+        let message = system_message(
+            "valet security",
+            sender,
+            &owner.email,
+            format!(
                 "Your valet API token \"{}\" was leaked and has been revoked",
                 record.name
             ),
-            text: Some(format!(
+            format!(
                 "Hello {},\n\n\
                  Your valet API token \"{}\" (ending in …{}) was found in public at:\n\n  {place}\n\n\
                  We revoked it at once, so it no longer works. Anything that used it will get\n\
@@ -62,12 +62,16 @@ pub fn report_leak(
                  or with `valet token create --user {} --name NAME --scopes \"...\"`, and keep it\n\
                  out of source code (use an environment variable or a secret store).\n",
                 owner.username, record.name, record.hint, owner.username
-            )),
-            html: None,
-            headers: Default::default(),
-            attachments: Vec::new(),
-        };
-        store.enqueue_email(&owner.id, &message)?;
+            ),
+        );
+        // The token is revoked whatever happens to the mail.
+        match message {
+            // Mail for the owner about their own token: valet acts, not a caller.
+            Ok(message) => {
+                store.enqueue_system_email(&Granted::for_operator(&owner.id), &message)?;
+            }
+            Err(e) => tracing::error!(error = %e, "could not write the leak report email"),
+        }
     }
     Ok(LeakOutcome::Revoked)
 }

@@ -29,7 +29,10 @@ pub use blobs::{BlobKey, BlobMeta, BlobStore};
 pub use db::Store;
 pub use error::StoreError;
 pub use leaks::{LeakOutcome, report_leak};
-pub use outbox::{EmailMessage, OutboxEntry, OutboxStatus};
+pub use outbox::{
+    DEFAULT_EMAIL_FROM, EmailDraft, EmailError, EmailMessage, EmailQuota, OutboxEntry,
+    OutboxStatus, QuotaExceeded, check_custom_header, system_message,
+};
 pub use scope_migration::{HeldToken, MigrationOptions, MigrationSummary};
 pub use users::validate_email;
 /// Types that make up an [`EmailMessage`].
@@ -41,8 +44,8 @@ pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use sessions::Session;
 pub use tokens::{MigrationState, TokenRecord};
 pub use user_sqlite::{
-    BatchMode, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement, StatementAccess,
-    UserDatabases,
+    BatchMode, HeldSqliteGrants, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement,
+    SqliteGrants, StatementAccess, UserDatabases,
 };
 pub use users::User;
 pub use vals::{NewVal, Val, ValKind, ValPatch};

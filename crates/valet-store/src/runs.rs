@@ -2,7 +2,8 @@
 
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
-use valet_core::ScopeSet;
+use valet_core::grant::ValRead;
+use valet_core::{Granted, ScopeSet};
 
 use crate::{Store, StoreError, time};
 
@@ -137,11 +138,12 @@ impl Store {
         })
     }
 
-    pub fn run_of_user(&self, user_id: &str, id: &str) -> Result<RunRecord, StoreError> {
+    /// A run of the grant's user; anyone else's is "not found".
+    pub fn run_of_user(&self, grant: &Granted<ValRead>, id: &str) -> Result<RunRecord, StoreError> {
         self.read(|c| {
             c.query_row(
                 &format!("SELECT {COLUMNS} FROM runs WHERE id = ?1 AND user_id = ?2"),
-                params![id, user_id],
+                params![id, grant.user_id()],
                 from_row,
             )
             .optional()?
@@ -149,12 +151,19 @@ impl Store {
         })
     }
 
-    pub fn runs_of_val(&self, val_id: &str, limit: usize) -> Result<Vec<RunRecord>, StoreError> {
+    /// The latest runs of a val of the grant's user (none of anyone else's).
+    pub fn runs_of_val(
+        &self,
+        grant: &Granted<ValRead>,
+        val_id: &str,
+        limit: usize,
+    ) -> Result<Vec<RunRecord>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM runs WHERE val_id = ?1 ORDER BY started_at DESC, id DESC LIMIT ?2"
+                "SELECT {COLUMNS} FROM runs WHERE val_id = ?1 AND user_id = ?3
+                 ORDER BY started_at DESC, id DESC LIMIT ?2"
             ))?;
-            let rows = stmt.query_map(params![val_id, limit as i64], from_row)?;
+            let rows = stmt.query_map(params![val_id, limit as i64, grant.user_id()], from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

@@ -141,6 +141,14 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL
     );
     "#,
+    // 4: the daily email quota: each message's size, whether valet itself
+    // sent it (not counted), and an index to count a user's day.
+    r#"
+    ALTER TABLE outbox ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN system INTEGER NOT NULL DEFAULT 0;
+    UPDATE outbox SET bytes = length(CAST(message AS BLOB));
+    CREATE INDEX outbox_user_day ON outbox(user_id, created_at);
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.

@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use valet_core::ScopeSet;
 
-use crate::outbox::{EmailMessage, enqueue_in};
+use crate::outbox::{DEFAULT_EMAIL_FROM, enqueue_in, system_message};
 use crate::{Store, StoreError, time};
 
 /// What the migration does and how.
@@ -27,8 +27,10 @@ pub struct MigrationOptions {
     pub batch_size: usize,
     /// Stop after this many batches, as a crash would (tests).
     pub stop_after_batches: Option<usize>,
-    /// The address emails come from and the server's URL for links.
+    /// The server's URL, for links in the emails.
     pub public_url: String,
+    /// The address the emails come from (valet's configured sender).
+    pub email_from: String,
 }
 
 impl Default for MigrationOptions {
@@ -39,6 +41,7 @@ impl Default for MigrationOptions {
             batch_size: 500,
             stop_after_batches: None,
             public_url: "http://127.0.0.1:7070".into(),
+            email_from: DEFAULT_EMAIL_FROM.into(),
         }
     }
 }
@@ -318,23 +321,13 @@ impl Store {
                     ),
                 )
             };
-            let message = EmailMessage {
-                from: "\"valet\" <noreply@valet.localhost>".into(),
-                to: vec![owner.email.clone()],
-                cc: Vec::new(),
-                bcc: Vec::new(),
-                reply_to: Vec::new(),
-                subject,
-                text: Some(text),
-                html: None,
-                headers: Default::default(),
-                attachments: Vec::new(),
-            };
+            let message = system_message("valet", &options.email_from, &owner.email, subject, text)
+                .map_err(|e| StoreError::Invalid(format!("the migration email: {e}")))?;
             let json =
                 serde_json::to_string(&message).map_err(|e| StoreError::Invalid(e.to_string()))?;
             self.write(|c| {
                 let tx = c.transaction()?;
-                enqueue_in(&tx, &user_id, &json)?;
+                enqueue_in(&tx, &user_id, &json, true)?;
                 for (id, _, _) in &tokens {
                     tx.execute(
                         "UPDATE api_tokens SET migration_emailed_at = ?1 WHERE id = ?2",
@@ -386,7 +379,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::{AuditEvent, Principal};
-    use valet_core::{Scope, TokenScopes};
+    use valet_core::{Granted, Scope, TokenScopes};
 
     #[test]
     fn headline_reads_like_a_sentence() {
@@ -411,10 +404,20 @@ mod tests {
             .create_user("ada", "ada@example.com", None)
             .expect("user");
         let (writer, _) = store
-            .create_token(&user.id, "deploy", TokenScopes::Legacy, None)
+            .create_token(
+                &Granted::for_operator(&user.id),
+                "deploy",
+                TokenScopes::Legacy,
+                None,
+            )
             .expect("t");
         let (reader, _) = store
-            .create_token(&user.id, "read", TokenScopes::Legacy, None)
+            .create_token(
+                &Granted::for_operator(&user.id),
+                "read",
+                TokenScopes::Legacy,
+                None,
+            )
             .expect("t");
         store
             .insert_audit_rows(&[AuditEvent {
@@ -427,13 +430,21 @@ mod tests {
                 at: time::now_ms(),
             }])
             .expect("audit");
-        let summary = store
-            .migrate_scopes(&MigrationOptions::default(), |_, _| {})
-            .expect("migrate");
+        let options = MigrationOptions {
+            email_from: "ops@valet.example".into(),
+            ..MigrationOptions::default()
+        };
+        let summary = store.migrate_scopes(&options, |_, _| {}).expect("migrate");
         assert_eq!(
             (summary.migrated, summary.held, summary.owners_emailed),
             (1, 1, 1)
         );
+        // The owner's email comes from the configured sender.
+        let emails = store
+            .list_emails(&Granted::for_operator(&user.id), 10)
+            .expect("emails");
+        assert_eq!(emails.len(), 1);
+        assert_eq!(emails[0].message.from(), "\"valet\" <ops@valet.example>");
         assert_eq!(
             store.token_by_id(&reader.id).expect("t").scopes,
             TokenScopes::Scoped(ScopeSet::default_val())

@@ -3,7 +3,8 @@
 
 use rusqlite::params;
 use serde::Serialize;
-use valet_core::Scope;
+use valet_core::grant::{ValScope, ValWrite};
+use valet_core::{Granted, GrantedSet, Scope};
 
 use crate::{Store, StoreError, time};
 
@@ -57,13 +58,20 @@ impl Store {
         })
     }
 
-    pub fn scope_requests(&self, val_id: &str) -> Result<Vec<ScopeRequest>, StoreError> {
+    /// The requests left on a val of the grant's user (none for anyone
+    /// else's val).
+    pub fn scope_requests<S: ValScope>(
+        &self,
+        grant: &Granted<S>,
+        val_id: &str,
+    ) -> Result<Vec<ScopeRequest>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT scope, state, first_at, last_at, count, sample_route FROM scope_requests
-                 WHERE val_id = ?1 ORDER BY last_at DESC",
+                "SELECT r.scope, r.state, r.first_at, r.last_at, r.count, r.sample_route
+                 FROM scope_requests r JOIN vals v ON v.id = r.val_id
+                 WHERE r.val_id = ?1 AND v.user_id = ?2 ORDER BY r.last_at DESC",
             )?;
-            let rows = stmt.query_map([val_id], |r| {
+            let rows = stmt.query_map(params![val_id, grant.user_id()], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
@@ -90,15 +98,20 @@ impl Store {
     }
 
     /// Allows (adding the scope to the val) or denies a request, in one
-    /// transaction.
+    /// transaction. Allowing hands the val's runs the scope, so `cover`
+    /// must prove that the caller holds it.
     pub fn decide_scope_request(
         &self,
-        user_id: &str,
+        grant: &Granted<ValWrite>,
+        cover: &GrantedSet,
         val_id: &str,
         scope: Scope,
         allow: bool,
     ) -> Result<(), StoreError> {
-        let val = self.val_of_user(user_id, val_id)?;
+        if allow && (cover.user_id() != grant.user_id() || !cover.scopes().contains(scope)) {
+            return Err(StoreError::ScopeNotHeld(scope));
+        }
+        let val = self.val_of_user(grant, val_id)?;
         self.write(|c| {
             let tx = c.transaction()?;
             let n = tx.execute(

@@ -1,7 +1,8 @@
 //! API tokens as stored: only their SHA-256, never the token itself.
 
 use rusqlite::{OptionalExtension, Row, params};
-use valet_core::{ApiToken, ScopeSet, TokenHash, TokenScopes};
+use valet_core::grant::{UserRead, UserScope, UserWrite};
+use valet_core::{ApiToken, Granted, ScopeSet, TokenHash, TokenScopes};
 
 use crate::{Store, StoreError, new_id, time};
 
@@ -123,7 +124,7 @@ impl Store {
     /// itself exists outside its owner's hands.
     pub fn create_token(
         &self,
-        user_id: &str,
+        grant: &Granted<UserWrite>,
         name: &str,
         scopes: TokenScopes,
         expires_at: Option<i64>,
@@ -133,7 +134,7 @@ impl Store {
             .map_err(|e| StoreError::Invalid(format!("no randomness available: {e}")))?;
         let record = TokenRecord {
             id: new_id("tok"),
-            user_id: user_id.to_owned(),
+            user_id: grant.user_id().to_owned(),
             name: name.to_owned(),
             hash: token.hash(),
             hint: token.hint(),
@@ -168,12 +169,12 @@ impl Store {
     }
 
     /// Tokens of a user in creation order.
-    pub fn list_tokens(&self, user_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
+    pub fn list_tokens(&self, grant: &Granted<UserRead>) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM api_tokens WHERE user_id = ?1 ORDER BY seq"
             ))?;
-            let rows = stmt.query_map([user_id], from_row)?;
+            let rows = stmt.query_map([grant.user_id()], from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -191,12 +192,16 @@ impl Store {
         })
     }
 
-    /// A token of `user_id`; another user's token is "not found".
-    pub fn token_of_user(&self, user_id: &str, id: &str) -> Result<TokenRecord, StoreError> {
+    /// A token of the grant's user; another user's token is "not found".
+    pub fn token_of_user<S: UserScope>(
+        &self,
+        grant: &Granted<S>,
+        id: &str,
+    ) -> Result<TokenRecord, StoreError> {
         self.read(|c| {
             c.query_row(
                 &format!("SELECT {COLUMNS} FROM api_tokens WHERE id = ?1 AND user_id = ?2"),
-                params![id, user_id],
+                params![id, grant.user_id()],
                 from_row,
             )
             .optional()?
@@ -218,10 +223,11 @@ impl Store {
 
     pub fn set_token_scopes(
         &self,
-        user_id: &str,
+        grant: &Granted<UserWrite>,
         id: &str,
         scopes: ScopeSet,
     ) -> Result<TokenRecord, StoreError> {
+        let user_id = grant.user_id();
         self.write(|c| {
             let n = c.execute(
                 "UPDATE api_tokens SET scopes = ?1,
@@ -234,10 +240,16 @@ impl Store {
             }
             Ok(())
         })?;
-        self.token_of_user(user_id, id)
+        self.token_of_user(grant, id)
     }
 
-    pub fn rename_token(&self, user_id: &str, id: &str, name: &str) -> Result<(), StoreError> {
+    pub fn rename_token(
+        &self,
+        grant: &Granted<UserWrite>,
+        id: &str,
+        name: &str,
+    ) -> Result<(), StoreError> {
+        let user_id = grant.user_id();
         validate_token_name(name)?;
         self.write(|c| {
             let n = c.execute(
@@ -254,10 +266,11 @@ impl Store {
     /// Revokes a token of `user_id`. Revoking twice keeps the first reason.
     pub fn revoke_token(
         &self,
-        user_id: &str,
+        grant: &Granted<UserWrite>,
         id: &str,
         reason: &str,
     ) -> Result<TokenRecord, StoreError> {
+        let user_id = grant.user_id();
         self.write(|c| {
             let n = c.execute(
                 "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?1),
@@ -270,7 +283,7 @@ impl Store {
             }
             Ok(())
         })?;
-        self.token_of_user(user_id, id)
+        self.token_of_user(grant, id)
     }
 
     /// Notes something that happened to a token (not a scope use).
@@ -323,6 +336,10 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn write(user: &str) -> Granted<UserWrite> {
+        Granted::for_operator(user)
+    }
+
     fn store() -> (tempfile::TempDir, Store, String) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
@@ -337,7 +354,7 @@ mod tests {
         let (_dir, store, user) = store();
         let (record, token) = store
             .create_token(
-                &user,
+                &write(&user),
                 "ci",
                 TokenScopes::Scoped(ScopeSet::default_val()),
                 None,
@@ -361,7 +378,7 @@ mod tests {
     fn legacy_tokens_have_no_scope_list() {
         let (_dir, store, user) = store();
         let (_, token) = store
-            .create_token(&user, "old", TokenScopes::Legacy, None)
+            .create_token(&write(&user), "old", TokenScopes::Legacy, None)
             .expect("create");
         let found = store
             .token_by_hash(&token.hash())
@@ -377,15 +394,20 @@ mod tests {
             .create_user("bob", "bob@example.com", None)
             .expect("bob");
         let (record, _) = store
-            .create_token(&user, "ci", TokenScopes::Scoped(ScopeSet::EMPTY), None)
+            .create_token(
+                &write(&user),
+                "ci",
+                TokenScopes::Scoped(ScopeSet::EMPTY),
+                None,
+            )
             .expect("create");
         assert!(matches!(
-            store.revoke_token(&bob.id, &record.id, "x"),
+            store.revoke_token(&write(&bob.id), &record.id, "x"),
             Err(StoreError::NotFound(_))
         ));
         assert!(
             store
-                .token_of_user(&user, &record.id)
+                .token_of_user(&write(&user), &record.id)
                 .expect("own")
                 .revoked_at
                 .is_none()
@@ -396,7 +418,12 @@ mod tests {
     fn revoke_leaked_is_idempotent() {
         let (_dir, store, user) = store();
         let (_, token) = store
-            .create_token(&user, "ci", TokenScopes::Scoped(ScopeSet::EMPTY), None)
+            .create_token(
+                &write(&user),
+                "ci",
+                TokenScopes::Scoped(ScopeSet::EMPTY),
+                None,
+            )
             .expect("create");
         let (first, revoked) = store
             .revoke_leaked(&token.hash(), "https://x")

@@ -4,7 +4,15 @@
 //! (`sqlite3_stmt_readonly`), never by looking at the SQL text. An
 //! authorizer refuses ATTACH, DETACH, extension loading and the PRAGMAs that
 //! could escape the file or corrupt it; a progress handler bounds the time
-//! of a call and `max_page_count` bounds the size of the file.
+//! of a call and `max_page_count` bounds the size of the file. A result is
+//! bounded while it is read: rows and bytes per request are counted as each
+//! row arrives, and SQLite's own length limit stops a single value from
+//! growing past the byte cap, so no request can make the server hold more
+//! than the cap.
+//!
+//! Whether a caller may read or write comes from the proofs a
+//! [`SqliteGrants`] hands out, asked for each access as SQLite classifies
+//! the statements.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,8 +23,63 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
+use valet_core::Granted;
+use valet_core::grant::{SqliteRead, SqliteWrite};
 
 use crate::StoreError;
+
+/// Where [`UserDatabases::execute`] gets its proofs. It asks for an access
+/// only when SQLite has classified a statement as needing it, and at most
+/// once per request, so a request is granted (and, in the API, audited for)
+/// exactly what it uses.
+pub trait SqliteGrants {
+    /// Whose database the proofs open.
+    fn owner(&self) -> &str;
+    /// Proof of `sqlite:read`, or `None` when the caller lacks it.
+    fn read(&mut self) -> Option<Granted<SqliteRead>>;
+    /// Proof of `sqlite:write`, or `None` when the caller lacks it.
+    fn write(&mut self) -> Option<Granted<SqliteWrite>>;
+}
+
+/// Proofs made up front, for callers that act without a request (the
+/// conformance runner, the CLI, tests).
+#[derive(Debug, Clone)]
+pub struct HeldSqliteGrants {
+    owner: String,
+    read: Option<Granted<SqliteRead>>,
+    write: Option<Granted<SqliteWrite>>,
+}
+
+impl HeldSqliteGrants {
+    /// `None` when there is no proof at all, or the two are for different
+    /// users.
+    pub fn new(
+        read: Option<Granted<SqliteRead>>,
+        write: Option<Granted<SqliteWrite>>,
+    ) -> Option<HeldSqliteGrants> {
+        let owner = match (&read, &write) {
+            (Some(r), Some(w)) if r.user_id() != w.user_id() => return None,
+            (Some(r), _) => r.user_id().to_owned(),
+            (None, Some(w)) => w.user_id().to_owned(),
+            (None, None) => return None,
+        };
+        Some(HeldSqliteGrants { owner, read, write })
+    }
+}
+
+impl SqliteGrants for HeldSqliteGrants {
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn read(&mut self) -> Option<Granted<SqliteRead>> {
+        self.read.clone()
+    }
+
+    fn write(&mut self) -> Option<Granted<SqliteWrite>> {
+        self.write.clone()
+    }
+}
 
 /// What a statement needs: decided per statement by SQLite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -82,6 +145,9 @@ pub enum SqlError {
     Timeout(Duration),
     #[error("database is full: the limit is {0} bytes")]
     Full(u64),
+    /// The result of a request would pass a cap; nothing of it was sent.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -91,9 +157,15 @@ pub enum SqlError {
 /// Limits for every user database.
 #[derive(Debug, Clone, Copy)]
 pub struct SqlLimits {
+    /// Size of the database file.
     pub max_bytes: u64,
+    /// Time of one request.
     pub max_time: Duration,
+    /// Rows in the results of one request, over all its statements.
     pub max_rows: usize,
+    /// Bytes in the results of one request (values as JSON, roughly), and
+    /// the largest string or blob SQLite will build.
+    pub max_result_bytes: usize,
 }
 
 impl Default for SqlLimits {
@@ -102,8 +174,51 @@ impl Default for SqlLimits {
             max_bytes: 64 << 20,
             max_time: Duration::from_secs(5),
             max_rows: 10_000,
+            max_result_bytes: 10 << 20,
         }
     }
+}
+
+/// What is left of a request's result caps.
+struct Budget {
+    rows: usize,
+    bytes: usize,
+    limits: SqlLimits,
+}
+
+impl Budget {
+    fn new(limits: SqlLimits) -> Budget {
+        Budget {
+            rows: limits.max_rows,
+            bytes: limits.max_result_bytes,
+            limits,
+        }
+    }
+
+    fn take_row(&mut self) -> Result<(), SqlError> {
+        self.rows = self.rows.checked_sub(1).ok_or_else(|| {
+            SqlError::TooLarge(format!(
+                "the result has more than {} rows: add a LIMIT or read it in pages",
+                self.limits.max_rows
+            ))
+        })?;
+        Ok(())
+    }
+
+    fn take_bytes(&mut self, n: usize) -> Result<(), SqlError> {
+        self.bytes = self
+            .bytes
+            .checked_sub(n)
+            .ok_or_else(|| too_many_bytes(self.limits))?;
+        Ok(())
+    }
+}
+
+fn too_many_bytes(limits: SqlLimits) -> SqlError {
+    SqlError::TooLarge(format!(
+        "the result is larger than {} bytes: select fewer rows or columns, or add a LIMIT",
+        limits.max_result_bytes
+    ))
 }
 
 /// Batch transaction modes of the libsql client.
@@ -178,11 +293,19 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
 
 impl UserDatabases {
     pub(crate) fn new(root: PathBuf) -> Result<UserDatabases, StoreError> {
+        UserDatabases::with_limits(root, SqlLimits::default())
+    }
+
+    pub(crate) fn with_limits(
+        root: PathBuf,
+        limits: SqlLimits,
+    ) -> Result<UserDatabases, StoreError> {
         std::fs::create_dir_all(&root)?;
-        Ok(UserDatabases {
-            root,
-            limits: SqlLimits::default(),
-        })
+        Ok(UserDatabases { root, limits })
+    }
+
+    pub fn limits(&self) -> SqlLimits {
+        self.limits
     }
 
     pub fn path(&self, user_id: &str) -> Result<PathBuf, StoreError> {
@@ -217,6 +340,10 @@ impl UserDatabases {
                 rusqlite::config::DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA,
                 false,
             )?;
+            // No string or blob (and no row) larger than a whole result:
+            // `randomblob(250000000)` fails before SQLite allocates it.
+            let length = i32::try_from(self.limits.max_result_bytes).unwrap_or(i32::MAX);
+            conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, length)?;
             Ok(())
         };
         setup().map_err(StoreError::from)?;
@@ -224,21 +351,22 @@ impl UserDatabases {
         Ok(conn)
     }
 
-    /// Runs statements on `user_id`'s database in one transaction: all or
-    /// nothing. `allowed` says which accesses the caller holds; the first
-    /// statement needing another stops the batch and nothing is kept.
-    /// Returns the results and the strongest access used.
+    /// Runs statements on the database of `grants.owner()` in one
+    /// transaction: all or nothing. Each statement's access comes from a
+    /// proof `grants` hands out; the first statement needing an access it
+    /// refuses stops the batch and nothing is kept. Returns the results and
+    /// the strongest access used.
     pub fn execute(
         &self,
-        user_id: &str,
+        grants: &mut dyn SqliteGrants,
         statements: &[SqlStatement],
         mode: BatchMode,
-        allowed: &[StatementAccess],
     ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
         if statements.is_empty() {
             return Err(SqlError::Invalid("no statements given".into()));
         }
-        let mut conn = self.open(user_id)?;
+        let owner = grants.owner().to_owned();
+        let mut conn = self.open(&owner)?;
         let deadline = Instant::now() + self.limits.max_time;
         conn.progress_handler(1_000, Some(move || Instant::now() > deadline));
 
@@ -254,11 +382,28 @@ impl UserDatabases {
         // may use a table an earlier one created). The first that needs an
         // access the caller lacks ends the batch, and dropping the
         // transaction rolls back everything before it.
+        let mut read: Option<Granted<SqliteRead>> = None;
+        let mut write: Option<Granted<SqliteWrite>> = None;
         let mut strongest = StatementAccess::Read;
+        let mut budget = Budget::new(limits);
         let mut results = Vec::with_capacity(statements.len());
         for statement in statements {
             let access = classify(&tx, statement.parts().0)?;
-            if !allowed.contains(&access) {
+            let granted = match access {
+                StatementAccess::Read => {
+                    if read.is_none() {
+                        read = grants.read();
+                    }
+                    read.as_ref().is_some_and(|g| g.user_id() == owner)
+                }
+                StatementAccess::Write => {
+                    if write.is_none() {
+                        write = grants.write();
+                    }
+                    write.as_ref().is_some_and(|g| g.user_id() == owner)
+                }
+            };
+            if !granted {
                 return Err(SqlError::Forbidden(access));
             }
             if mode == BatchMode::Read && access == StatementAccess::Write {
@@ -267,7 +412,7 @@ impl UserDatabases {
                 ));
             }
             strongest = strongest.max(access);
-            results.push(run_one(&tx, statement, limits)?);
+            results.push(run_one(&tx, statement, &mut budget)?);
         }
         tx.commit().map_err(|e| map_sql_error(e, limits))?;
         Ok((results, strongest))
@@ -306,6 +451,12 @@ fn map_sql_error(e: rusqlite::Error, limits: SqlLimits) -> SqlError {
         rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
             SqlError::Full(limits.max_bytes)
         }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::TooBig => {
+            SqlError::TooLarge(format!(
+                "a value would be larger than {} bytes, the most one result may hold",
+                limits.max_result_bytes
+            ))
+        }
         rusqlite::Error::SqliteFailure(_, Some(message)) => SqlError::Sql(message.clone()),
         rusqlite::Error::SqlInputError { msg, .. } => SqlError::Sql(msg.clone()),
         rusqlite::Error::MultipleStatement => {
@@ -340,6 +491,17 @@ fn json_to_value(v: &serde_json::Value) -> Result<Value, SqlError> {
     })
 }
 
+/// About what a value costs as JSON, counted before it is converted.
+fn json_cost(v: ValueRef<'_>) -> usize {
+    const OVERHEAD: usize = 8;
+    OVERHEAD
+        + match v {
+            ValueRef::Null | ValueRef::Integer(_) | ValueRef::Real(_) => 16,
+            ValueRef::Text(t) => t.len(),
+            ValueRef::Blob(b) => b.len().div_ceil(3) * 4 + 12,
+        }
+}
+
 fn value_to_json(v: ValueRef<'_>) -> serde_json::Value {
     match v {
         ValueRef::Null => serde_json::Value::Null,
@@ -357,8 +519,9 @@ fn value_to_json(v: ValueRef<'_>) -> serde_json::Value {
 fn run_one(
     conn: &Connection,
     statement: &SqlStatement,
-    limits: SqlLimits,
+    budget: &mut Budget,
 ) -> Result<SqlResult, SqlError> {
+    let limits = budget.limits;
     let (sql, args) = statement.parts();
     let err = |e| map_sql_error(e, limits);
     let mut stmt = conn.prepare(sql).map_err(err)?;
@@ -405,17 +568,16 @@ fn run_one(
         .collect();
     let mut rows_out = Vec::new();
     {
+        // Row by row: each is counted against the request's caps before it
+        // is kept, so an oversized result stops at the cap.
         let mut rows = stmt.raw_query();
         while let Some(row) = rows.next().map_err(err)? {
-            if rows_out.len() >= limits.max_rows {
-                return Err(SqlError::Invalid(format!(
-                    "result has more than {} rows: add a LIMIT",
-                    limits.max_rows
-                )));
-            }
+            budget.take_row()?;
             let mut out = Vec::with_capacity(columns.len());
             for i in 0..columns.len() {
-                out.push(value_to_json(row.get_ref(i).map_err(err)?));
+                let value = row.get_ref(i).map_err(err)?;
+                budget.take_bytes(json_cost(value))?;
+                out.push(value_to_json(value));
             }
             rows_out.push(out);
         }
@@ -449,36 +611,56 @@ mod tests {
         SqlStatement::Text(sql.into())
     }
 
-    const RW: &[StatementAccess] = &[StatementAccess::Read, StatementAccess::Write];
+    /// Proofs of read and write on `user`'s database.
+    fn rw(user: &str) -> HeldSqliteGrants {
+        HeldSqliteGrants::new(
+            Some(Granted::for_operator(user)),
+            Some(Granted::for_operator(user)),
+        )
+        .expect("grants")
+    }
+
+    fn read_only(user: &str) -> HeldSqliteGrants {
+        HeldSqliteGrants::new(Some(Granted::for_operator(user)), None).expect("grants")
+    }
+
+    fn run(
+        dbs: &UserDatabases,
+        grants: HeldSqliteGrants,
+        sql: &[SqlStatement],
+        mode: BatchMode,
+    ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
+        let mut grants = grants;
+        dbs.execute(&mut grants, sql, mode)
+    }
 
     #[test]
     fn sqlite_decides_read_or_write() {
         let (_d, dbs) = dbs();
-        let e = dbs.execute(
-            "u1",
+        let e = run(
+            &dbs,
+            read_only("u1"),
             &[st("CREATE TABLE t (a)")],
             BatchMode::Write,
-            &[StatementAccess::Read],
         );
         assert!(matches!(
             e,
             Err(SqlError::Forbidden(StatementAccess::Write))
         ));
-        dbs.execute(
-            "u1",
+        run(
+            &dbs,
+            rw("u1"),
             &[st("CREATE TABLE t (a INTEGER, b TEXT)")],
             BatchMode::Write,
-            RW,
         )
         .expect("create");
-        let (r, used) = dbs
-            .execute(
-                "u1",
-                &[st("SELECT * FROM t")],
-                BatchMode::Read,
-                &[StatementAccess::Read],
-            )
-            .expect("select");
+        let (r, used) = run(
+            &dbs,
+            read_only("u1"),
+            &[st("SELECT * FROM t")],
+            BatchMode::Read,
+        )
+        .expect("select");
         assert_eq!(used, StatementAccess::Read);
         assert_eq!(r[0].column_types, vec!["INTEGER", "TEXT"]);
         for sql in [
@@ -486,12 +668,139 @@ mod tests {
             "PRAGMA user_version = 3",
             "DELETE FROM t",
         ] {
-            let e = dbs.execute("u1", &[st(sql)], BatchMode::Write, &[StatementAccess::Read]);
+            let e = run(&dbs, read_only("u1"), &[st(sql)], BatchMode::Write);
             assert!(
                 matches!(e, Err(SqlError::Forbidden(StatementAccess::Write))),
                 "{sql}"
             );
         }
+    }
+
+    /// Counts what it hands out, as the API's audit would.
+    struct Counting {
+        read: usize,
+        write: usize,
+        may_write: bool,
+    }
+
+    impl SqliteGrants for Counting {
+        fn owner(&self) -> &str {
+            "u1"
+        }
+        fn read(&mut self) -> Option<Granted<SqliteRead>> {
+            self.read += 1;
+            Some(Granted::for_operator("u1"))
+        }
+        fn write(&mut self) -> Option<Granted<SqliteWrite>> {
+            self.write += 1;
+            self.may_write.then(|| Granted::for_operator("u1"))
+        }
+    }
+
+    #[test]
+    fn proofs_are_asked_for_once_and_only_when_needed() {
+        let (_d, dbs) = dbs();
+        let mut grants = Counting {
+            read: 0,
+            write: 0,
+            may_write: true,
+        };
+        dbs.execute(
+            &mut grants,
+            &[
+                st("SELECT 1"),
+                st("CREATE TABLE t (a)"),
+                st("SELECT 2"),
+                st("INSERT INTO t VALUES (1)"),
+            ],
+            BatchMode::Write,
+        )
+        .expect("batch");
+        assert_eq!((grants.read, grants.write), (1, 1));
+        let mut grants = Counting {
+            read: 0,
+            write: 0,
+            may_write: false,
+        };
+        let (_, used) = dbs
+            .execute(&mut grants, &[st("SELECT * FROM t")], BatchMode::Read)
+            .expect("select");
+        assert_eq!(used, StatementAccess::Read);
+        assert_eq!(
+            (grants.read, grants.write),
+            (1, 0),
+            "a read asks for no write"
+        );
+        // A proof for another user's database opens nothing.
+        let mut other =
+            HeldSqliteGrants::new(Some(Granted::for_operator("u2")), None).expect("grants");
+        let e = dbs.execute(&mut other, &[st("SELECT * FROM t")], BatchMode::Read);
+        assert!(matches!(e, Err(SqlError::Sql(m)) if m.contains("no such table")));
+        assert!(
+            HeldSqliteGrants::new(
+                Some(Granted::for_operator("u1")),
+                Some(Granted::for_operator("u2"))
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn results_stop_at_the_caps_while_rows_are_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = SqlLimits {
+            max_rows: 100,
+            max_result_bytes: 64 << 10,
+            ..SqlLimits::default()
+        };
+        let dbs = UserDatabases::with_limits(dir.path().join("sqlite"), limits).expect("dbs");
+        // One value past the byte cap: SQLite refuses to build it at all.
+        let e = run(
+            &dbs,
+            read_only("u1"),
+            &[st(
+                "SELECT randomblob(250000000) FROM (VALUES (1),(2),(3),(4))",
+            )],
+            BatchMode::Read,
+        );
+        assert!(
+            matches!(&e, Err(SqlError::TooLarge(m)) if m.contains("65536 bytes")),
+            "{e:?}"
+        );
+        // Values under the cap that add up past it.
+        let e = run(
+            &dbs,
+            read_only("u1"),
+            &[st(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50)
+                 SELECT randomblob(4000) FROM n",
+            )],
+            BatchMode::Read,
+        );
+        assert!(
+            matches!(&e, Err(SqlError::TooLarge(m)) if m.contains("larger than 65536 bytes")),
+            "{e:?}"
+        );
+        // Rows over the cap, counted over the whole request.
+        let fifty = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50)
+                     SELECT i FROM n";
+        run(
+            &dbs,
+            read_only("u1"),
+            &[st(fifty), st(fifty)],
+            BatchMode::Read,
+        )
+        .expect("100 rows fit");
+        let e = run(
+            &dbs,
+            read_only("u1"),
+            &[st(fifty), st(fifty), st("SELECT 1")],
+            BatchMode::Read,
+        );
+        assert!(
+            matches!(&e, Err(SqlError::TooLarge(m)) if m.contains("more than 100 rows")),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -504,7 +813,7 @@ mod tests {
             "PRAGMA journal_mode = off".to_owned(),
             "SELECT load_extension('x')".to_owned(),
         ] {
-            let e = dbs.execute("u1", &[st(&sql)], BatchMode::Write, RW);
+            let e = run(&dbs, rw("u1"), &[st(&sql)], BatchMode::Write);
             assert!(matches!(e, Err(SqlError::Sql(_))), "{sql}: {e:?}");
         }
         assert!(!other.exists());
@@ -513,32 +822,36 @@ mod tests {
     #[test]
     fn failing_batch_leaves_nothing_behind() {
         let (_d, dbs) = dbs();
-        dbs.execute(
-            "u1",
+        run(
+            &dbs,
+            rw("u1"),
             &[st("CREATE TABLE t (a INTEGER PRIMARY KEY)")],
             BatchMode::Write,
-            RW,
         )
         .expect("create");
         let batch = [
             st("INSERT INTO t VALUES (1)"),
             st("INSERT INTO t VALUES (1)"),
         ];
-        assert!(dbs.execute("u1", &batch, BatchMode::Write, RW).is_err());
-        let (r, _) = dbs
-            .execute("u1", &[st("SELECT count(*) FROM t")], BatchMode::Read, RW)
-            .expect("count");
+        assert!(run(&dbs, rw("u1"), &batch, BatchMode::Write).is_err());
+        let (r, _) = run(
+            &dbs,
+            rw("u1"),
+            &[st("SELECT count(*) FROM t")],
+            BatchMode::Read,
+        )
+        .expect("count");
         assert_eq!(r[0].rows[0][0], 0);
     }
 
     #[test]
     fn args_and_types() {
         let (_d, dbs) = dbs();
-        dbs.execute(
-            "u1",
+        run(
+            &dbs,
+            rw("u1"),
             &[st("CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)")],
             BatchMode::Write,
-            RW,
         )
         .expect("create");
         let insert: SqlStatement = serde_json::from_value(serde_json::json!({
@@ -546,18 +859,14 @@ mod tests {
             "args": [1, 2.5, "x", {"base64": "AAE="}, null]
         }))
         .expect("json");
-        let (r, _) = dbs
-            .execute("u1", &[insert], BatchMode::Write, RW)
-            .expect("insert");
+        let (r, _) = run(&dbs, rw("u1"), &[insert], BatchMode::Write).expect("insert");
         assert_eq!(r[0].rows_affected, 1);
         assert_eq!(r[0].last_insert_rowid, Some(1));
         let named: SqlStatement = serde_json::from_value(serde_json::json!({
             "sql": "SELECT i, r, s, b, n FROM t WHERE s = :s", "args": {"s": "x"}
         }))
         .expect("json");
-        let (r, _) = dbs
-            .execute("u1", &[named], BatchMode::Read, RW)
-            .expect("select");
+        let (r, _) = run(&dbs, rw("u1"), &[named], BatchMode::Read).expect("select");
         assert_eq!(
             serde_json::to_value(&r[0].rows[0]).expect("json"),
             serde_json::json!([1, 2.5, "x", {"base64": "AAE="}, null])
@@ -567,9 +876,19 @@ mod tests {
     #[test]
     fn users_do_not_share_a_database() {
         let (_d, dbs) = dbs();
-        dbs.execute("u1", &[st("CREATE TABLE secret (a)")], BatchMode::Write, RW)
-            .expect("create");
-        let e = dbs.execute("u2", &[st("SELECT * FROM secret")], BatchMode::Read, RW);
+        run(
+            &dbs,
+            rw("u1"),
+            &[st("CREATE TABLE secret (a)")],
+            BatchMode::Write,
+        )
+        .expect("create");
+        let e = run(
+            &dbs,
+            rw("u2"),
+            &[st("SELECT * FROM secret")],
+            BatchMode::Read,
+        );
         assert!(matches!(e, Err(SqlError::Sql(m)) if m.contains("no such table")));
         assert!(dbs.path("../u1").is_err());
     }

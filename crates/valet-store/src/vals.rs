@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
-use valet_core::ScopeSet;
+use valet_core::grant::{ValRead, ValScope, ValWrite};
+use valet_core::{Granted, GrantedSet, ScopeSet};
 
 use crate::{Store, StoreError, new_id, time};
 
@@ -74,6 +75,29 @@ pub struct ValPatch {
     pub env: Option<BTreeMap<String, String>>,
     pub timeout_ms: Option<i64>,
     pub schedule: Option<Option<String>>,
+}
+
+impl ValPatch {
+    /// Whether the patch changes what the val's runs execute: its code,
+    /// its env (which code reads) or its type (which decides how the code
+    /// is called).
+    pub fn changes_what_runs(&self) -> bool {
+        self.code.is_some() || self.env.is_some() || self.kind.is_some()
+    }
+}
+
+/// Refuses a change that would hand the val's runs (or its code) power
+/// that `cover` does not prove.
+fn check_cover(user_id: &str, cover: &GrantedSet, needed: ScopeSet) -> Result<(), StoreError> {
+    if cover.user_id() != user_id {
+        return Err(StoreError::Invalid(
+            "the scope proof is for another user".into(),
+        ));
+    }
+    match needed.minus(cover.scopes()).iter().next() {
+        None => Ok(()),
+        Some(missing) => Err(StoreError::ScopeNotHeld(missing)),
+    }
 }
 
 pub const MAX_TIMEOUT_MS: i64 = 15 * 60 * 1000;
@@ -168,7 +192,16 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Val> {
 }
 
 impl Store {
-    pub fn create_val(&self, user_id: &str, new: NewVal) -> Result<Val, StoreError> {
+    /// Creates a val whose runs get `new.scopes`: `cover` proves that its
+    /// maker holds them all.
+    pub fn create_val(
+        &self,
+        grant: &Granted<ValWrite>,
+        cover: &GrantedSet,
+        new: NewVal,
+    ) -> Result<Val, StoreError> {
+        let user_id = grant.user_id();
+        check_cover(user_id, cover, new.scopes)?;
         validate_val_name(&new.name)?;
         validate_env(&new.env)?;
         validate_timeout(new.timeout_ms)?;
@@ -204,8 +237,14 @@ impl Store {
         Ok(val)
     }
 
-    /// A val of `user_id`; another user's val is "not found", never "forbidden".
-    pub fn val_of_user(&self, user_id: &str, id: &str) -> Result<Val, StoreError> {
+    /// A val of the grant's user; another user's val is "not found", never
+    /// "forbidden".
+    pub fn val_of_user<S: ValScope>(
+        &self,
+        grant: &Granted<S>,
+        id: &str,
+    ) -> Result<Val, StoreError> {
+        let user_id = grant.user_id();
         self.read(|c| {
             c.query_row(
                 &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2"),
@@ -217,6 +256,8 @@ impl Store {
         })
     }
 
+    /// A val by its owner and name, for the public http route (which acts
+    /// for no caller) and the supervisor.
     pub fn val_by_name(&self, user_id: &str, name: &str) -> Result<Option<Val>, StoreError> {
         self.read(|c| {
             Ok(c.query_row(
@@ -239,7 +280,17 @@ impl Store {
         })
     }
 
-    pub fn list_vals(&self, user_id: &str) -> Result<Vec<Val>, StoreError> {
+    /// A val of the grant's user by name.
+    pub fn val_named(
+        &self,
+        grant: &Granted<ValRead>,
+        name: &str,
+    ) -> Result<Option<Val>, StoreError> {
+        self.val_by_name(grant.user_id(), name)
+    }
+
+    pub fn list_vals(&self, grant: &Granted<ValRead>) -> Result<Vec<Val>, StoreError> {
+        let user_id = grant.user_id();
         self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM vals WHERE user_id = ?1 ORDER BY name"
@@ -260,8 +311,26 @@ impl Store {
         })
     }
 
-    pub fn update_val(&self, user_id: &str, id: &str, patch: ValPatch) -> Result<Val, StoreError> {
-        let mut val = self.val_of_user(user_id, id)?;
+    /// Changes a val. `cover` proves what the caller holds: new scopes need
+    /// all of them, and a change to what the val's runs execute (code, env,
+    /// type) needs every scope the runs hold, so no one changes code that
+    /// runs with more power than they have.
+    pub fn update_val(
+        &self,
+        grant: &Granted<ValWrite>,
+        cover: &GrantedSet,
+        id: &str,
+        patch: ValPatch,
+    ) -> Result<Val, StoreError> {
+        let user_id = grant.user_id();
+        let mut val = self.val_of_user(grant, id)?;
+        let previous_scopes = val.scopes;
+        if let Some(scopes) = patch.scopes {
+            check_cover(user_id, cover, scopes)?;
+        }
+        if patch.changes_what_runs() {
+            check_cover(user_id, cover, val.scopes)?;
+        }
         if let Some(name) = patch.name {
             validate_val_name(&name)?;
             val.name = name;
@@ -288,16 +357,21 @@ impl Store {
             val.schedule = schedule;
         }
         val.updated_at = time::now_ms();
+        let previous_scopes = previous_scopes.to_claim();
         let env =
             serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.write(|c| {
             let n = c.execute(
                 "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
-                     schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10",
-                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id],
+                     schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10 AND scopes = ?11",
+                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id, previous_scopes],
             );
             match n {
-                Ok(0) => Err(StoreError::NotFound(format!("val '{id}'"))),
+                // The row changed (or went) since it was read: its scopes
+                // may now exceed the cover, so refuse rather than guess.
+                Ok(0) => Err(StoreError::Conflict(format!(
+                    "val '{id}' changed while it was being updated; try again"
+                ))),
                 Ok(_) => Ok(()),
                 Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
                     Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)))
@@ -308,7 +382,8 @@ impl Store {
         Ok(val)
     }
 
-    pub fn delete_val(&self, user_id: &str, id: &str) -> Result<(), StoreError> {
+    pub fn delete_val(&self, grant: &Granted<ValWrite>, id: &str) -> Result<(), StoreError> {
+        let user_id = grant.user_id();
         self.write(|c| {
             let n = c.execute(
                 "DELETE FROM vals WHERE id = ?1 AND user_id = ?2",

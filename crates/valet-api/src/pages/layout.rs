@@ -1,9 +1,12 @@
-//! The page shell: readable on a phone, no external assets.
+//! The page shell: readable on a phone, no third-party assets. The style
+//! sheet and the little script are served from valet itself
+//! (`/assets/...`), so the pages' CSP allows no inline style or script.
 
-use maud::{DOCTYPE, Markup, PreEscaped, html};
+use maud::{DOCTYPE, Markup, html};
 use valet_store::User;
 
-const CSS: &str = r#"
+/// The pages' style sheet, served at [`CSS_PATH`].
+pub const CSS: &str = r#"
 *{box-sizing:border-box}body{font:16px/1.5 system-ui,sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
 header{background:#1d2430;color:#fff;padding:.6rem 1rem;display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
 header a{color:#fff}header form{margin-left:auto}main{max-width:64rem;margin:0 auto;padding:1rem}
@@ -20,7 +23,27 @@ button.primary{background:#2456d6;color:#fff;border-color:#2456d6}button.danger{
 .secret{font-family:monospace;background:#fffbe6;border:1px solid #e6c200;padding:.6rem;word-break:break-all}
 .notice{background:#fffbe6;border:1px solid #e6c200;border-radius:6px;padding:.6rem}.grid{display:grid;gap:.5rem}
 pre{white-space:pre-wrap;background:#f3f4f6;padding:.5rem;font-size:.85rem;max-height:20rem;overflow:auto}
+.narrow{max-width:24rem;margin:2rem auto}.inline{display:inline}
 "#;
+
+/// Progressive enhancement only: "copy" and "are you sure?". Every page
+/// works without it.
+pub const JS: &str = r#"// valet pages: copy buttons and confirmations, wired by data attributes.
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("[data-copy]");
+  if (!button) return;
+  const source = document.getElementById(button.dataset.copy);
+  if (!source) return;
+  navigator.clipboard.writeText(source.textContent).then(() => { button.textContent = "Copied"; });
+});
+document.addEventListener("submit", (event) => {
+  const message = event.target.dataset ? event.target.dataset.confirm : undefined;
+  if (message && !confirm(message)) event.preventDefault();
+});
+"#;
+
+pub const CSS_PATH: &str = "/assets/valet.css";
+pub const JS_PATH: &str = "/assets/valet.js";
 
 pub fn page(title: &str, user: Option<(&User, &str)>, body: Markup) -> Markup {
     html! {
@@ -30,7 +53,8 @@ pub fn page(title: &str, user: Option<(&User, &str)>, body: Markup) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · valet" }
-                style { (PreEscaped(CSS)) }
+                link rel="stylesheet" href=(CSS_PATH);
+                script src=(JS_PATH) defer {}
             }
             body {
                 header {

@@ -19,15 +19,25 @@ pub struct Next {
     next: Option<String>,
 }
 
-/// Only local paths: `next` must not send people to another site.
+/// Only a path on this site: `next` must not send people to another one.
+/// Browsers drop tabs and line breaks from URLs and read `\` as `/`, so
+/// `/\t/evil.example` and `/\\evil` mean `//evil...`, another site: any
+/// character outside a plain path (or a second leading slash) sends
+/// people to `/` instead.
 fn safe_next(next: Option<&str>) -> String {
+    let plain = |n: &str| {
+        n.starts_with('/')
+            && !n[1..].starts_with('/')
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%?".contains(&b))
+    };
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
-        _ => "/settings/tokens".into(),
+        Some(n) if plain(n) => n.to_owned(),
+        _ => "/".into(),
     }
 }
 
-fn form_page(next: &str, error: Option<&str>, status: StatusCode) -> Response {
+fn form_page(state: &AppState, next: &str, error: Option<&str>, status: StatusCode) -> Response {
     let mut token = [0u8; 24];
     let _ = getrandom::fill(&mut token);
     let token = hex::encode(token);
@@ -35,7 +45,7 @@ fn form_page(next: &str, error: Option<&str>, status: StatusCode) -> Response {
         "Sign in",
         None,
         html! {
-            section style="max-width:24rem;margin:2rem auto" {
+            section.narrow {
                 h1 { "Sign in to valet" }
                 @if let Some(e) = error { p.notice role="alert" { (e) } }
                 form method="post" action="/login" class="grid" {
@@ -54,15 +64,18 @@ fn form_page(next: &str, error: Option<&str>, status: StatusCode) -> Response {
         status,
         [(
             header::SET_COOKIE,
-            format!("{LOGIN_CSRF}={token}; Path=/login; HttpOnly; SameSite=Strict; Max-Age=3600"),
+            format!(
+                "{LOGIN_CSRF}={token}; Path=/login; HttpOnly; SameSite=Strict; Max-Age=3600{}",
+                session::secure_attribute(state)
+            ),
         )],
         body,
     )
         .into_response()
 }
 
-pub async fn form(Query(q): Query<Next>) -> Response {
-    form_page(&safe_next(q.next.as_deref()), None, StatusCode::OK)
+pub async fn form(State(state): State<AppState>, Query(q): Query<Next>) -> Response {
+    form_page(&state, &safe_next(q.next.as_deref()), None, StatusCode::OK)
 }
 
 #[derive(Deserialize)]
@@ -83,6 +96,7 @@ pub async fn submit(
     let cookie_token = session::cookie(&headers, LOGIN_CSRF).unwrap_or("");
     if cookie_token.is_empty() || cookie_token != form.csrf {
         return form_page(
+            &state,
             &next,
             Some("The sign-in form expired; please try again."),
             StatusCode::FORBIDDEN,
@@ -94,6 +108,7 @@ pub async fn submit(
     ];
     if state.login_limiter.blocked(&keys) {
         return form_page(
+            &state,
             &next,
             Some("Too many failed attempts; wait 15 minutes and try again."),
             StatusCode::TOO_MANY_REQUESTS,
@@ -128,10 +143,42 @@ pub async fn submit(
         None => {
             state.login_limiter.failed(&keys);
             form_page(
+                &state,
                 &next,
                 Some("Wrong username or password."),
                 StatusCode::UNAUTHORIZED,
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_next;
+
+    #[test]
+    fn next_is_only_a_path_on_this_site() {
+        for bad in [
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "//evil",
+            "/\\evil",
+            "https://evil",
+            "evil",
+            "/ /evil",
+            "/ü",
+            "",
+        ] {
+            assert_eq!(safe_next(Some(bad)), "/", "{bad:?}");
+        }
+        assert_eq!(safe_next(None), "/");
+        for good in [
+            "/",
+            "/settings/tokens",
+            "/vals/my-val/settings",
+            "/a%20b?x=1",
+        ] {
+            assert_eq!(safe_next(Some(good)), good);
         }
     }
 }
@@ -152,7 +199,7 @@ pub async fn logout(
     let id = user.session_id.clone();
     let _ = state.store.call(move |s| s.delete_session(&id)).await;
     (
-        [(header::SET_COOKIE, session::clear_cookie())],
+        [(header::SET_COOKIE, session::clear_cookie(&state))],
         Redirect::to("/login"),
     )
         .into_response()

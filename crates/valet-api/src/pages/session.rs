@@ -15,6 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
+use valet_core::{Granted, GrantedSet, ScopeKind, ScopeSet};
 use valet_store::User;
 
 use crate::AppState;
@@ -43,14 +44,30 @@ fn mac(key: &[u8], id: &str) -> String {
     URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
 }
 
+/// `; Secure` when people reach valet over https: the cookie then never
+/// travels in clear text.
+pub fn secure_attribute(state: &AppState) -> &'static str {
+    if state
+        .config
+        .public_url
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
 /// Starts a session; returns the `Set-Cookie` value.
 pub async fn start(state: &AppState, user_id: &str) -> Result<String, String> {
     let id = random_token()?;
     let csrf = random_token()?;
     let cookie = format!(
-        "{COOKIE}={id}.{}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{COOKIE}={id}.{}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         mac(&state.session_key, &id),
-        SESSION_TTL_MS / 1000
+        SESSION_TTL_MS / 1000,
+        secure_attribute(state)
     );
     let user_id = user_id.to_owned();
     state
@@ -61,8 +78,11 @@ pub async fn start(state: &AppState, user_id: &str) -> Result<String, String> {
     Ok(cookie)
 }
 
-pub fn clear_cookie() -> String {
-    format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
+pub fn clear_cookie(state: &AppState) -> String {
+    format!(
+        "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        secure_attribute(state)
+    )
 }
 
 pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -124,6 +144,26 @@ impl FromRequestParts<AppState> for PageUser {
 }
 
 impl PageUser {
+    /// A proof of scope `S` on this person's own data. A signed-in person
+    /// is the account's owner and holds every scope (pages are not audited
+    /// as scope uses: the audit log is of tokens and runs).
+    pub fn grant<S: ScopeKind>(&self) -> Granted<S> {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a signed-in person is the account's owner, with every scope"
+        )]
+        Granted::for_operator(&self.user.id)
+    }
+
+    /// Proof that this person holds every scope (what hands power on).
+    pub fn grant_all(&self) -> GrantedSet {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a signed-in person is the account's owner, with every scope"
+        )]
+        GrantedSet::for_operator(&self.user.id, ScopeSet::all())
+    }
+
     /// Refuses a form without this session's CSRF token.
     pub fn check_csrf(&self, submitted: &str) -> Result<(), CsrfRefused> {
         if bool::from(self.csrf.as_bytes().ct_eq(submitted.as_bytes())) {

@@ -5,6 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
+use valet_core::grant::{UserRead, UserWrite};
 use valet_core::{ScopeSet, TokenScopes};
 use valet_store::{MigrationState, TokenRecord, time};
 
@@ -55,8 +56,8 @@ async fn render(
     created: Option<(String, String)>,
     error: Option<String>,
 ) -> Response {
-    let user_id = user.user.id.clone();
-    let tokens = match state.store.call(move |s| s.list_tokens(&user_id)).await {
+    let grant = user.grant::<UserRead>();
+    let tokens = match state.store.call(move |s| s.list_tokens(&grant)).await {
         Ok(t) => t,
         Err(e) => return crate::ApiError::from(e).into_response(),
     };
@@ -70,7 +71,7 @@ async fn render(
                 h2 { "Your new token “" (name) "”" }
                 p.notice { strong { "Copy it now: " } "this is the only time valet shows it. Store it somewhere safe, never in code." }
                 div.secret #token-value { (token) }
-                p { button type="button" #copy-token onclick="navigator.clipboard.writeText(document.getElementById('token-value').textContent).then(()=>{this.textContent='Copied'})" { "Copy" } }
+                p { button type="button" #copy-token data-copy="token-value" { "Copy" } }
             }
         }
         section {
@@ -107,7 +108,7 @@ async fn render(
                                             }
                                         }
                                         form method="post" action=(format!("/settings/tokens/{}/revoke", t.id))
-                                            onsubmit=(format!("return confirm('Revoke “{}”? Anything using it stops working.')", t.name.replace(['\'', '"', '\\'], ""))) {
+                                            data-confirm=(format!("Revoke “{}”? Anything using it stops working.", t.name)) {
                                             input type="hidden" name="csrf" value=(csrf);
                                             p { button.danger type="submit" { "Revoke" } }
                                         }
@@ -190,10 +191,10 @@ pub async fn create(
         },
     };
     let name = field(&fields, "name").trim().to_owned();
-    let user_id = user.user.id.clone();
+    let grant = user.grant::<UserWrite>();
     let created = state
         .store
-        .call(move |s| s.create_token(&user_id, &name, TokenScopes::Scoped(scopes), expires_at))
+        .call(move |s| s.create_token(&grant, &name, TokenScopes::Scoped(scopes), expires_at))
         .await;
     match created {
         Ok((record, token)) => {
@@ -218,17 +219,17 @@ pub async fn update_scopes(
         Ok(s) => s,
         Err(e) => return render(&state, &user, None, Some(e)).await,
     };
-    let user_id = user.user.id.clone();
+    let grant = user.grant::<UserWrite>();
     let result = state
         .store
         .call(move |s| {
-            let t = s.token_of_user(&user_id, &id)?;
+            let t = s.token_of_user(&grant, &id)?;
             if t.is_revoked() {
                 return Err(valet_store::StoreError::Conflict(
                     "a revoked token cannot be changed".into(),
                 ));
             }
-            s.set_token_scopes(&user_id, &id, scopes)
+            s.set_token_scopes(&grant, &id, scopes)
         })
         .await;
     match result {
@@ -245,10 +246,10 @@ pub async fn accept_defaults(
     Path(id): Path<String>,
     CheckedForm { user, .. }: CheckedForm,
 ) -> Response {
-    let user_id = user.user.id.clone();
+    let grant = user.grant::<UserWrite>();
     match state
         .store
-        .call(move |s| s.set_token_scopes(&user_id, &id, ScopeSet::default_val()))
+        .call(move |s| s.set_token_scopes(&grant, &id, ScopeSet::default_val()))
         .await
     {
         Ok(_) => Redirect::to("/settings/tokens").into_response(),
@@ -261,10 +262,10 @@ pub async fn revoke(
     Path(id): Path<String>,
     CheckedForm { user, .. }: CheckedForm,
 ) -> Response {
-    let user_id = user.user.id.clone();
+    let grant = user.grant::<UserWrite>();
     match state
         .store
-        .call(move |s| s.revoke_token(&user_id, &id, "by its owner"))
+        .call(move |s| s.revoke_token(&grant, &id, "by its owner"))
         .await
     {
         Ok(_) => Redirect::to("/settings/tokens").into_response(),

@@ -7,7 +7,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::html;
-use valet_core::{Schedule, Scope, ScopeSet};
+use valet_core::grant::{ValRead, ValWrite};
+use valet_core::{Granted, Schedule, Scope, ScopeSet};
 use valet_store::{ScopeRequestState, Store, StoreError, Val, ValKind, ValPatch};
 
 use super::layout::page;
@@ -19,12 +20,12 @@ use crate::AppState;
 const HINT_RUNS: usize = 10;
 
 /// A val of this user, by id or by name; anyone else's is "not found".
-fn find(store: &Store, user_id: &str, key: &str) -> Result<Val, StoreError> {
-    if let Ok(val) = store.val_of_user(user_id, key) {
+fn find(store: &Store, grant: &Granted<ValRead>, key: &str) -> Result<Val, StoreError> {
+    if let Ok(val) = store.val_of_user(grant, key) {
         return Ok(val);
     }
     store
-        .val_by_name(user_id, key)?
+        .val_named(grant, key)?
         .ok_or_else(|| StoreError::NotFound(format!("val '{key}'")))
 }
 
@@ -41,10 +42,10 @@ fn not_found() -> Response {
 }
 
 pub async fn index(State(state): State<AppState>, user: PageUser) -> Response {
-    let user_id = user.user.id.clone();
+    let grant = user.grant::<ValRead>();
     let vals = state
         .store
-        .call(move |s| s.list_vals(&user_id))
+        .call(move |s| s.list_vals(&grant))
         .await
         .unwrap_or_default();
     let body = html! {
@@ -64,10 +65,10 @@ struct Details {
     unused: ScopeSet,
 }
 
-fn details(store: &Store, user_id: &str, key: &str) -> Result<Details, StoreError> {
-    let val = find(store, user_id, key)?;
-    let runs = store.runs_of_val(&val.id, 20)?;
-    let requests = store.scope_requests(&val.id)?;
+fn details(store: &Store, grant: &Granted<ValRead>, key: &str) -> Result<Details, StoreError> {
+    let val = find(store, grant, key)?;
+    let runs = store.runs_of_val(grant, &val.id, 20)?;
+    let requests = store.scope_requests(grant, &val.id)?;
     let recent: Vec<String> = runs.iter().take(HINT_RUNS).map(|r| r.id.clone()).collect();
     let unused = if recent.is_empty() {
         ScopeSet::EMPTY
@@ -83,8 +84,8 @@ fn details(store: &Store, user_id: &str, key: &str) -> Result<Details, StoreErro
 }
 
 async fn render(state: &AppState, user: &PageUser, key: String, error: Option<String>) -> Response {
-    let user_id = user.user.id.clone();
-    let d = match state.store.call(move |s| details(s, &user_id, &key)).await {
+    let grant = user.grant::<ValRead>();
+    let d = match state.store.call(move |s| details(s, &grant, &key)).await {
         Ok(d) => d,
         Err(StoreError::NotFound(_)) => return not_found(),
         Err(e) => return crate::ApiError::from(e).into_response(),
@@ -107,12 +108,12 @@ async fn render(state: &AppState, user: &PageUser, key: String, error: Option<St
                     div.notice data-scope=(r.scope.to_string()) {
                         p { "This val asked for " code { (r.scope.to_string()) } " — refused " (r.count) " time(s), last at " (r.last_at.replace('T', " ").chars().take(19).collect::<String>()) " on " code { (r.sample_route) } "."
                             @if r.scope.is_risky() { " " span.risky { "⚠ lets this val change code or credentials." } } }
-                        form method="post" action=(format!("{base}/scope-requests/{}/allow", r.scope)) style="display:inline" {
+                        form method="post" action=(format!("{base}/scope-requests/{}/allow", r.scope)) class="inline" {
                             input type="hidden" name="csrf" value=(csrf);
                             button.primary type="submit" { "Allow" }
                         }
                         " "
-                        form method="post" action=(format!("{base}/scope-requests/{}/deny", r.scope)) style="display:inline" {
+                        form method="post" action=(format!("{base}/scope-requests/{}/deny", r.scope)) class="inline" {
                             input type="hidden" name="csrf" value=(csrf);
                             button type="submit" { "Deny" }
                         }
@@ -226,12 +227,16 @@ pub async fn update(
         Ok(s) => s,
         Err(e) => return render(&state, &user, key, Some(e)).await,
     };
-    let user_id = user.user.id.clone();
+    let (read, write, cover) = (
+        user.grant::<ValRead>(),
+        user.grant::<ValWrite>(),
+        user.grant_all(),
+    );
     let k = key.clone();
     let result = state
         .store
         .call(move |s| {
-            let val = find(s, &user_id, &k)?;
+            let val = find(s, &read, &k)?;
             let mut env: BTreeMap<String, String> = val.env.clone();
             for name in val.env.keys() {
                 if !field(&fields, &format!("env_remove_{name}")).is_empty() {
@@ -261,7 +266,8 @@ pub async fn update(
                 None
             };
             s.update_val(
-                &user_id,
+                &write,
+                &cover,
                 &val.id,
                 ValPatch {
                     scopes: Some(scopes),
@@ -293,12 +299,16 @@ pub async fn decide(
         "deny" => false,
         _ => return not_found(),
     };
-    let user_id = user.user.id.clone();
+    let (read, write, cover) = (
+        user.grant::<ValRead>(),
+        user.grant::<ValWrite>(),
+        user.grant_all(),
+    );
     let result = state
         .store
         .call(move |s| {
-            let val = find(s, &user_id, &key)?;
-            s.decide_scope_request(&user_id, &val.id, scope, allow)?;
+            let val = find(s, &read, &key)?;
+            s.decide_scope_request(&write, &cover, &val.id, scope, allow)?;
             Ok(val.name)
         })
         .await;
@@ -313,13 +323,18 @@ pub async fn remove_unused(
     Path(key): Path<String>,
     CheckedForm { user, .. }: CheckedForm,
 ) -> Response {
-    let user_id = user.user.id.clone();
+    let (read, write, cover) = (
+        user.grant::<ValRead>(),
+        user.grant::<ValWrite>(),
+        user.grant_all(),
+    );
     let result = state
         .store
         .call(move |s| {
-            let d = details(s, &user_id, &key)?;
+            let d = details(s, &read, &key)?;
             s.update_val(
-                &user_id,
+                &write,
+                &cover,
                 &d.val.id,
                 ValPatch {
                     scopes: Some(d.val.scopes.minus(d.unused)),

@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use valet_core::Scope;
+use valet_core::grant::{BlobRead, BlobWrite};
 use valet_store::{BlobKey, BlobMeta};
 
 use super::blocking;
@@ -28,9 +28,9 @@ pub async fn list(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<BlobMeta>>, ApiError> {
-    let grant = caller.require(Scope::BLOB_READ)?;
+    let grant = caller.require::<BlobRead>()?;
     Ok(Json(
-        blocking(&state, move |s| s.blob_list(grant.user_id(), &q.prefix)).await?,
+        blocking(&state, move |s| s.blob_list(&grant, &q.prefix)).await?,
     ))
 }
 
@@ -39,9 +39,9 @@ pub async fn get(
     caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
-    let grant = caller.require(Scope::BLOB_READ)?;
+    let grant = caller.require::<BlobRead>()?;
     let key = key(&raw)?;
-    let body = blocking(&state, move |s| s.blob_get(grant.user_id(), &key))
+    let body = blocking(&state, move |s| s.blob_get(&grant, &key))
         .await?
         .ok_or_else(|| ApiError::not_found(format!("blob '{raw}'")))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
@@ -53,13 +53,10 @@ pub async fn set(
     Path(raw): Path<String>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let grant = caller.require(Scope::BLOB_WRITE)?;
+    let grant = caller.require::<BlobWrite>()?;
     let key = key(&raw)?;
     let quota = state.config.blob_quota;
-    blocking(&state, move |s| {
-        s.blob_put(grant.user_id(), &key, &body, quota)
-    })
-    .await?;
+    blocking(&state, move |s| s.blob_put(&grant, &key, &body, quota)).await?;
     Ok(StatusCode::CREATED)
 }
 
@@ -68,8 +65,8 @@ pub async fn delete(
     caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let grant = caller.require(Scope::BLOB_WRITE)?;
+    let grant = caller.require::<BlobWrite>()?;
     let key = key(&raw)?;
-    blocking(&state, move |s| s.blob_delete(grant.user_id(), &key)).await?;
+    blocking(&state, move |s| s.blob_delete(&grant, &key)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

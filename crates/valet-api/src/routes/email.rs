@@ -1,5 +1,8 @@
 //! `POST /v1/email`: validate, store in the outbox, answer 202; the mailer
-//! delivers. No field may carry CR or LF, so header injection is impossible.
+//! delivers. The message is an [`EmailMessage`], whose constructor refuses
+//! line breaks in header-bound fields and any custom header that could
+//! replace valet's own (From, Sender, the recipients, Message-ID,
+//! Content-*). Each user's mail is held to a daily quota.
 
 use std::collections::BTreeMap;
 
@@ -8,9 +11,9 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use valet_core::Scope;
+use valet_core::grant::{EmailRead, EmailWrite};
 use valet_store::outbox_types::Attachment;
-use valet_store::{EmailMessage, OutboxEntry};
+use valet_store::{EmailDraft, EmailError, EmailMessage, OutboxEntry};
 
 use super::blocking;
 use crate::{ApiError, AppState, Caller};
@@ -48,6 +51,9 @@ pub struct EmailBody {
     bcc: Option<Addresses>,
     #[serde(rename = "replyTo")]
     reply_to: Option<Addresses>,
+    /// What the hosted std/email sends for `replyTo`.
+    #[serde(rename = "replyToList")]
+    reply_to_list: Option<Addresses>,
     subject: Option<String>,
     text: Option<String>,
     html: Option<String>,
@@ -56,8 +62,6 @@ pub struct EmailBody {
     #[serde(default)]
     attachments: Vec<Attachment>,
 }
-
-const MAX_RECIPIENTS: usize = 50;
 
 fn no_newlines(field: &str, value: &str) -> Result<(), ApiError> {
     if value.contains(['\r', '\n', '\0']) {
@@ -121,12 +125,26 @@ fn bare(rendered: &str) -> &str {
     }
 }
 
+fn refused(e: EmailError) -> ApiError {
+    match e {
+        EmailError::HeaderNotAllowed(m) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "header_not_allowed", m)
+        }
+        EmailError::Invalid { .. } => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_email", e.to_string())
+        }
+    }
+}
+
+/// What the hosted API answers, with valet's outbox id and status beside it.
+const ACCEPTED: &str = "Email accepted to be sent";
+
 pub async fn send(
     State(state): State<AppState>,
     caller: Caller,
     body: Result<Json<EmailBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let grant = caller.require(Scope::EMAIL_WRITE)?;
+    let grant = caller.require::<EmailWrite>()?;
     let body = super::json_body(body)?;
     let user_id = grant.user_id().to_owned();
     let user = blocking(&state, move |s| s.user_by_id(&user_id))
@@ -139,15 +157,9 @@ pub async fn send(
     }
     let cc = render_all("cc", body.cc)?;
     let bcc = render_all("bcc", body.bcc)?;
-    let reply_to = render_all("replyTo", body.reply_to)?;
+    let mut reply_to = render_all("replyTo", body.reply_to)?;
+    reply_to.extend(render_all("replyToList", body.reply_to_list)?);
     let recipients: Vec<&String> = to.iter().chain(&cc).chain(&bcc).collect();
-    if recipients.len() > MAX_RECIPIENTS {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_email",
-            format!("at most {MAX_RECIPIENTS} recipients"),
-        ));
-    }
     // Free accounts may only email themselves, so a leaked key cannot turn
     // valet into a spam relay.
     if user.tier != "pro"
@@ -180,41 +192,10 @@ pub async fn send(
             name: Some(from_name),
         },
     )?;
-
-    let subject = body.subject.unwrap_or_default();
-    no_newlines("subject", &subject)?;
-    for (name, value) in &body.headers {
-        no_newlines("header", name)?;
-        no_newlines("header", value)?;
-        let valid_name =
-            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if !valid_name {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_email",
-                format!("invalid header name '{name}'"),
-            ));
-        }
-    }
-    for a in &body.attachments {
-        no_newlines("attachment filename", &a.filename)?;
-        if let Some(t) = &a.content_type {
-            no_newlines("attachment type", t)?;
-        }
-        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &a.content).map_err(
-            |_| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_email",
-                    format!("attachment '{}' is not base64", a.filename),
-                )
-            },
-        )?;
-    }
     if body.text.is_none()
         && body.html.is_none()
         && body.attachments.is_empty()
-        && subject.is_empty()
+        && body.subject.as_deref().is_none_or(str::is_empty)
     {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -222,7 +203,12 @@ pub async fn send(
             "an email needs a subject, text, html or an attachment",
         ));
     }
-    let message = EmailMessage {
+    // The hosted std's documented default.
+    let subject = body
+        .subject
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("Message from @{} on Val Town", user.username));
+    let message = EmailMessage::new(EmailDraft {
         from,
         to,
         cc,
@@ -233,12 +219,13 @@ pub async fn send(
         html: body.html,
         headers: body.headers,
         attachments: body.attachments,
-    };
-    let user_id = user.id.clone();
-    let id = blocking(&state, move |s| s.enqueue_email(&user_id, &message)).await?;
+    })
+    .map_err(refused)?;
+    let quota = state.config.email_quota;
+    let id = blocking(&state, move |s| s.enqueue_email(&grant, &message, &quota)).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "id": id, "status": "queued" })),
+        Json(serde_json::json!({ "message": ACCEPTED, "id": id, "status": "queued" })),
     ))
 }
 
@@ -246,9 +233,9 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<OutboxEntry>>, ApiError> {
-    let grant = caller.require(Scope::EMAIL_READ)?;
+    let grant = caller.require::<EmailRead>()?;
     Ok(Json(
-        blocking(&state, move |s| s.list_emails(grant.user_id(), 100)).await?,
+        blocking(&state, move |s| s.list_emails(&grant, 100)).await?,
     ))
 }
 
@@ -257,8 +244,8 @@ pub async fn status(
     caller: Caller,
     Path(id): Path<i64>,
 ) -> Result<Json<OutboxEntry>, ApiError> {
-    let grant = caller.require(Scope::EMAIL_READ)?;
-    blocking(&state, move |s| s.email_of_user(grant.user_id(), id))
+    let grant = caller.require::<EmailRead>()?;
+    blocking(&state, move |s| s.email_of_user(&grant, id))
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("email {id}")))

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use valet_core::Scope;
+use valet_core::grant::UserRead;
 
 use super::{blocking, public_link};
 use crate::{ApiError, AppState, Caller};
@@ -12,7 +12,7 @@ pub async fn me(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::USER_READ)?;
+    let grant = caller.require::<UserRead>()?;
     let user_id = grant.user_id().to_owned();
     let user = blocking(&state, move |s| s.user_by_id(&user_id))
         .await?

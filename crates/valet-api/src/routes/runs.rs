@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use valet_core::Scope;
+use valet_core::grant::{ValRead, ValWrite};
 use valet_store::{RunRecord, ValKind};
 
 use super::blocking;
@@ -15,8 +15,8 @@ pub async fn run_val(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<RunSummary>, ApiError> {
-    let grant = caller.require(Scope::VAL_WRITE)?;
-    let val = blocking(&state, move |s| s.val_of_user(grant.user_id(), &id)).await?;
+    let grant = caller.require::<ValWrite>()?;
+    let val = blocking(&state, move |s| s.val_of_user(&grant, &id)).await?;
     if val.kind == ValKind::Http {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -49,10 +49,10 @@ pub async fn list(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<RunRecord>>, ApiError> {
-    let grant = caller.require(Scope::VAL_READ)?;
+    let grant = caller.require::<ValRead>()?;
     let runs = blocking(&state, move |s| {
-        let val = s.val_of_user(grant.user_id(), &id)?;
-        s.runs_of_val(&val.id, 50)
+        let val = s.val_of_user(&grant, &id)?;
+        s.runs_of_val(&grant, &val.id, 50)
     })
     .await?;
     Ok(Json(runs))
@@ -63,8 +63,8 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<RunRecord>, ApiError> {
-    let grant = caller.require(Scope::VAL_READ)?;
+    let grant = caller.require::<ValRead>()?;
     Ok(Json(
-        blocking(&state, move |s| s.run_of_user(grant.user_id(), &id)).await?,
+        blocking(&state, move |s| s.run_of_user(&grant, &id)).await?,
     ))
 }

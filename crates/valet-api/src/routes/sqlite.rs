@@ -1,5 +1,6 @@
 //! `std/sqlite` routes on the caller's own database. SQLite decides whether
-//! each statement reads or writes; the caller's scopes decide whether it may.
+//! each statement reads or writes; the proofs the caller's scope checks
+//! hand out decide whether it may.
 
 use axum::Json;
 use axum::extract::State;
@@ -8,7 +9,7 @@ use serde::Deserialize;
 use valet_core::Scope;
 use valet_store::{BatchMode, SqlResult, SqlStatement, StatementAccess};
 
-use crate::{ApiError, AppState, Caller};
+use crate::{ApiError, AppState, Caller, SqliteCaller};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,37 +27,25 @@ pub struct BatchBody {
 
 async fn run(
     state: AppState,
-    caller: Caller,
+    mut grants: SqliteCaller,
     statements: Vec<SqlStatement>,
     mode: BatchMode,
 ) -> Result<Vec<SqlResult>, ApiError> {
-    let grant = caller.require_any(&[Scope::SQLITE_READ, Scope::SQLITE_WRITE])?;
-    let mut allowed = Vec::new();
-    if caller.scopes().contains(Scope::SQLITE_READ) {
-        allowed.push(StatementAccess::Read);
-    }
-    if caller.scopes().contains(Scope::SQLITE_WRITE) {
-        allowed.push(StatementAccess::Write);
-    }
-    let result = tokio::task::spawn_blocking(move || {
-        state
+    // The store asks `grants` for a proof of each access as SQLite
+    // classifies the statements; each proof it gets is audited then.
+    let (result, grants) = tokio::task::spawn_blocking(move || {
+        let result = state
             .store
             .user_dbs()
-            .execute(grant.user_id(), &statements, mode, &allowed)
+            .execute(&mut grants, &statements, mode);
+        (result, grants)
     })
     .await
     .map_err(ApiError::internal)?;
     match result {
-        Ok((results, used)) => {
-            caller.audit(if used == StatementAccess::Write {
-                Scope::SQLITE_WRITE
-            } else {
-                Scope::SQLITE_READ
-            });
-            Ok(results)
-        }
+        Ok((results, _)) => Ok(results),
         Err(valet_store::SqlError::Forbidden(access)) => {
-            Err(caller.refuse(if access == StatementAccess::Write {
+            Err(grants.refuse(if access == StatementAccess::Write {
                 Scope::SQLITE_WRITE
             } else {
                 Scope::SQLITE_READ
@@ -71,9 +60,9 @@ pub async fn execute(
     caller: Caller,
     body: Result<Json<ExecuteBody>, JsonRejection>,
 ) -> Result<Json<SqlResult>, ApiError> {
-    caller.require_any(&[Scope::SQLITE_READ, Scope::SQLITE_WRITE])?;
+    let grants = caller.require_sqlite()?;
     let body = super::json_body(body)?;
-    let mut results = run(state, caller, vec![body.statement], BatchMode::Deferred).await?;
+    let mut results = run(state, grants, vec![body.statement], BatchMode::Deferred).await?;
     results
         .pop()
         .map(Json)
@@ -85,7 +74,7 @@ pub async fn batch(
     caller: Caller,
     body: Result<Json<BatchBody>, JsonRejection>,
 ) -> Result<Json<Vec<SqlResult>>, ApiError> {
-    caller.require_any(&[Scope::SQLITE_READ, Scope::SQLITE_WRITE])?;
+    let grants = caller.require_sqlite()?;
     let body = super::json_body(body)?;
-    Ok(Json(run(state, caller, body.statements, body.mode).await?))
+    Ok(Json(run(state, grants, body.statements, body.mode).await?))
 }

@@ -6,7 +6,8 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use valet_core::{Scope, ScopeSet, TokenScopes};
+use valet_core::grant::{UserRead, UserWrite};
+use valet_core::{ScopeSet, TokenScopes};
 use valet_store::{TokenRecord, time};
 
 use super::blocking;
@@ -48,8 +49,8 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
-    let grant = caller.require(Scope::USER_READ)?;
-    let tokens = blocking(&state, move |s| s.list_tokens(grant.user_id())).await?;
+    let grant = caller.require::<UserRead>()?;
+    let tokens = blocking(&state, move |s| s.list_tokens(&grant)).await?;
     Ok(Json(tokens.iter().map(token_json).collect()))
 }
 
@@ -58,8 +59,8 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::USER_READ)?;
-    let token = blocking(&state, move |s| s.token_of_user(grant.user_id(), &id)).await?;
+    let grant = caller.require::<UserRead>()?;
+    let token = blocking(&state, move |s| s.token_of_user(&grant, &id)).await?;
     Ok(Json(token_json(&token)))
 }
 
@@ -68,7 +69,7 @@ pub async fn create(
     caller: Caller,
     body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let grant = caller.require(Scope::USER_WRITE)?;
+    let grant = caller.require::<UserWrite>()?;
     let body = super::json_body(body)?;
     let scopes = body.scopes.unwrap_or_else(ScopeSet::default_val);
     caller.require_all(scopes)?;
@@ -87,12 +88,7 @@ pub async fn create(
         }
     };
     let (record, token) = blocking(&state, move |s| {
-        s.create_token(
-            grant.user_id(),
-            &body.name,
-            TokenScopes::Scoped(scopes),
-            expires_at,
-        )
+        s.create_token(&grant, &body.name, TokenScopes::Scoped(scopes), expires_at)
     })
     .await?;
     let mut json = token_json(&record);
@@ -106,25 +102,24 @@ pub async fn update(
     Path(id): Path<String>,
     body: Result<Json<UpdateBody>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::USER_WRITE)?;
+    let grant = caller.require::<UserWrite>()?;
     let body = super::json_body(body)?;
     if let Some(scopes) = body.scopes {
         caller.require_all(scopes)?;
     }
     let token = blocking(&state, move |s| {
-        let user = grant.user_id();
-        let current = s.token_of_user(user, &id)?;
+        let current = s.token_of_user(&grant, &id)?;
         if current.is_revoked() {
             return Err(valet_store::StoreError::Conflict(
                 "a revoked token cannot be changed".into(),
             ));
         }
         if let Some(name) = body.name {
-            s.rename_token(user, &id, &name)?;
+            s.rename_token(&grant, &id, &name)?;
         }
         match body.scopes {
-            Some(scopes) => s.set_token_scopes(user, &id, scopes),
-            None => s.token_of_user(user, &id),
+            Some(scopes) => s.set_token_scopes(&grant, &id, scopes),
+            None => s.token_of_user(&grant, &id),
         }
     })
     .await?;
@@ -136,10 +131,7 @@ pub async fn revoke(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::USER_WRITE)?;
-    let token = blocking(&state, move |s| {
-        s.revoke_token(grant.user_id(), &id, "by its owner")
-    })
-    .await?;
+    let grant = caller.require::<UserWrite>()?;
+    let token = blocking(&state, move |s| s.revoke_token(&grant, &id, "by its owner")).await?;
     Ok(Json(token_json(&token)))
 }

@@ -7,6 +7,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
+use valet_core::grant::{ValRead, ValWrite};
 use valet_core::{Schedule, Scope, ScopeSet};
 use valet_store::{NewVal, ScopeRequest, Val, ValKind, ValPatch};
 
@@ -90,8 +91,8 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
-    let grant = caller.require(Scope::VAL_READ)?;
-    let vals = blocking(&state, move |s| s.list_vals(grant.user_id())).await?;
+    let grant = caller.require::<ValRead>()?;
+    let vals = blocking(&state, move |s| s.list_vals(&grant)).await?;
     Ok(Json(vals.iter().map(val_json).collect()))
 }
 
@@ -100,8 +101,8 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::VAL_READ)?;
-    let val = blocking(&state, move |s| s.val_of_user(grant.user_id(), &id)).await?;
+    let grant = caller.require::<ValRead>()?;
+    let val = blocking(&state, move |s| s.val_of_user(&grant, &id)).await?;
     Ok(Json(val_json(&val)))
 }
 
@@ -110,11 +111,11 @@ pub async fn create(
     caller: Caller,
     body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let grant = caller.require(Scope::VAL_WRITE)?;
+    let grant = caller.require::<ValWrite>()?;
     let body = super::json_body(body)?;
     let scopes = body.scopes.unwrap_or_else(ScopeSet::default_val);
     // A val's runs act for the caller: they may not get more than it holds.
-    caller.require_all(scopes)?;
+    let cover = caller.require_all(scopes)?;
     check_schedule(body.kind, body.schedule.as_deref())?;
     let new = NewVal {
         name: body.name,
@@ -125,7 +126,7 @@ pub async fn create(
         timeout_ms: body.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
         schedule: body.schedule,
     };
-    let val = blocking(&state, move |s| s.create_val(grant.user_id(), new)).await?;
+    let val = blocking(&state, move |s| s.create_val(&grant, &cover, new)).await?;
     Ok((StatusCode::CREATED, Json(val_json(&val))))
 }
 
@@ -135,20 +136,10 @@ pub async fn update(
     Path(id): Path<String>,
     body: Result<Json<UpdateBody>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::VAL_WRITE)?;
+    let grant = caller.require::<ValWrite>()?;
     let body = super::json_body(body)?;
-    if let Some(scopes) = body.scopes {
-        caller.require_all(scopes)?;
-    }
-    let user_id = grant.user_id().to_owned();
-    let lookup_id = id.clone();
-    let current = blocking(&state, move |s| s.val_of_user(&user_id, &lookup_id)).await?;
-    let kind = body.kind.unwrap_or(current.kind);
-    let schedule = match &body.schedule {
-        Some(s) => s.clone(),
-        None => current.schedule.clone(),
-    };
-    check_schedule(kind, schedule.as_deref())?;
+    let lookup = (grant.clone(), id.clone());
+    let current = blocking(&state, move |s| s.val_of_user(&lookup.0, &lookup.1)).await?;
     let patch = ValPatch {
         name: body.name,
         kind: body.kind,
@@ -158,7 +149,22 @@ pub async fn update(
         timeout_ms: body.timeout_ms,
         schedule: body.schedule,
     };
-    let val = blocking(&state, move |s| s.update_val(grant.user_id(), &id, patch)).await?;
+    // New scopes are handed to the val's runs: the caller must hold them.
+    // New code (or env, or type) runs with the scopes the val's runs hold:
+    // the caller must hold those too, or a token with val:write alone could
+    // rewrite a val that reads private blobs and secrets and run it.
+    let mut needed = patch.scopes.unwrap_or(ScopeSet::EMPTY);
+    if patch.changes_what_runs() {
+        needed = needed.union(current.scopes);
+    }
+    let cover = caller.require_all(needed)?;
+    let kind = patch.kind.unwrap_or(current.kind);
+    let schedule = match &patch.schedule {
+        Some(s) => s.clone(),
+        None => current.schedule.clone(),
+    };
+    check_schedule(kind, schedule.as_deref())?;
+    let val = blocking(&state, move |s| s.update_val(&grant, &cover, &id, patch)).await?;
     Ok(Json(val_json(&val)))
 }
 
@@ -167,8 +173,8 @@ pub async fn delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let grant = caller.require(Scope::VAL_WRITE)?;
-    blocking(&state, move |s| s.delete_val(grant.user_id(), &id)).await?;
+    let grant = caller.require::<ValWrite>()?;
+    blocking(&state, move |s| s.delete_val(&grant, &id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -177,10 +183,10 @@ pub async fn scope_requests(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<ScopeRequest>>, ApiError> {
-    let grant = caller.require(Scope::VAL_READ)?;
+    let grant = caller.require::<ValRead>()?;
     let requests = blocking(&state, move |s| {
-        let val = s.val_of_user(grant.user_id(), &id)?;
-        s.scope_requests(&val.id)
+        let val = s.val_of_user(&grant, &id)?;
+        s.scope_requests(&grant, &val.id)
     })
     .await?;
     Ok(Json(requests))
@@ -191,7 +197,7 @@ pub async fn decide_scope_request(
     caller: Caller,
     Path((id, scope, decision)): Path<(String, String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::VAL_WRITE)?;
+    let grant = caller.require::<ValWrite>()?;
     let scope: Scope = scope
         .parse()
         .map_err(|e: valet_core::ScopeError| ApiError::bad_request(e.to_string()))?;
@@ -204,13 +210,15 @@ pub async fn decide_scope_request(
             )));
         }
     };
-    if allow {
-        // Allowing hands the val's runs this scope: the caller must hold it.
-        caller.require_all(ScopeSet::EMPTY.with(scope))?;
-    }
+    // Allowing hands the val's runs this scope: the caller must hold it.
+    let cover = caller.require_all(if allow {
+        ScopeSet::EMPTY.with(scope)
+    } else {
+        ScopeSet::EMPTY
+    })?;
     let val = blocking(&state, move |s| {
-        s.decide_scope_request(grant.user_id(), &id, scope, allow)?;
-        s.val_of_user(grant.user_id(), &id)
+        s.decide_scope_request(&grant, &cover, &id, scope, allow)?;
+        s.val_of_user(&grant, &id)
     })
     .await?;
     Ok(Json(val_json(&val)))

@@ -12,12 +12,15 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use valet_core::{Scope, ScopeSet};
+use valet_core::ScopeSet;
 use valet_store::{NewVal, StoreError, User, Val, ValKind};
 
 use super::vals::DEFAULT_TIMEOUT_MS;
 use super::{blocking, public_link};
-use crate::{ApiError, AppState, Caller, Grant};
+use valet_core::Granted;
+use valet_core::grant::{ValRead, ValWrite};
+
+use crate::{ApiError, AppState, Caller};
 
 const DEFAULT_LIMIT: usize = 20;
 const MAX_LIMIT: usize = 100;
@@ -122,9 +125,12 @@ fn owner(s: &valet_store::Store, user_id: &str) -> Result<User, StoreError> {
 
 /// The caller's vals in creation order (ids are time-ordered), and the
 /// caller as their author.
-async fn vals_in_order(state: &AppState, grant: Grant) -> Result<(User, Vec<Val>), ApiError> {
+async fn vals_in_order(
+    state: &AppState,
+    grant: Granted<ValRead>,
+) -> Result<(User, Vec<Val>), ApiError> {
     blocking(state, move |s| {
-        let mut vals = s.list_vals(grant.user_id())?;
+        let mut vals = s.list_vals(&grant)?;
         vals.sort_by(|a, b| a.id.cmp(&b.id));
         Ok((owner(s, grant.user_id())?, vals))
     })
@@ -139,7 +145,7 @@ pub async fn list(
     caller: Caller,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::VAL_READ)?;
+    let grant = caller.require::<ValRead>()?;
     let q = query(q)?;
     let limit = page_size(q.limit)?;
     let cursor = q.cursor.as_deref().map(cursor_value).transpose()?;
@@ -178,7 +184,7 @@ pub async fn list_mine(
     caller: Caller,
     q: Result<Query<MineQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::VAL_READ)?;
+    let grant = caller.require::<ValRead>()?;
     let q = query(q)?;
     let limit = page_size(q.limit)?;
     let (owner, vals) = vals_in_order(&state, grant).await?;
@@ -207,12 +213,9 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = caller.require(Scope::VAL_READ)?;
+    let grant = caller.require::<ValRead>()?;
     let (val, owner) = blocking(&state, move |s| {
-        Ok((
-            s.val_of_user(grant.user_id(), &id)?,
-            owner(s, grant.user_id())?,
-        ))
+        Ok((s.val_of_user(&grant, &id)?, owner(s, grant.user_id())?))
     })
     .await?;
     Ok(Json(val_json(&state, &val, &owner)))
@@ -226,7 +229,7 @@ pub async fn create(
     caller: Caller,
     body: Result<Json<CreateBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let grant = caller.require(Scope::VAL_WRITE)?;
+    let grant = caller.require::<ValWrite>()?;
     let body = super::json_body(body)?;
     if body.org_id.is_some() {
         return Err(ApiError::new(
@@ -244,18 +247,19 @@ pub async fn create(
             format!("description is longer than {MAX_DESCRIPTION_CHARS} characters"),
         ));
     }
+    let cover = caller.require_within(ScopeSet::default_val())?;
     let new = NewVal {
         name: body.name,
         kind: ValKind::Script,
         code: String::new(),
-        scopes: ScopeSet::default_val().intersect(caller.scopes()),
+        scopes: cover.scopes(),
         env: Default::default(),
         timeout_ms: DEFAULT_TIMEOUT_MS,
         schedule: None,
     };
     let (val, owner) = blocking(&state, move |s| {
         Ok((
-            s.create_val(grant.user_id(), new)?,
+            s.create_val(&grant, &cover, new)?,
             owner(s, grant.user_id())?,
         ))
     })

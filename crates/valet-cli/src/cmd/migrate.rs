@@ -39,16 +39,21 @@ pub struct Args {
     /// The URL people reach valet at, for links in the emails.
     #[arg(long, default_value = "http://127.0.0.1:7070")]
     public_url: String,
+    /// The address the emails come from (as `valet serve --email-from`).
+    #[arg(long, env = "VALET_EMAIL_FROM", default_value = valet_store::DEFAULT_EMAIL_FROM)]
+    email_from: String,
 }
 
 pub fn run(store: Store, Command::Scopes(args): Command) -> anyhow::Result<ExitCode> {
     let window = super::parse_duration(&args.window)?;
+    valet_store::validate_email(&args.email_from)?;
     let options = MigrationOptions {
         dry_run: args.dry_run,
         window_ms: window.as_millis() as i64,
         batch_size: args.batch_size.max(1),
         stop_after_batches: None,
         public_url: args.public_url,
+        email_from: args.email_from,
     };
     if let Some(id) = args.revert {
         store.revert_migration(&id)?;

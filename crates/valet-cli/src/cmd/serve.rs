@@ -21,6 +21,16 @@ pub struct Args {
     /// The URL people reach this server at (for links in emails).
     #[arg(long)]
     public_url: Option<String>,
+    /// The address valet sends email from (vals' mail, with the val's
+    /// display name, and valet's own).
+    #[arg(long, env = "VALET_EMAIL_FROM", default_value = valet_store::DEFAULT_EMAIL_FROM)]
+    email_from: String,
+    /// Emails each user may send per day (UTC).
+    #[arg(long, default_value_t = valet_store::EmailQuota::default().messages_per_day)]
+    email_daily_messages: u64,
+    /// Bytes of email each user may send per day (UTC), attachments included.
+    #[arg(long, default_value_t = valet_store::EmailQuota::default().bytes_per_day)]
+    email_daily_bytes: u64,
     /// Where GitHub publishes its secret-scanning keys.
     #[arg(long, env = "VALET_GITHUB_KEYS_URL", default_value = valet_api::secret_scanning::GITHUB_KEYS_URL)]
     github_keys_url: String,
@@ -41,6 +51,12 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     config.heap_mb = args.heap_mb;
     config.egress_allow = super::parse_egress(&args.egress_allow)?;
     config.api.github_keys_url = args.github_keys_url;
+    valet_store::validate_email(&args.email_from)?;
+    config.api.email_from = args.email_from;
+    config.api.email_quota = valet_store::EmailQuota {
+        messages_per_day: args.email_daily_messages,
+        bytes_per_day: args.email_daily_bytes,
+    };
     if let Some(url) = args.public_url {
         config.api.public_url = url;
     }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use valet_core::{ScopeSet, TokenScopes};
+use valet_core::{Granted, ScopeSet, TokenScopes};
 use valet_store::{Store, time};
 
 #[derive(Subcommand)]
@@ -51,6 +51,9 @@ pub enum Command {
         /// The URL people reach this server at, for the email's link.
         #[arg(long, default_value = "http://127.0.0.1:7070")]
         public_url: String,
+        /// The address valet sends email from (as `valet serve --email-from`).
+        #[arg(long, env = "VALET_EMAIL_FROM", default_value = valet_store::DEFAULT_EMAIL_FROM)]
+        email_from: String,
     },
     /// Revoke a token.
     Revoke {
@@ -84,7 +87,9 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let user = store.require_user(&user)?;
-            let (record, token) = store.create_token(&user.id, &name, scopes, expires_at)?;
+            // The operator acts for the user: no request, no scope check.
+            let (record, token) =
+                store.create_token(&Granted::for_operator(&user.id), &name, scopes, expires_at)?;
             eprintln!(
                 "created token {} ({}) with scopes: {}",
                 record.name,
@@ -96,7 +101,7 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::List { user, json } => {
             let user = store.require_user(&user)?;
-            let tokens = store.list_tokens(&user.id)?;
+            let tokens = store.list_tokens(&Granted::for_operator(&user.id))?;
             if json {
                 let list: Vec<_> = tokens.iter().map(valet_api::token_json).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -121,7 +126,8 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
         Command::Scopes { id, set } => {
             let scopes = ScopeSet::parse(&set)?;
             let token = store.token_by_id(&id).context("no such token")?;
-            let token = store.set_token_scopes(&token.user_id, &id, scopes)?;
+            let token =
+                store.set_token_scopes(&Granted::for_operator(&token.user_id), &id, scopes)?;
             eprintln!(
                 "token {} now has scopes: {}",
                 token.id,
@@ -132,9 +138,11 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
             token,
             url,
             public_url,
+            email_from,
         } => {
             use valet_store::{LeakOutcome, report_leak};
-            match report_leak(&store, &token, &url, &public_url)? {
+            valet_store::validate_email(&email_from)?;
+            match report_leak(&store, &token, &url, &email_from, &public_url)? {
                 LeakOutcome::Revoked => eprintln!("revoked the token and emailed its owner"),
                 LeakOutcome::AlreadyRevoked => {
                     eprintln!("the token was already revoked; nothing to do")
@@ -147,7 +155,8 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Revoke { id, user } => {
             let user = store.require_user(&user)?;
-            let token = store.revoke_token(&user.id, &id, "by its owner")?;
+            let token =
+                store.revoke_token(&Granted::for_operator(&user.id), &id, "by its owner")?;
             eprintln!("revoked token {} ({})", token.name, token.id);
         }
     }

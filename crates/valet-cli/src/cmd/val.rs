@@ -58,8 +58,10 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
             let code = std::fs::read_to_string(&file)
                 .with_context(|| format!("could not read {}", file.display()))?;
             let user = store.require_user(&user)?;
+            // The operator acts for the user, who holds every scope.
             let val = store.create_val(
-                &user.id,
+                &valet_core::Granted::for_operator(&user.id),
+                &valet_core::GrantedSet::for_operator(&user.id, scopes),
                 NewVal {
                     name,
                     kind,
