@@ -8,6 +8,7 @@
 mod api;
 mod cli;
 mod conformance;
+mod hot;
 mod migration;
 mod pages;
 mod runs;

@@ -1,0 +1,142 @@
+//! Hot http vals: isolation between vals, requests and versions is tested,
+//! not assumed.
+
+use valet_core::{Granted, GrantedSet, ScopeSet};
+use valet_store::{Outcome, ValKind, ValPatch};
+
+use crate::runs::store_val;
+use crate::support::Server;
+
+const COUNTER: &str = r#"
+import { blob } from "https://esm.town/v/std/blob";
+const process = crypto.randomUUID();
+let count = 0;
+let previousKey: string | undefined;
+export default async (req: Request) => {
+  const url = new URL(req.url);
+  count += 1;
+  const key = Deno.env.get("valtown")!;
+  if (url.pathname === "/die") setTimeout(() => Deno.exit(3), 20);
+  let previous = 0;
+  if (previousKey) {
+    const r = await fetch(`${Deno.env.get("VALTOWN_API_URL")}/v1/me`, { headers: { Authorization: `Bearer ${previousKey}` } });
+    previous = r.status;
+  }
+  previousKey = key;
+  await blob.set(`seen-${count}`, key.slice(-12));
+  console.log("request", count);
+  return Response.json({ process, count, key: key.slice(-12), previous, version: "VERSION" });
+};
+"#;
+
+async fn get(server: &Server, path: &str) -> serde_json::Value {
+    let r = server
+        .client
+        .get(format!("{}{path}", server.vals_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    r.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn requests_share_a_live_process_but_never_a_key() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let val = store_val(
+        &server,
+        &ada,
+        "counter",
+        ValKind::Http,
+        &COUNTER.replace("VERSION", "one"),
+        ScopeSet::default_val(),
+    );
+    let first = get(&server, "/ada/counter").await;
+    let second = get(&server, "/ada/counter").await;
+    // One live process keeps its module state...
+    assert_eq!(first["process"], second["process"]);
+    assert_eq!(second["count"], 2);
+    // ...but each request has its own key, dead once its response ended.
+    assert_ne!(first["key"], second["key"]);
+    assert_eq!(
+        second["previous"], 401,
+        "the first request's key outlived its response"
+    );
+    assert_eq!(server.supervisor().hot_processes(), 1);
+
+    // Each request is a run with its own record and its own logs.
+    let runs = crate::support::eventually(
+        || async {
+            let (id, user) = (val.id.clone(), ada.id.clone());
+            server
+                .store
+                .call(move |s| s.runs_of_val(&Granted::for_operator(&user), &id, 10))
+                .await
+                .unwrap()
+        },
+        |runs| {
+            runs.iter()
+                .filter(|r| r.outcome == Outcome::Succeeded)
+                .count()
+                == 2
+        },
+    )
+    .await;
+    let finished: Vec<_> = runs
+        .iter()
+        .filter(|r| r.outcome == Outcome::Succeeded)
+        .collect();
+    assert_eq!(finished.len(), 2, "{runs:?}");
+    for run in &finished {
+        assert_eq!(run.logs.matches("request").count(), 1, "{}", run.logs);
+    }
+
+    // Another val never shares the process.
+    store_val(
+        &server,
+        &ada,
+        "other",
+        ValKind::Http,
+        &COUNTER.replace("VERSION", "other"),
+        ScopeSet::default_val(),
+    );
+    let other = get(&server, "/ada/other").await;
+    assert_ne!(other["process"], first["process"]);
+    assert_eq!(other["count"], 1);
+
+    // Changed code answers at once, from a new process.
+    let (id, user) = (val.id.clone(), ada.id.clone());
+    server
+        .store
+        .call(move |s| {
+            s.update_val(
+                &Granted::for_operator(&user),
+                &GrantedSet::for_operator(&user, ScopeSet::all()),
+                &id,
+                ValPatch {
+                    code: Some(COUNTER.replace("VERSION", "two")),
+                    ..Default::default()
+                },
+            )
+        })
+        .await
+        .unwrap();
+    let changed = get(&server, "/ada/counter").await;
+    assert_eq!(changed["version"], "two");
+    assert_ne!(changed["process"], first["process"]);
+
+    // A process that dies between requests does not fail the next one.
+    let dying = get(&server, "/ada/counter/die").await;
+    let mut after = serde_json::Value::Null;
+    for _ in 0..50 {
+        after = get(&server, "/ada/counter").await;
+        if after["process"] != dying["process"] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_ne!(after["process"], dying["process"], "the process never died");
+    assert_eq!(after["count"], 1);
+    server.stop().await;
+}
