@@ -9,6 +9,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::audit::AuditSink;
 use crate::blobs::BlobStore;
+use crate::token_cache::TokenCache;
 use crate::user_sqlite::UserDatabases;
 use crate::{StoreError, schema};
 
@@ -32,6 +33,8 @@ struct Inner {
     audit: AuditSink,
     blobs: BlobStore,
     user_dbs: UserDatabases,
+    /// Emptied by the writer's update hook on any change to `api_tokens`.
+    tokens: Arc<TokenCache>,
 }
 
 impl std::fmt::Debug for Store {
@@ -63,6 +66,15 @@ impl Store {
         let path = data_dir.join(DB_FILE);
         let mut writer = open_connection(&path)?;
         schema::run(&mut writer)?;
+        let tokens = Arc::new(TokenCache::default());
+        let hook = tokens.clone();
+        writer.update_hook(Some(
+            move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
+                if table == "api_tokens" {
+                    hook.clear();
+                }
+            },
+        ));
         let audit = AuditSink::start(open_connection(&path)?)?;
         let blobs = BlobStore::new(data_dir.join("blobs"))?;
         let user_dbs = UserDatabases::new(data_dir.join("sqlite"))?;
@@ -74,8 +86,14 @@ impl Store {
                 audit,
                 blobs,
                 user_dbs,
+                tokens,
             }),
         })
+    }
+
+    /// API token records cached in memory (see [`TokenCache`]).
+    pub fn token_cache(&self) -> &TokenCache {
+        &self.inner.tokens
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -19,6 +19,7 @@ mod scope_migration;
 mod scope_requests;
 mod sessions;
 pub mod time;
+mod token_cache;
 mod tokens;
 mod user_sqlite;
 mod users;
@@ -42,6 +43,7 @@ pub mod outbox_types {
 pub use runs::{NewRun, Outcome, RunRecord};
 pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use sessions::Session;
+pub use token_cache::TokenCache;
 pub use tokens::{MigrationState, TokenRecord};
 pub use user_sqlite::{
     BatchMode, HeldSqliteGrants, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement,

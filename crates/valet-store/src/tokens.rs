@@ -190,6 +190,11 @@ impl Store {
             // so equality is never decided by a short-circuiting memcmp.
             Ok(record.filter(|r| r.hash.ct_eq(hash)))
         })
+        .inspect(|record| {
+            if let Some(record) = record {
+                self.token_cache().put(record);
+            }
+        })
     }
 
     /// A token of the grant's user; another user's token is "not found".
