@@ -7,5 +7,13 @@
 // Helpers outside #[test] functions panic on purpose: a broken fixture is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod blob;
+mod email;
+mod errors;
+mod isolation;
+mod run_keys;
 mod scopes;
+mod socket;
+mod sqlite;
 mod support;
+mod tokens;

@@ -122,7 +122,11 @@ async fn routes(api: &Api, user: &User) -> Vec<Route> {
         // Past the scope check a run needs a runner, which the API alone
         // does not have.
         route(Method::POST, format!("{val_path}/run"), Scope::VAL_WRITE).answers(503),
-        route(Method::GET, format!("{val_path}/scope-requests"), Scope::VAL_READ),
+        route(
+            Method::GET,
+            format!("{val_path}/scope-requests"),
+            Scope::VAL_READ,
+        ),
         route(
             Method::POST,
             format!("{val_path}/scope-requests/blob:write/deny"),
@@ -134,7 +138,11 @@ async fn routes(api: &Api, user: &User) -> Vec<Route> {
         route(Method::POST, "/v2/vals", Scope::VAL_WRITE)
             .json(json!({"name": format!("w{suffix}"), "privacy": "private"})),
         route(Method::GET, format!("/v2/vals/{}", val.id), Scope::VAL_READ),
-        route(Method::DELETE, format!("/v2/vals/{}", doomed.id), Scope::VAL_WRITE),
+        route(
+            Method::DELETE,
+            format!("/v2/vals/{}", doomed.id),
+            Scope::VAL_WRITE,
+        ),
         route(Method::GET, "/v2/me/vals", Scope::VAL_READ),
         route(Method::GET, "/v1/tokens", Scope::USER_READ),
         route(Method::POST, "/v1/tokens", Scope::USER_WRITE)
@@ -225,8 +233,16 @@ async fn every_route_refuses_missing_malformed_unknown_expired_and_revoked_token
         ("no header", None, "missing_token"),
         ("garbage", Some(bearer("not-a-token")), "invalid_token"),
         ("a short vlt_", Some(bearer("vlt_abc")), "invalid_token"),
-        ("a bad checksum", Some(bearer(&bad_checksum)), "invalid_token"),
-        ("an unknown token", Some(bearer(unknown.expose())), "invalid_token"),
+        (
+            "a bad checksum",
+            Some(bearer(&bad_checksum)),
+            "invalid_token",
+        ),
+        (
+            "an unknown token",
+            Some(bearer(unknown.expose())),
+            "invalid_token",
+        ),
         ("an expired token", Some(bearer(&expired)), "token_expired"),
         ("a revoked token", Some(bearer(&revoked)), "token_revoked"),
         (
