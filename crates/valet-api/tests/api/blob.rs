@@ -9,9 +9,7 @@ use crate::support::{Api, Requests};
 
 #[tokio::test]
 async fn blob_keys_are_data_and_stay_in_the_users_directory() {
-    let api = Api::start();
-    let ada = api.user("ada");
-    let token = api.token(&ada, ScopeSet::all());
+    let (api, ada, token) = Api::with_user("ada");
     let long_ok = "k".repeat(512);
     let long_bad = "k".repeat(513);
     let cases = [
@@ -83,29 +81,19 @@ async fn blob_quota_gives_413() {
     });
     let ada = api.user("ada");
     let token = api.token(&ada, ScopeSet::all());
-    let r = api
-        .post("/v1/blob/a")
-        .token(&token)
-        .body(vec![0u8; 800])
-        .send()
-        .await;
-    assert_eq!(r.status, 201);
-    let r = api
-        .post("/v1/blob/b")
-        .token(&token)
-        .body(vec![0u8; 800])
-        .send()
-        .await;
+    let put = |key: &str, bytes: Vec<u8>| {
+        api.post(&format!("/v1/blob/{key}"))
+            .token(&token)
+            .body(bytes)
+            .send()
+    };
+    assert_eq!(put("a", vec![0u8; 800]).await.status, 201);
+    let r = put("b", vec![0u8; 800]).await;
     assert_eq!(r.error(), (413, "quota_exceeded".into()));
     let r = api.get("/v1/blob/b").token(&token).send().await;
     assert_eq!(r.status, 404, "nothing stored past the quota");
     // Replacing a blob counts its new size, not both.
-    let r = api
-        .post("/v1/blob/a")
-        .token(&token)
-        .body(vec![1u8; 900])
-        .send()
-        .await;
+    let r = put("a", vec![1u8; 900]).await;
     assert_eq!(r.status, 201, "{}", r.text());
     let list = api.get("/v1/blob").token(&token).send().await.json();
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");

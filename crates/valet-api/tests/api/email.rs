@@ -10,9 +10,7 @@ use crate::support::{Api, Requests};
 
 #[tokio::test]
 async fn messages_are_queued_and_header_injection_never_reaches_the_outbox() {
-    let api = Api::start();
-    let ada = api.user("ada");
-    let token = api.token(&ada, ScopeSet::all());
+    let (api, _, token) = Api::with_user("ada");
     let r = api
         .post("/v1/email")
         .token(&token)

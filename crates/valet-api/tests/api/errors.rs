@@ -3,15 +3,12 @@
 
 use axum::http::header;
 use serde_json::json;
-use valet_core::ScopeSet;
 
 use crate::support::{Api, Call, Requests};
 
 #[tokio::test]
 async fn errors_are_json_everywhere() {
-    let api = Api::start();
-    let ada = api.user("ada");
-    let token = api.token(&ada, ScopeSet::all());
+    let (api, _, token) = Api::with_user("ada");
     let cases: Vec<(&str, Call, u16, &str)> = vec![
         ("an unknown route", api.get("/nope"), 404, "not_found"),
         (
@@ -122,9 +119,7 @@ async fn errors_are_json_everywhere() {
 /// `text/plain`); the API reads such bodies as JSON.
 #[tokio::test]
 async fn json_bodies_need_no_json_content_type() {
-    let api = Api::start();
-    let ada = api.user("ada");
-    let token = api.token(&ada, ScopeSet::all());
+    let (api, _, token) = Api::with_user("ada");
     let body = json!({"statement": "SELECT 1"}).to_string();
     let r = api
         .post("/v1/sqlite/execute")

@@ -18,13 +18,10 @@ async fn users_never_see_each_others_data() {
     let as_bob = |r: crate::support::Call| r.token(&bob_token);
 
     // Ada's things.
-    assert_eq!(
-        as_ada(api.post("/v1/blob/secret").body("ada's"))
-            .send()
-            .await
-            .status,
-        201
-    );
+    let r = as_ada(api.post("/v1/blob/secret").body("ada's"))
+        .send()
+        .await;
+    assert_eq!(r.status, 201);
     let r = as_ada(api.post("/v1/sqlite/execute"))
         .json(&json!({"statement": "CREATE TABLE private (x)"}))
         .send()
@@ -48,17 +45,12 @@ async fn users_never_see_each_others_data() {
     // Bob: blobs.
     assert_eq!(as_bob(api.get("/v1/blob/secret")).send().await.status, 404);
     assert_eq!(as_bob(api.get("/v1/blob")).send().await.json(), json!([]));
-    assert_eq!(
-        as_bob(api.post("/v1/blob/secret").body("bob's"))
-            .send()
-            .await
-            .status,
-        201
-    );
-    assert_eq!(
-        as_bob(api.delete("/v1/blob/secret")).send().await.status,
-        204
-    );
+    let r = as_bob(api.post("/v1/blob/secret").body("bob's"))
+        .send()
+        .await;
+    assert_eq!(r.status, 201, "bob's own blob of that name");
+    let r = as_bob(api.delete("/v1/blob/secret")).send().await;
+    assert_eq!(r.status, 204);
     let still = as_ada(api.get("/v1/blob/secret")).send().await.text();
     assert_eq!(still, "ada's");
     // Bob: database.

@@ -6,15 +6,41 @@
 use serde_json::json;
 use valet_core::{KeyRing, MintRequest, Scope, ScopeSet, SigningKey};
 
-use crate::support::{Api, Requests, eventually};
+use crate::support::{Api, Client, Requests, eventually, scopes};
 
-#[tokio::test]
-async fn a_run_key_works_only_through_its_own_channel_and_dies_with_its_run() {
+/// A run of ada's val `job`, live on channel A with `granted`.
+struct Running {
+    api: Api,
+    ada: valet_store::User,
+    val: valet_store::Val,
+    key: String,
+    run: valet_core::live_runs::LiveRunGuard,
+    /// Channel A's app: what the run's process reaches.
+    a: Client,
+}
+
+fn running(granted: ScopeSet) -> Running {
     let api = Api::start();
     let ada = api.user("ada");
     let val = api.val(&ada, "job");
-    let (key, run) = api.live_run(&ada, &val, ScopeSet::default_val(), "A");
-    let (a, b) = (api.channel("A"), api.channel("B"));
+    let (key, run) = api.live_run(&ada, &val, granted, "A");
+    let a = api.channel("A");
+    Running {
+        api,
+        ada,
+        val,
+        key,
+        run,
+        a,
+    }
+}
+
+#[tokio::test]
+async fn a_run_key_works_only_through_its_own_channel_and_dies_with_its_run() {
+    let Running {
+        api, key, run, a, ..
+    } = running(ScopeSet::default_val());
+    let b = api.channel("B");
 
     let r = a.get("/v1/me").token(&key).send().await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -52,11 +78,13 @@ async fn a_run_key_works_only_through_its_own_channel_and_dies_with_its_run() {
 
 #[tokio::test]
 async fn keys_that_no_run_holds_are_invalid() {
-    let api = Api::start();
-    let ada = api.user("ada");
-    let val = api.val(&ada, "job");
-    let _run = api.live_run(&ada, &val, ScopeSet::default_val(), "A");
-    let a = api.channel("A");
+    let Running {
+        ada,
+        val,
+        a,
+        run: _run,
+        ..
+    } = running(ScopeSet::default_val());
     // A well-formed key signed by another server's ring.
     let stranger = KeyRing::new(SigningKey::generate().expect("key")).expect("ring");
     let now = (valet_store::time::now_ms() / 1000) as u64;
@@ -78,12 +106,9 @@ async fn keys_that_no_run_holds_are_invalid() {
 
 #[tokio::test]
 async fn a_run_refused_a_scope_asks_its_owner_for_it() {
-    let api = Api::start();
-    let ada = api.user("ada");
-    let owner = api.token(&ada, ScopeSet::all());
+    let (api, ada, owner) = Api::with_user("ada");
     let val = api.val(&ada, "job");
-    let scopes = ScopeSet::parse("blob:read").expect("scopes");
-    let (key, _run) = api.live_run(&ada, &val, scopes, "A");
+    let (key, _run) = api.live_run(&ada, &val, scopes("blob:read"), "A");
     let a = api.channel("A");
     let r = a.post("/v1/blob/k").token(&key).body("v").send().await;
     assert_eq!(
@@ -124,11 +149,13 @@ async fn a_run_refused_a_scope_asks_its_owner_for_it() {
 
 #[tokio::test]
 async fn the_channel_app_serves_the_api_and_nothing_else() {
-    let api = Api::start();
-    let ada = api.user("ada");
-    let val = api.val(&ada, "job");
-    let (key, _run) = api.live_run(&ada, &val, ScopeSet::default_val(), "A");
-    let a = api.channel("A");
+    let Running {
+        api,
+        key,
+        a,
+        run: _run,
+        ..
+    } = running(ScopeSet::default_val());
     for path in [
         "/login",
         "/settings/tokens",

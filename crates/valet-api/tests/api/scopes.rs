@@ -213,9 +213,7 @@ async fn every_route_needs_its_scope_and_works_with_it() {
 
 #[tokio::test]
 async fn every_route_refuses_missing_malformed_unknown_expired_and_revoked_tokens() {
-    let api = Api::start();
-    let user = api.user("ada");
-    let good = api.token(&user, ScopeSet::all());
+    let (api, user, good) = Api::with_user("ada");
     let mut bad_checksum = good.clone();
     let last = if good.ends_with('A') { "B" } else { "A" };
     bad_checksum.replace_range(good.len() - 1.., last);
@@ -283,9 +281,7 @@ async fn every_route_refuses_missing_malformed_unknown_expired_and_revoked_token
 /// with it is told what is wrong with a malformed body.
 #[tokio::test]
 async fn bodies_are_read_only_after_the_scope_check() {
-    let api = Api::start();
-    let user = api.user("ada");
-    let all = api.token(&user, ScopeSet::all());
+    let (api, user, all) = Api::with_user("ada");
     for r in routes(&api, &user).await {
         if !matches!(r.body, Body::Json(_)) {
             continue;

@@ -5,9 +5,8 @@
 
 use serde_json::json;
 use tokio::net::TcpListener;
-use valet_core::ScopeSet;
 
-use crate::support::Api;
+use crate::support::{Api, scopes};
 
 /// `serve` on an ephemeral port until the returned sender fires.
 struct Served {
@@ -37,10 +36,7 @@ impl Served {
 async fn the_api_answers_real_http_and_shuts_down_gracefully() {
     let api = Api::start();
     let ada = api.user("ada");
-    let token = api.token(
-        &ada,
-        ScopeSet::parse("user:read blob:write").expect("scopes"),
-    );
+    let token = api.token(&ada, scopes("user:read blob:write"));
     let served = serve(&api).await;
     let client = reqwest::Client::new();
     let me: serde_json::Value = client

@@ -3,9 +3,8 @@
 //! dangerous PRAGMAs are refused.
 
 use serde_json::json;
-use valet_core::ScopeSet;
 
-use crate::support::{Api, Reply, Requests};
+use crate::support::{Api, Reply, Requests, scopes};
 
 async fn execute(api: &Api, token: &str, statement: serde_json::Value) -> Reply {
     api.post("/v1/sqlite/execute")
@@ -19,11 +18,8 @@ async fn execute(api: &Api, token: &str, statement: serde_json::Value) -> Reply 
 async fn sqlite_read_write_and_atomic_batches() {
     let api = Api::start();
     let ada = api.user("ada");
-    let rw = api.token(
-        &ada,
-        ScopeSet::parse("sqlite:read sqlite:write").expect("scopes"),
-    );
-    let ro = api.token(&ada, ScopeSet::parse("sqlite:read").expect("scopes"));
+    let rw = api.token(&ada, scopes("sqlite:read sqlite:write"));
+    let ro = api.token(&ada, scopes("sqlite:read"));
     let r = execute(
         &api,
         &rw,

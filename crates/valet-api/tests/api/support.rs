@@ -43,6 +43,15 @@ impl Api {
         }
     }
 
+    /// An API with one pro user, `name`, and a token of theirs with every
+    /// scope.
+    pub fn with_user(name: &str) -> (Api, User, String) {
+        let api = Api::start();
+        let user = api.user(name);
+        let token = api.token(&user, ScopeSet::all());
+        (api, user, token)
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }
@@ -142,6 +151,11 @@ impl Api {
             ChannelId::new(id),
         ))
     }
+}
+
+/// A scope set from its text (`"blob:read blob:write"`).
+pub fn scopes(list: &str) -> ScopeSet {
+    ScopeSet::parse(list).expect("scopes")
 }
 
 /// One of the API's routers, as something to send requests to.

@@ -5,16 +5,13 @@
 use serde_json::json;
 use valet_core::ScopeSet;
 
-use crate::support::{Api, Requests, eventually};
+use crate::support::{Api, Requests, eventually, scopes};
 
 #[tokio::test]
 async fn tokens_never_exceed_their_makers_scopes() {
     let api = Api::start();
     let ada = api.user("ada");
-    let maker = api.token(
-        &ada,
-        ScopeSet::parse("user:read user:write blob:read").expect("scopes"),
-    );
+    let maker = api.token(&ada, scopes("user:read user:write blob:read"));
     let r = api
         .post("/v1/tokens")
         .token(&maker)
@@ -59,10 +56,7 @@ async fn tokens_never_exceed_their_makers_scopes() {
         .json();
     assert!(one.get("token").is_none(), "{one}");
     // A val cannot be given scopes its creator lacks.
-    let val_maker = api.token(
-        &ada,
-        ScopeSet::parse("val:write blob:read").expect("scopes"),
-    );
+    let val_maker = api.token(&ada, scopes("val:write blob:read"));
     let r = api
         .post("/v1/vals")
         .token(&val_maker)
@@ -74,9 +68,7 @@ async fn tokens_never_exceed_their_makers_scopes() {
 
 #[tokio::test]
 async fn expiry_must_be_a_future_date_and_revoked_tokens_stay_revoked() {
-    let api = Api::start();
-    let ada = api.user("ada");
-    let admin = api.token(&ada, ScopeSet::all());
+    let (api, _, admin) = Api::with_user("ada");
     for expires_at in ["tomorrow", "2001-01-01T00:00:00Z"] {
         let r = api
             .post("/v1/tokens")
@@ -123,7 +115,7 @@ async fn every_authorised_call_is_audited_and_touches_last_used() {
         assert_eq!(api.get("/v1/me").token(&token).send().await.status, 200);
     }
     // Refused calls are not audited.
-    let reader = api.token(&ada, ScopeSet::parse("user:read").expect("scopes"));
+    let reader = api.token(&ada, scopes("user:read"));
     assert_eq!(api.get("/v1/blob").token(&reader).send().await.status, 403);
     assert_eq!(api.store.audit_count().expect("count"), before + 3);
     let path = format!("/v1/tokens/{id}");
