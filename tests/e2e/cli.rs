@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::support::{Http, Requests};
+
 fn valet(data_dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_valet"));
     cmd.arg("--data-dir").arg(data_dir);
@@ -200,42 +202,25 @@ fn no_token_appears_in_the_servers_logs() {
     let base = format!("http://127.0.0.1:{port}");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let run_token = rt.block_on(async {
-        let c = reqwest::Client::new();
+        let c = Http::new(base);
         for _ in 0..600 {
-            if c.get(format!("{base}/.well-known/jwks.json"))
-                .send()
-                .await
-                .is_ok()
-            {
+            if c.get("/.well-known/jwks.json").try_send().await.is_ok() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let r = c
-            .post(format!("{base}/v1/vals/{val_id}/run"))
-            .bearer_auth(&token)
+            .post(&format!("/v1/vals/{val_id}/run"))
+            .token(&token)
             .send()
-            .await
-            .expect("run");
-        assert_eq!(r.status(), 200);
-        c.get(format!("{base}/v1/blob?prefix={token}"))
-            .bearer_auth(&token)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        c.get(&format!("/v1/blob?prefix={token}"))
+            .token(&token)
             .send()
-            .await
-            .expect("list");
-        c.get(format!("{base}/v1/me"))
-            .bearer_auth(format!("{token}x"))
-            .send()
-            .await
-            .expect("bad");
-        c.get(format!("{base}/v1/blob/key"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("get")
-            .text()
-            .await
-            .expect("text")
+            .await;
+        c.get("/v1/me").token(&format!("{token}x")).send().await;
+        c.get("/v1/blob/key").token(&token).send().await.text()
     });
     assert!(run_token.starts_with("eyJ"));
     // SIGTERM: a graceful shutdown flushes the logs.

@@ -127,6 +127,9 @@ impl Drop for Hot {
     }
 }
 
+/// A val's hot process, if it has one.
+type HotSlot = Arc<tokio::sync::Mutex<Option<Arc<Hot>>>>;
+
 /// The hot processes, by val.
 #[derive(Default)]
 pub(crate) struct HotPool {
@@ -134,7 +137,7 @@ pub(crate) struct HotPool {
     /// Per val: a tokio `Mutex` because starting a process is awaited
     /// under it (requests for the same val wait for the one start); the
     /// outer std `Mutex` is held for a map lookup only.
-    vals: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<Hot>>>>>>,
+    vals: Mutex<HashMap<String, HotSlot>>,
 }
 
 impl HotPool {
@@ -145,7 +148,7 @@ impl HotPool {
         }
     }
 
-    fn slot(&self, val_id: &str) -> Arc<tokio::sync::Mutex<Option<Arc<Hot>>>> {
+    fn slot(&self, val_id: &str) -> HotSlot {
         let mut vals = self.vals.lock().unwrap_or_else(|p| p.into_inner());
         vals.entry(val_id.to_owned()).or_default().clone()
     }
