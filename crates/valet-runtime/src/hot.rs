@@ -106,6 +106,7 @@ impl Hot {
             .map(|mut p| !p.has_exited())
             .unwrap_or(false);
         alive
+            && !self.events.now().exiting
             && &self.fingerprint == fingerprint
             && self.born.elapsed() < limits.max_life
             && self.served.load(Ordering::Relaxed) < limits.max_requests
