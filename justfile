@@ -112,6 +112,7 @@ bench: setup
     cargo bench -p valet-core --bench tokens
     cargo build --release -p valet-cli
     cargo bench -p valet-cli --bench system
+    cargo bench -p valet-cli --bench http
 
 # Format check and clippy with warnings as errors.
 lint:
