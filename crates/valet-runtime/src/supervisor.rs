@@ -173,7 +173,13 @@ impl Supervisor {
             config.sandbox_uid,
         );
         if let Some(owner) = os.owner() {
-            chown_tree(&deno_dir, owner)?;
+            // Walked only when the cache is not the runs' yet (made by an
+            // older valet, or by hand): what runs add is theirs already.
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&deno_dir)?.uid() != owner.0 {
+                chown_tree(&deno_dir, owner)?;
+            }
+            launcher::chown(&deno_dir.join("npm"), Some(owner))?;
         }
         let launcher = Arc::new(Launcher {
             deno,
