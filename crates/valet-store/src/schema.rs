@@ -141,6 +141,11 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL
     );
     "#,
+    // 4: the file each blob row points to. NULL: a blob written before,
+    // whose file is named by the SHA-256 of its key.
+    r#"
+    ALTER TABLE blobs ADD COLUMN file TEXT;
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.

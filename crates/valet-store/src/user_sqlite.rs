@@ -235,6 +235,38 @@ impl UserDatabases {
         mode: BatchMode,
         allowed: &[StatementAccess],
     ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
+        match self.execute_in_transaction(user_id, statements, mode, allowed) {
+            // SQLite says FULL both at `max_page_count` and when the disk
+            // is out of room; only the first is the user's to fix.
+            Err(SqlError::Full(limit)) if self.disk_is_the_limit(user_id, limit) => {
+                Err(SqlError::Store(StoreError::DiskFull(
+                    "no room left to grow the database".into(),
+                )))
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the disk has less room than the user's database may still
+    /// grow by: then the disk, not the size limit, stopped the write.
+    fn disk_is_the_limit(&self, user_id: &str, limit: u64) -> bool {
+        let Ok(path) = self.path(user_id) else {
+            return false;
+        };
+        let used = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match rustix::fs::statvfs(&self.root) {
+            Ok(fs) => fs.f_bavail.saturating_mul(fs.f_frsize) < limit.saturating_sub(used),
+            Err(_) => false,
+        }
+    }
+
+    fn execute_in_transaction(
+        &self,
+        user_id: &str,
+        statements: &[SqlStatement],
+        mode: BatchMode,
+        allowed: &[StatementAccess],
+    ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
         if statements.is_empty() {
             return Err(SqlError::Invalid("no statements given".into()));
         }

@@ -76,6 +76,32 @@ pub struct ValPatch {
     pub schedule: Option<Option<String>>,
 }
 
+impl ValPatch {
+    fn apply(self, val: &mut Val) {
+        if let Some(name) = self.name {
+            val.name = name;
+        }
+        if let Some(kind) = self.kind {
+            val.kind = kind;
+        }
+        if let Some(code) = self.code {
+            val.code = code;
+        }
+        if let Some(scopes) = self.scopes {
+            val.scopes = scopes;
+        }
+        if let Some(env) = self.env {
+            val.env = env;
+        }
+        if let Some(timeout) = self.timeout_ms {
+            val.timeout_ms = timeout;
+        }
+        if let Some(schedule) = self.schedule {
+            val.schedule = schedule;
+        }
+    }
+}
+
 pub const MAX_TIMEOUT_MS: i64 = 15 * 60 * 1000;
 pub const MAX_CODE_BYTES: usize = 1 << 20;
 
@@ -260,52 +286,53 @@ impl Store {
         })
     }
 
+    /// Applies `patch` to the val as it is at the moment of writing: the
+    /// read and the write are one immediate transaction, so a concurrent
+    /// edit (another patch, an allowed scope request) is never overwritten
+    /// with a stale copy.
     pub fn update_val(&self, user_id: &str, id: &str, patch: ValPatch) -> Result<Val, StoreError> {
-        let mut val = self.val_of_user(user_id, id)?;
-        if let Some(name) = patch.name {
-            validate_val_name(&name)?;
-            val.name = name;
+        if let Some(name) = &patch.name {
+            validate_val_name(name)?;
         }
-        if let Some(kind) = patch.kind {
-            val.kind = kind;
+        if let Some(code) = &patch.code {
+            validate_code(code)?;
         }
-        if let Some(code) = patch.code {
-            validate_code(&code)?;
-            val.code = code;
-        }
-        if let Some(scopes) = patch.scopes {
-            val.scopes = scopes;
-        }
-        if let Some(env) = patch.env {
-            validate_env(&env)?;
-            val.env = env;
+        if let Some(env) = &patch.env {
+            validate_env(env)?;
         }
         if let Some(timeout) = patch.timeout_ms {
             validate_timeout(timeout)?;
-            val.timeout_ms = timeout;
         }
-        if let Some(schedule) = patch.schedule {
-            val.schedule = schedule;
-        }
-        val.updated_at = time::now_ms();
-        let env =
-            serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
         self.write(|c| {
-            let n = c.execute(
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut val = tx
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2"),
+                    params![id, user_id],
+                    from_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("val '{id}'")))?;
+            patch.apply(&mut val);
+            val.updated_at = time::now_ms();
+            let env =
+                serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let n = tx.execute(
                 "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
                      schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10",
                 params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id],
             );
             match n {
-                Ok(0) => Err(StoreError::NotFound(format!("val '{id}'"))),
-                Ok(_) => Ok(()),
+                Ok(0) => return Err(StoreError::NotFound(format!("val '{id}'"))),
+                Ok(_) => {}
                 Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)))
+                    return Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)));
                 }
-                Err(e) => Err(e.into()),
+                Err(e) => return Err(e.into()),
             }
-        })?;
-        Ok(val)
+            tx.commit()?;
+            Ok(val)
+        })
     }
 
     pub fn delete_val(&self, user_id: &str, id: &str) -> Result<(), StoreError> {
@@ -319,5 +346,82 @@ impl Store {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use valet_core::Scope;
+
+    fn val(store: &Store, user_id: &str, name: &str) -> Val {
+        store
+            .create_val(
+                user_id,
+                NewVal {
+                    name: name.into(),
+                    kind: ValKind::Script,
+                    code: "export default () => {}".into(),
+                    scopes: ScopeSet::EMPTY,
+                    env: BTreeMap::new(),
+                    timeout_ms: 1000,
+                    schedule: None,
+                },
+            )
+            .expect("val")
+    }
+
+    /// Issue #11, item 9: an edit of the code racing an allowed scope
+    /// request (and a second patch) keeps every change. Before the fix,
+    /// `update_val` wrote back the scopes it had read before the allow
+    /// committed, and the allowed scopes vanished.
+    #[test]
+    fn concurrent_edits_of_one_val_are_not_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        for round in 0..8 {
+            let v = val(&store, &user.id, &format!("v{round}"));
+            let editor = {
+                let (store, user_id, id) = (store.clone(), user.id.clone(), v.id.clone());
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        let patch = ValPatch {
+                            code: Some(format!("// edit {i}")),
+                            ..ValPatch::default()
+                        };
+                        store.update_val(&user_id, &id, patch).expect("patch code");
+                    }
+                })
+            };
+            let timer = {
+                let (store, user_id, id) = (store.clone(), user.id.clone(), v.id.clone());
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        let patch = ValPatch {
+                            timeout_ms: Some(1000 + i),
+                            ..ValPatch::default()
+                        };
+                        store.update_val(&user_id, &id, patch).expect("patch timeout");
+                    }
+                })
+            };
+            for scope in Scope::ALL {
+                store
+                    .record_scope_request(&v.id, scope, "/v1/test")
+                    .expect("request");
+                store
+                    .decide_scope_request(&user.id, &v.id, scope, true)
+                    .expect("allow");
+            }
+            editor.join().expect("editor");
+            timer.join().expect("timer");
+            let after = store.val_of_user(&user.id, &v.id).expect("val");
+            assert_eq!(after.scopes, ScopeSet::all(), "an allowed scope was lost");
+            assert_eq!(after.code, "// edit 39");
+            assert_eq!(after.timeout_ms, 1039);
+        }
     }
 }
