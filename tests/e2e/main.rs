@@ -10,6 +10,7 @@ mod cli;
 mod conformance;
 mod migration;
 mod pages;
+mod protocol;
 mod runs;
 mod secret_scanning;
 mod support;

@@ -22,11 +22,11 @@ use crate::{Store, StoreError, time};
 
 pub const MAX_KEY_BYTES: usize = 512;
 
-/// The lock file in the blob root: every open store holds it shared, and
+/// The lock file beside the blob root: every open store holds it shared, and
 /// only a store that gets it exclusively (no other process has the data
 /// dir open) sweeps orphans, so a sweep never races another process's
 /// write in flight.
-const LOCK_FILE: &str = ".lock";
+const LOCK_FILE: &str = "blobs.lock";
 
 /// How often a read retries when the file it resolved was replaced by a
 /// concurrent overwrite between the index lookup and the open.
@@ -103,7 +103,7 @@ impl BlobStore {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(root.join(LOCK_FILE))?;
+            .open(root.with_file_name(LOCK_FILE))?;
         let alone = match lock.try_lock() {
             Ok(()) => true,
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -501,11 +501,12 @@ mod tests {
             let name = entry.file_name().into_string().expect("utf-8 name");
             assert!(name.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
         }
-        let dirs = std::fs::read_dir(store.blobs().root())
-            .expect("root")
-            .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
-            .count();
-        assert_eq!(dirs, 1);
+        assert_eq!(
+            std::fs::read_dir(store.blobs().root())
+                .expect("root")
+                .count(),
+            1
+        );
         assert_eq!(store.blob_list(&user, "a/").expect("list").len(), 1);
         assert!(store.blob_index_problems().expect("check").is_empty());
     }

@@ -31,7 +31,6 @@ pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
     let api = Router::new()
         .route("/v1/me", get(me::me))
-        .route("/v1/blob", get(blob::list))
         .route(
             "/v1/blob/{*key}",
             get(blob::get).post(blob::set).delete(blob::delete),
@@ -67,6 +66,11 @@ pub fn router(state: AppState) -> Router {
                 crate::secret_scanning::MAX_BODY_BYTES,
             )),
         )
+        // The routes above take no query string: a parameter there is
+        // refused, not ignored. Routes that take one are added below and
+        // parse it strictly.
+        .route_layer(middleware::from_fn(refuse_query))
+        .route("/v1/blob", get(blob::list))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body));
     let trigger = Router::new()
@@ -111,6 +115,17 @@ async fn not_found() -> ApiError {
         "not_found",
         "no such route; see DESIGN §4 for the API",
     )
+}
+
+/// A 400 for a query string on a route that takes none.
+async fn refuse_query(request: Request, next: middleware::Next) -> axum::response::Response {
+    match request.uri().query() {
+        Some(query) if !query.is_empty() => ApiError::bad_request(
+            "this route takes no query parameters; remove the query string",
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
 }
 
 async fn method_not_allowed() -> ApiError {
