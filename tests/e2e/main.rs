@@ -8,6 +8,7 @@
 mod api;
 mod cli;
 mod conformance;
+mod keys;
 mod migration;
 mod pages;
 mod protocol;

@@ -26,6 +26,7 @@ pub struct Options {
     pub heap_mb: Option<u64>,
     pub github_keys_url: Option<String>,
     pub warm_pool: usize,
+    pub key_refresh: Option<Duration>,
 }
 
 impl Server {
@@ -47,6 +48,9 @@ impl Server {
             config.api.github_keys_url = url;
         }
         config.warm_pool = options.warm_pool;
+        if let Some(every) = options.key_refresh {
+            config.key_refresh = every;
+        }
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;
         }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::response::IntoResponse;
 use tokio::net::TcpListener;
-use valet_core::{KeyRing, LiveRuns};
+use valet_core::{LiveRuns, SharedKeyRing};
 use valet_store::Store;
 
 pub use auth::{Caller, Grant};
@@ -56,9 +56,11 @@ impl Default for ApiConfig {
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    /// The run-token key ring. Rotation replaces the whole ring, so readers
-    /// take a cheap `Arc` clone and never hold a lock while verifying.
-    pub keys: Arc<KeyRing>,
+    /// The run-token key ring, shared with the supervisor that mints. A
+    /// rotation (`valet keys rotate`, read back by the host's key refresh)
+    /// replaces the whole ring; readers take a cheap `Arc` clone and never
+    /// hold a lock while verifying.
+    pub keys: SharedKeyRing,
     pub live_runs: LiveRuns,
     pub config: Arc<ApiConfig>,
     /// The supervisor, when this process runs vals (`valet serve`, `valet
@@ -76,7 +78,7 @@ impl AppState {
         live_runs: LiveRuns,
         config: ApiConfig,
     ) -> Result<AppState, valet_store::StoreError> {
-        let keys = Arc::new(store.key_ring()?);
+        let keys = SharedKeyRing::new(store.key_ring()?);
         let session_key = Arc::new(store.server_secret("session-cookie")?);
         let github_keys = Arc::new(secret_scanning::GithubKeys::new(
             config.github_keys_url.clone(),

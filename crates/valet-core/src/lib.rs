@@ -10,9 +10,11 @@ pub mod password;
 pub mod run_token;
 pub mod schedule;
 pub mod scope;
+pub mod shared_key_ring;
 
 pub use api_token::{ApiToken, TokenFormatError, TokenHash};
 pub use live_runs::LiveRuns;
 pub use run_token::{KeyRing, MintRequest, RunClaims, RunTokenError, SigningKey};
 pub use schedule::Schedule;
+pub use shared_key_ring::SharedKeyRing;
 pub use scope::{Access, Resource, Scope, ScopeError, ScopeSet, TokenScopes};

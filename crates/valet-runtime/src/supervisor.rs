@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_core::live_runs::LiveRunGuard;
-use valet_core::{KeyRing, LiveRuns, MintRequest, ScopeSet};
+use valet_core::{LiveRuns, MintRequest, ScopeSet, SharedKeyRing};
 use valet_store::{NewRun, Outcome, Store, Val, ValKind, new_id, time};
 
 use crate::egress::{self, EgressAllow, Target};
@@ -118,7 +118,7 @@ pub struct Supervisor {
 
 struct Inner {
     store: Store,
-    keys: Arc<KeyRing>,
+    keys: SharedKeyRing,
     live: LiveRuns,
     deno: PathBuf,
     runtime_dir: PathBuf,
@@ -176,7 +176,7 @@ fn file_url(path: &Path) -> String {
 impl Supervisor {
     pub fn new(
         store: Store,
-        keys: Arc<KeyRing>,
+        keys: SharedKeyRing,
         live: LiveRuns,
         config: RuntimeConfig,
     ) -> Result<Supervisor, RuntimeError> {

@@ -33,6 +33,9 @@ pub struct HostConfig {
     pub recover_lost_runs: bool,
     /// Deno processes kept warm for stored script and cron vals.
     pub warm_pool: usize,
+    /// How often the signing keys are read back from the store, so a
+    /// `valet keys rotate` reaches a running server (SIGHUP: at once).
+    pub key_refresh: Duration,
 }
 
 impl HostConfig {
@@ -47,6 +50,7 @@ impl HostConfig {
             deno_dir: None,
             recover_lost_runs: false,
             warm_pool: 0,
+            key_refresh: crate::keys::REFRESH_EVERY,
         }
     }
 }
@@ -122,6 +126,12 @@ impl Host {
                 tracing::error!(error = %e, "API server failed");
             }
         });
+        tasks.spawn(crate::keys::refresh(
+            store.clone(),
+            state.keys.clone(),
+            config.key_refresh,
+            shutdown.subscribe(),
+        ));
         if config.cron {
             let scheduler = Scheduler::new(store.clone(), supervisor.clone());
             tasks.spawn(scheduler.run(Duration::from_secs(1), shutdown.subscribe()));
