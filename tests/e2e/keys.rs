@@ -123,7 +123,11 @@ async fn a_rotation_reaches_the_running_server_and_old_tokens_keep_working() {
         .output()
         .expect("valet keys rotate");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let new_kid = stdout
         .lines()
         .next()
@@ -135,7 +139,10 @@ async fn a_rotation_reaches_the_running_server_and_old_tokens_keep_working() {
 
     // The server picks it up: the JWKS shows both keys.
     let kids = eventually(|| jwks_kids(&server), |k| k.len() == 2).await;
-    assert!(kids.contains(&new_kid) && kids.contains(&old_kids[0]), "{kids:?}");
+    assert!(
+        kids.contains(&new_kid) && kids.contains(&old_kids[0]),
+        "{kids:?}"
+    );
 
     // The old run's token still verifies after the rotation.
     let put = server
@@ -149,7 +156,10 @@ async fn a_rotation_reaches_the_running_server_and_old_tokens_keep_working() {
     assert_eq!(put.status(), 201);
     let summary = run.await.expect("run task");
     assert_eq!(summary["outcome"], "succeeded", "{summary}");
-    assert_eq!(blob(&server, &token, "done-waiter").await.as_deref(), Some("ok"));
+    assert_eq!(
+        blob(&server, &token, "done-waiter").await.as_deref(),
+        Some("ok")
+    );
 
     // A new run is signed with the new key.
     let r: serde_json::Value = server
@@ -163,6 +173,9 @@ async fn a_rotation_reaches_the_running_server_and_old_tokens_keep_working() {
         .await
         .expect("json");
     assert_eq!(r["outcome"], "succeeded", "{r}");
-    assert_eq!(blob(&server, &token, "kid-fresh").await.as_deref(), Some(new_kid.as_str()));
+    assert_eq!(
+        blob(&server, &token, "kid-fresh").await.as_deref(),
+        Some(new_kid.as_str())
+    );
     server.stop().await;
 }

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod chaos;
 mod cli;
 mod conformance;
 mod keys;

@@ -74,8 +74,10 @@ fn get(path: &[u8], token: &str) -> Vec<u8> {
     let mut r = b"GET ".to_vec();
     r.extend_from_slice(path);
     r.extend_from_slice(
-        format!(" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
-            .as_bytes(),
+        format!(
+            " HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     );
     r
 }
@@ -127,12 +129,19 @@ async fn malformed_requests_get_no_5xx_no_hang_and_json_from_the_router() {
         .await
         .expect("join");
         let json: Option<serde_json::Value> = serde_json::from_slice(&answer.body).ok();
-        let is_json_error = answer.head.to_ascii_lowercase().contains("content-type: application/json")
-            && json.as_ref().is_some_and(|j| j["error"]["code"].is_string());
+        let is_json_error = answer
+            .head
+            .to_ascii_lowercase()
+            .contains("content-type: application/json")
+            && json
+                .as_ref()
+                .is_some_and(|j| j["error"]["code"].is_string());
         let ok = match expected {
             By::Router(status) => answer.status == status && is_json_error,
             By::Hyper(status) => answer.status == status,
-            By::Either(status) => answer.status == status && (answer.body.is_empty() || is_json_error),
+            By::Either(status) => {
+                answer.status == status && (answer.body.is_empty() || is_json_error)
+            }
         };
         if !ok || answer.status >= 500 {
             failures.push(format!(

@@ -199,7 +199,10 @@ fn head_bytes<B>(request: &hyper::Request<B>) -> usize {
 /// of file descriptors) is logged and waited out, as `axum::serve` does.
 async fn accept_failed(e: std::io::Error) {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
-    if matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
         return;
     }
     tracing::error!(error = %e, "accept failed; retrying in a second");

@@ -16,5 +16,5 @@ pub use api_token::{ApiToken, TokenFormatError, TokenHash};
 pub use live_runs::LiveRuns;
 pub use run_token::{KeyRing, MintRequest, RunClaims, RunTokenError, SigningKey};
 pub use schedule::Schedule;
-pub use shared_key_ring::SharedKeyRing;
 pub use scope::{Access, Resource, Scope, ScopeError, ScopeSet, TokenScopes};
+pub use shared_key_ring::SharedKeyRing;

@@ -536,7 +536,9 @@ mod tests {
     fn a_failed_index_update_keeps_the_old_body_with_its_size() {
         let (_dir, store, user) = store_with_user();
         let k = BlobKey::parse("k").expect("key");
-        store.blob_put(&user, &k, b"old body", 1 << 20).expect("put");
+        store
+            .blob_put(&user, &k, b"old body", 1 << 20)
+            .expect("put");
         store
             .write(|c| {
                 Ok(c.execute_batch(

@@ -76,8 +76,10 @@ pub struct OutboxEntry {
     pub message: EmailMessage,
 }
 
-/// Delivery attempts before a message is marked failed.
-pub const MAX_ATTEMPTS: i64 = 5;
+/// Delivery attempts before a message is marked failed. With the backoff
+/// (2 s doubling up to 17 min) that is about four and a half hours: a
+/// relay that is down for an afternoon loses nothing.
+pub const MAX_ATTEMPTS: i64 = 24;
 
 fn entry_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxEntry> {
     let message: String = row.get(6)?;

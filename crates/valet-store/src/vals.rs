@@ -404,7 +404,9 @@ mod tests {
                             timeout_ms: Some(1000 + i),
                             ..ValPatch::default()
                         };
-                        store.update_val(&user_id, &id, patch).expect("patch timeout");
+                        store
+                            .update_val(&user_id, &id, patch)
+                            .expect("patch timeout");
                     }
                 })
             };

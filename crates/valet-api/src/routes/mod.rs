@@ -120,10 +120,10 @@ async fn not_found() -> ApiError {
 /// A 400 for a query string on a route that takes none.
 async fn refuse_query(request: Request, next: middleware::Next) -> axum::response::Response {
     match request.uri().query() {
-        Some(query) if !query.is_empty() => ApiError::bad_request(
-            "this route takes no query parameters; remove the query string",
-        )
-        .into_response(),
+        Some(query) if !query.is_empty() => {
+            ApiError::bad_request("this route takes no query parameters; remove the query string")
+                .into_response()
+        }
         _ => next.run(request).await,
     }
 }
