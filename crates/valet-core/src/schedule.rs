@@ -85,7 +85,9 @@ fn check_fields(text: &str) -> Result<(), String> {
             Err(format!("unknown shorthand '{trimmed}'"))
         };
     }
-    for field in trimmed.split_whitespace() {
+    let fields: Vec<&str> = trimmed.split_whitespace().collect();
+    let day_of_week = fields.len().checked_sub(1);
+    for (index, field) in fields.iter().enumerate() {
         for part in field.split(',') {
             if part.is_empty() {
                 return Err(format!("empty list element in '{field}'"));
@@ -110,7 +112,37 @@ fn check_fields(text: &str) -> Result<(), String> {
                         && step.bytes().any(|b| b != b'0') => {}
                 _ => return Err(format!("invalid step in '{field}'")),
             }
+            if Some(index) == day_of_week {
+                check_day_of_week(part).map_err(|e| format!("{e} in '{field}'"))?;
+            }
         }
+    }
+    Ok(())
+}
+
+/// `L` (last) and `#` (nth) in the day-of-week field need a weekday before
+/// them and `#` a week from 1 to 5: otherwise the schedule never fires and
+/// the search for it runs for years of days.
+fn check_day_of_week(part: &str) -> Result<(), String> {
+    let weekday = |d: &str| {
+        (d.len() == 1 && d.bytes().all(|b| (b'0'..=b'7').contains(&b)))
+            || (d.len() == 3 && d.bytes().all(|b| b.is_ascii_alphabetic()))
+    };
+    if let Some(day) = part.strip_suffix(['L', 'l']) {
+        return if weekday(day) {
+            Ok(())
+        } else {
+            Err(format!("'L' needs a weekday before it ('{part}')"))
+        };
+    }
+    if let Some((day, nth)) = part.split_once('#') {
+        return if weekday(day) && matches!(nth, "1" | "2" | "3" | "4" | "5") {
+            Ok(())
+        } else {
+            Err(format!(
+                "'#' needs a weekday and a week from 1 to 5 ('{part}')"
+            ))
+        };
     }
     Ok(())
 }
@@ -161,6 +193,11 @@ mod tests {
             "*/ * * * *",
             "1- * * * *",
             "@sometimes",
+            "*/5 5 * * * L",
+            "0 0 * * 7#9L",
+            "0 0 * * 7#9",
+            "1 04 * * MON L",
+            "*/5 * * * * l",
         ] {
             assert!(Schedule::parse(bad).is_err(), "{bad:?}");
         }
