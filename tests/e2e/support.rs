@@ -32,6 +32,7 @@ pub struct Options {
     pub public_url: Option<String>,
     pub email_from: Option<String>,
     pub email_quota: Option<valet_store::EmailQuota>,
+    pub key_refresh: Option<Duration>,
 }
 
 impl Server {
@@ -64,6 +65,9 @@ impl Server {
         }
         if let Some(quota) = options.email_quota {
             config.api.email_quota = quota;
+        }
+        if let Some(every) = options.key_refresh {
+            config.key_refresh = every;
         }
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;

@@ -145,7 +145,13 @@ async fn bench() {
     config.warm_pool = 2;
     let host = Host::start(store.clone(), config).await.unwrap();
     val(&store, &user, "hello", ValKind::Http, HANDLER);
-    let script = val(&store, &user, "script", ValKind::Script, "console.log('hello');\n");
+    let script = val(
+        &store,
+        &user,
+        "script",
+        ValKind::Script,
+        "console.log('hello');\n",
+    );
     let url = format!("http://{}/bench/hello", host.vals_addr);
     load(&url, 4, 100).await;
 
@@ -215,10 +221,7 @@ async fn bench() {
     rows.push(Row(
         "http request to a hot val, 1 client, p50".into(),
         format!("{o1:.2?}"),
-        format!(
-            "{:.3}x bare run; `deno serve` p50 {t1:.2?}",
-            ratio(o1)
-        ),
+        format!("{:.3}x bare run; `deno serve` p50 {t1:.2?}", ratio(o1)),
     ));
     let (_, p50, p99) = load(&url, 1, 500).await;
     rows.push(Row(

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_core::live_runs::LiveRunGuard;
-use valet_core::{KeyRing, LiveRun, LiveRuns, MintRequest, ScopeSet};
+use valet_core::{LiveRun, LiveRuns, MintRequest, ScopeSet, SharedKeyRing};
 use valet_store::{NewRun, Outcome, Store, Val, ValKind, new_id, time};
 
 use crate::channel::ApiChannel;
@@ -123,7 +123,7 @@ pub struct Supervisor {
 
 pub(crate) struct Inner {
     pub(crate) store: Store,
-    pub(crate) keys: Arc<KeyRing>,
+    pub(crate) keys: SharedKeyRing,
     pub(crate) live: LiveRuns,
     pub(crate) launcher: Arc<Launcher>,
     pub(crate) slots: Slots,
@@ -152,7 +152,7 @@ pub(crate) struct Active {
 impl Supervisor {
     pub fn new(
         store: Store,
-        keys: Arc<KeyRing>,
+        keys: SharedKeyRing,
         live: LiveRuns,
         channel: Arc<dyn ApiChannel>,
         config: RuntimeConfig,

@@ -42,6 +42,9 @@ pub struct HostConfig {
     /// Whole-process memory cap per run, in MiB.
     pub memory_mb: u64,
     pub slots: SlotLimits,
+    /// How often the signing keys are read back from the store, so a
+    /// `valet keys rotate` reaches a running server (SIGHUP: at once).
+    pub key_refresh: Duration,
 }
 
 impl HostConfig {
@@ -59,6 +62,7 @@ impl HostConfig {
             warm_pool: 0,
             memory_mb: RuntimeConfig::default().memory_mb,
             slots: SlotLimits::default(),
+            key_refresh: crate::keys::REFRESH_EVERY,
         }
     }
 }
@@ -209,6 +213,12 @@ impl Host {
                 tracing::error!(error = %e, "the vals listener failed");
             }
         });
+        tasks.spawn(crate::keys::refresh(
+            store.clone(),
+            state.keys.clone(),
+            config.key_refresh,
+            shutdown.subscribe(),
+        ));
         if config.cron {
             let scheduler = Scheduler::new(store.clone(), supervisor.clone());
             tasks.spawn(scheduler.run(Duration::from_secs(1), shutdown.subscribe()));

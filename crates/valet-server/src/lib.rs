@@ -4,6 +4,7 @@
 //! [`Host`]; the end-to-end tests and the conformance suite do too.
 
 mod host;
+mod keys;
 pub mod mailer;
 mod runner;
 

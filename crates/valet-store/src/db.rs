@@ -76,7 +76,14 @@ impl Store {
             },
         ));
         let audit = AuditSink::start(open_connection(&path)?)?;
-        let blobs = BlobStore::new(data_dir.join("blobs"))?;
+        let (blobs, alone) = BlobStore::new(data_dir.join("blobs"))?;
+        if alone {
+            // No other process has the data dir open, so no write is in
+            // flight: whatever the index does not point to is left over
+            // from a crash.
+            blobs.sweep_orphans(&writer)?;
+            blobs.share()?;
+        }
         let user_dbs = UserDatabases::new(data_dir.join("sqlite"))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -146,6 +153,23 @@ impl Store {
             readers.push(conn);
         }
         result
+    }
+
+    /// `PRAGMA integrity_check` of the control-plane database plus the
+    /// disagreements between the blob index and the files. Empty when all
+    /// is well.
+    pub fn integrity_problems(&self) -> Result<Vec<String>, StoreError> {
+        let mut problems: Vec<String> = self.read(|c| {
+            let mut stmt = c.prepare("PRAGMA integrity_check")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            Ok(rows
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter(|row| row != "ok")
+                .collect())
+        })?;
+        problems.extend(self.blob_index_problems()?);
+        Ok(problems)
     }
 
     /// Runs blocking store work on tokio's blocking pool.

@@ -29,6 +29,7 @@ pub use audit::{AuditEvent, AuditSink, Principal};
 pub use blobs::{BlobKey, BlobMeta, BlobStore};
 pub use db::Store;
 pub use error::StoreError;
+pub use keys::{ROTATION_OVERLAP_MS, SigningKeyInfo};
 pub use leaks::{LeakOutcome, report_leak};
 pub use outbox::{
     DEFAULT_EMAIL_FROM, EmailDraft, EmailError, EmailMessage, EmailQuota, OutboxEntry,

@@ -373,8 +373,10 @@ pub struct OutboxEntry {
     pub message: EmailMessage,
 }
 
-/// Delivery attempts before a message is marked failed.
-pub const MAX_ATTEMPTS: i64 = 5;
+/// Delivery attempts before a message is marked failed. With the backoff
+/// (2 s doubling up to 17 min) that is about four and a half hours: a
+/// relay that is down for an afternoon loses nothing.
+pub const MAX_ATTEMPTS: i64 = 24;
 
 /// A row, with its message checked: `Err` carries the id and why a stored
 /// message no longer passes (written by an older valet, say).

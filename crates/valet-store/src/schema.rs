@@ -149,6 +149,11 @@ const MIGRATIONS: &[&str] = &[
     UPDATE outbox SET bytes = length(CAST(message AS BLOB));
     CREATE INDEX outbox_user_day ON outbox(user_id, created_at);
     "#,
+    // 5: the file each blob row points to. NULL: a blob written before,
+    // whose file is named by the SHA-256 of its key.
+    r#"
+    ALTER TABLE blobs ADD COLUMN file TEXT;
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.

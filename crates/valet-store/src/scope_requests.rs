@@ -1,7 +1,7 @@
 //! Scope requests, the iOS-style opt-in: a run refused for a missing scope
 //! leaves a request on its val, which the owner can allow or deny.
 
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use valet_core::grant::{ValScope, ValWrite};
 use valet_core::{Granted, GrantedSet, Scope};
@@ -111,9 +111,20 @@ impl Store {
         if allow && (cover.user_id() != grant.user_id() || !cover.scopes().contains(scope)) {
             return Err(StoreError::ScopeNotHeld(scope));
         }
-        let val = self.val_of_user(grant, val_id)?;
+        let user_id = grant.user_id();
         self.write(|c| {
-            let tx = c.transaction()?;
+            // The val's scopes are read inside the transaction that writes
+            // them, so a concurrent edit of the val is not lost.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let scopes: String = tx
+                .query_row(
+                    "SELECT scopes FROM vals WHERE id = ?1 AND user_id = ?2",
+                    params![val_id, user_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("val '{val_id}'")))?;
+            let scopes = valet_core::ScopeSet::parse(&scopes)?;
             let n = tx.execute(
                 "UPDATE scope_requests SET state = ?1 WHERE val_id = ?2 AND scope = ?3",
                 params![
@@ -130,7 +141,7 @@ impl Store {
             if allow {
                 tx.execute(
                     "UPDATE vals SET scopes = ?1, updated_at = ?2 WHERE id = ?3",
-                    params![val.scopes.with(scope).to_claim(), time::now_ms(), val_id],
+                    params![scopes.with(scope).to_claim(), time::now_ms(), val_id],
                 )?;
             }
             tx.commit()?;

@@ -362,6 +362,38 @@ impl UserDatabases {
         statements: &[SqlStatement],
         mode: BatchMode,
     ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
+        let owner = grants.owner().to_owned();
+        match self.execute_in_transaction(grants, statements, mode) {
+            // SQLite says FULL both at `max_page_count` and when the disk
+            // is out of room; only the first is the user's to fix.
+            Err(SqlError::Full(limit)) if self.disk_is_the_limit(&owner, limit) => {
+                Err(SqlError::Store(StoreError::DiskFull(
+                    "no room left to grow the database".into(),
+                )))
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the disk has less room than the user's database may still
+    /// grow by: then the disk, not the size limit, stopped the write.
+    fn disk_is_the_limit(&self, user_id: &str, limit: u64) -> bool {
+        let Ok(path) = self.path(user_id) else {
+            return false;
+        };
+        let used = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match rustix::fs::statvfs(&self.root) {
+            Ok(fs) => fs.f_bavail.saturating_mul(fs.f_frsize) < limit.saturating_sub(used),
+            Err(_) => false,
+        }
+    }
+
+    fn execute_in_transaction(
+        &self,
+        grants: &mut dyn SqliteGrants,
+        statements: &[SqlStatement],
+        mode: BatchMode,
+    ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
         if statements.is_empty() {
             return Err(SqlError::Invalid("no statements given".into()));
         }

@@ -44,14 +44,36 @@ pub fn validate_username(name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// A plain address, `local@domain`, in a form every mail relay takes:
+/// the local part a dot-atom (letters, digits and ``!#$%&'*+/=?^_`{|}~-``,
+/// dots only between them), the domain two or more labels of letters,
+/// digits and inner hyphens. Anything else (quoted local parts, IP
+/// literals, `a@b..c`) is refused here rather than failing at delivery.
+/// (The fuzz target `email` holds this against the mailer's own parser.)
 pub fn validate_email(email: &str) -> Result<(), StoreError> {
+    let atom = |part: &str| {
+        !part.is_empty()
+            && part
+                .chars()
+                .all(|c| c.is_alphanumeric() || "!#$%&'*+/=?^_`{|}~-".contains(c))
+    };
+    let label = |part: &str| {
+        (1..=63).contains(&part.len())
+            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !part.starts_with('-')
+            && !part.ends_with('-')
+    };
     let ok = email.len() <= 254
-        && !email
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>' || c == ',')
-        && email
-            .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.contains('@'));
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            local.len() <= 64
+                && local.split('.').all(atom)
+                && domain.split('.').count() >= 2
+                && domain.split('.').all(label)
+                && !domain
+                    .rsplit('.')
+                    .next()
+                    .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+        });
     if ok {
         Ok(())
     } else {
@@ -164,6 +186,20 @@ mod tests {
             assert!(validate_username(bad).is_err(), "{bad}");
         }
         assert!(validate_email("a@b.io").is_ok());
+        assert!(validate_email("first.last+tag@mail.example.co.uk").is_ok());
+        // Found by the `email` fuzz target: accepted here, refused by the
+        // mailer (issue #17).
+        for bad in [
+            "a@b..c",
+            "a@.b",
+            "a@b.",
+            ".a@b.io",
+            "a..b@b.io",
+            "a@-b.io",
+            "a@b.123",
+        ] {
+            assert!(validate_email(bad).is_err(), "{bad}");
+        }
         for bad in ["a", "a@b", "a@b.io\r\nBcc: x@y.z", "<a@b.io>", "a@b@c.io"] {
             assert!(validate_email(bad).is_err(), "{bad}");
         }

@@ -84,6 +84,30 @@ impl ValPatch {
     pub fn changes_what_runs(&self) -> bool {
         self.code.is_some() || self.env.is_some() || self.kind.is_some()
     }
+
+    fn apply(self, val: &mut Val) {
+        if let Some(name) = self.name {
+            val.name = name;
+        }
+        if let Some(kind) = self.kind {
+            val.kind = kind;
+        }
+        if let Some(code) = self.code {
+            val.code = code;
+        }
+        if let Some(scopes) = self.scopes {
+            val.scopes = scopes;
+        }
+        if let Some(env) = self.env {
+            val.env = env;
+        }
+        if let Some(timeout) = self.timeout_ms {
+            val.timeout_ms = timeout;
+        }
+        if let Some(schedule) = self.schedule {
+            val.schedule = schedule;
+        }
+    }
 }
 
 /// Refuses a change that would hand the val's runs (or its code) power
@@ -314,7 +338,10 @@ impl Store {
     /// Changes a val. `cover` proves what the caller holds: new scopes need
     /// all of them, and a change to what the val's runs execute (code, env,
     /// type) needs every scope the runs hold, so no one changes code that
-    /// runs with more power than they have.
+    /// runs with more power than they have. The read and the write are one
+    /// immediate transaction, so a concurrent edit (another patch, an
+    /// allowed scope request) is never overwritten with a stale copy, and
+    /// the cover is checked against the val as it is when written.
     pub fn update_val(
         &self,
         grant: &Granted<ValWrite>,
@@ -323,63 +350,55 @@ impl Store {
         patch: ValPatch,
     ) -> Result<Val, StoreError> {
         let user_id = grant.user_id();
-        let mut val = self.val_of_user(grant, id)?;
-        let previous_scopes = val.scopes;
-        if let Some(scopes) = patch.scopes {
-            check_cover(user_id, cover, scopes)?;
+        if let Some(name) = &patch.name {
+            validate_val_name(name)?;
         }
-        if patch.changes_what_runs() {
-            check_cover(user_id, cover, val.scopes)?;
+        if let Some(code) = &patch.code {
+            validate_code(code)?;
         }
-        if let Some(name) = patch.name {
-            validate_val_name(&name)?;
-            val.name = name;
-        }
-        if let Some(kind) = patch.kind {
-            val.kind = kind;
-        }
-        if let Some(code) = patch.code {
-            validate_code(&code)?;
-            val.code = code;
-        }
-        if let Some(scopes) = patch.scopes {
-            val.scopes = scopes;
-        }
-        if let Some(env) = patch.env {
-            validate_env(&env)?;
-            val.env = env;
+        if let Some(env) = &patch.env {
+            validate_env(env)?;
         }
         if let Some(timeout) = patch.timeout_ms {
             validate_timeout(timeout)?;
-            val.timeout_ms = timeout;
         }
-        if let Some(schedule) = patch.schedule {
-            val.schedule = schedule;
+        if let Some(scopes) = patch.scopes {
+            check_cover(user_id, cover, scopes)?;
         }
-        val.updated_at = time::now_ms();
-        let previous_scopes = previous_scopes.to_claim();
-        let env =
-            serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let changes_what_runs = patch.changes_what_runs();
         self.write(|c| {
-            let n = c.execute(
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut val = tx
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2"),
+                    params![id, user_id],
+                    from_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound(format!("val '{id}'")))?;
+            if changes_what_runs {
+                check_cover(user_id, cover, val.scopes)?;
+            }
+            patch.apply(&mut val);
+            val.updated_at = time::now_ms();
+            let env =
+                serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let n = tx.execute(
                 "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
-                     schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10 AND scopes = ?11",
-                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id, previous_scopes],
+                     schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10",
+                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id],
             );
             match n {
-                // The row changed (or went) since it was read: its scopes
-                // may now exceed the cover, so refuse rather than guess.
-                Ok(0) => Err(StoreError::Conflict(format!(
-                    "val '{id}' changed while it was being updated; try again"
-                ))),
-                Ok(_) => Ok(()),
+                Ok(0) => return Err(StoreError::NotFound(format!("val '{id}'"))),
+                Ok(_) => {}
                 Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)))
+                    return Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)));
                 }
-                Err(e) => Err(e.into()),
+                Err(e) => return Err(e.into()),
             }
-        })?;
-        Ok(val)
+            tx.commit()?;
+            Ok(val)
+        })
     }
 
     pub fn delete_val(&self, grant: &Granted<ValWrite>, id: &str) -> Result<(), StoreError> {
@@ -394,5 +413,80 @@ impl Store {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use valet_core::{Granted, GrantedSet, Scope, ScopeSet};
+
+    use super::*;
+
+    /// Issue #11, item 9: two concurrent edits never silently lose one.
+    #[test]
+    fn concurrent_edits_of_one_val_are_not_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        let write = || Granted::<ValWrite>::for_operator(&user.id);
+        let cover = || GrantedSet::for_operator(&user.id, ScopeSet::all());
+        for round in 0..8 {
+            let v = store
+                .create_val(
+                    &write(),
+                    &cover(),
+                    NewVal {
+                        name: format!("v{round}"),
+                        kind: ValKind::Script,
+                        code: String::new(),
+                        scopes: ScopeSet::EMPTY,
+                        env: BTreeMap::new(),
+                        timeout_ms: 1000,
+                        schedule: None,
+                    },
+                )
+                .expect("val");
+            let patcher = |patch: fn(i64) -> ValPatch| {
+                let (store, user_id, id) = (store.clone(), user.id.clone(), v.id.clone());
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        store
+                            .update_val(
+                                &Granted::for_operator(&user_id),
+                                &GrantedSet::for_operator(&user_id, ScopeSet::all()),
+                                &id,
+                                patch(i),
+                            )
+                            .expect("patch");
+                    }
+                })
+            };
+            let editor = patcher(|i| ValPatch {
+                code: Some(format!("// edit {i}")),
+                ..ValPatch::default()
+            });
+            let timer = patcher(|i| ValPatch {
+                timeout_ms: Some(1000 + i),
+                ..ValPatch::default()
+            });
+            for scope in Scope::ALL {
+                store
+                    .record_scope_request(&v.id, scope, "/v1/test")
+                    .expect("request");
+                store
+                    .decide_scope_request(&write(), &cover(), &v.id, scope, true)
+                    .expect("allow");
+            }
+            editor.join().expect("editor");
+            timer.join().expect("timer");
+            let after = store
+                .val_of_user(&Granted::<ValRead>::for_operator(&user.id), &v.id)
+                .expect("val");
+            assert_eq!(after.scopes, ScopeSet::all(), "an allowed scope was lost");
+            assert_eq!(after.code, "// edit 39");
+            assert_eq!(after.timeout_ms, 1039);
+        }
     }
 }

@@ -13,7 +13,10 @@ use valet_store::{BlobKey, BlobMeta};
 use super::blocking;
 use crate::{ApiError, AppState, Caller};
 
+/// The list's one parameter. Anything else (`?nope=1`, `?prefix[]=a`, a
+/// repeated `prefix`) is a 400, never a broader list.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     #[serde(default)]
     prefix: String,

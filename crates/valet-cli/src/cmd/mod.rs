@@ -2,6 +2,7 @@
 
 pub mod conformance;
 pub mod dev;
+pub mod keys;
 pub mod migrate;
 pub mod run;
 pub mod serve;
@@ -24,6 +25,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::User(c) => user::run(open_store(dir)?, c),
         Command::Token(c) => token::run(open_store(dir)?, c),
         Command::Val(c) => val::run(open_store(dir)?, c),
+        Command::Keys(c) => keys::run(open_store(dir)?, c),
         Command::Run(args) => run::run(open_store(dir)?, args).await,
         Command::Dev(args) => dev::run(open_store(dir)?, args).await,
         Command::Migrate(c) => migrate::run(open_store(dir)?, c),
