@@ -194,6 +194,7 @@ fn no_token_appears_in_the_servers_logs() {
     let port = crate::support::free_port();
     let mut server = valet(&data)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--vals-listen", "127.0.0.1:0"])
         .env("VALET_LOG", "debug")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
