@@ -43,12 +43,17 @@ pub struct RuntimeConfig {
     pub run_parent: PathBuf,
     /// Processes kept started ahead of time (0: every run starts its own).
     pub warm_pool: usize,
+    /// Whether the pool starts a replacement for each process taken.
+    pub warm_pool_refill: bool,
     /// Deno's module and transpile cache; default `$TMPDIR/valet-deno-cache`.
     pub deno_dir: Option<PathBuf>,
     /// The uid and gid runs get when valet runs as root.
     pub sandbox_uid: u32,
     /// Hot processes of http vals.
     pub hot: HotLimits,
+    /// Directories every run process may read: for `valet run FILE` and
+    /// `valet dev FILE`, the file's own, so warm processes can take it.
+    pub extra_read: Vec<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -61,9 +66,11 @@ impl Default for RuntimeConfig {
             slots: SlotLimits::default(),
             run_parent: std::env::temp_dir(),
             warm_pool: 0,
+            warm_pool_refill: true,
             deno_dir: None,
             sandbox_uid: 65534,
             hot: HotLimits::default(),
+            extra_read: Vec::new(),
         }
     }
 }
@@ -192,8 +199,9 @@ impl Supervisor {
             deny_net: egress::denied_addresses(),
             heap_mb: config.heap_mb,
             max_log_bytes: config.max_log_bytes,
+            extra_read: config.extra_read.clone(),
         });
-        let pool = WarmPool::new(launcher.clone(), config.warm_pool);
+        let pool = WarmPool::new(launcher.clone(), config.warm_pool, config.warm_pool_refill);
         let inner = Arc::new(Inner {
             store,
             keys,
@@ -272,13 +280,9 @@ impl Supervisor {
     /// A process for `spec`: a warm one when its code is stored, or one
     /// started now (on the blocking pool: a fork).
     async fn process_for(&self, spec: &RunSpec) -> Result<Started, RuntimeError> {
+        let inner = &self.inner;
         let read = match &spec.source {
-            Source::Code(_) => {
-                if let Some(started) = self.inner.pool.take() {
-                    return Ok(started);
-                }
-                Vec::new()
-            }
+            Source::Code(_) => Vec::new(),
             Source::File(path) => {
                 let dir = std::fs::canonicalize(path)?
                     .parent()
@@ -287,7 +291,23 @@ impl Supervisor {
                 vec![dir]
             }
         };
-        let launcher = self.inner.launcher.clone();
+        // A warm process may take the run when it may read all the run
+        // needs. A file's run (`valet run`, `valet dev`) waits for the one
+        // already starting rather than starting a second; a stored val's
+        // takes one only if it is ready (under a burst, starting more at
+        // once beats waiting for the pool's one-at-a-time refill).
+        let readable = read
+            .iter()
+            .all(|dir| inner.launcher.extra_read.iter().any(|r| dir.starts_with(r)));
+        let warm = match (&spec.source, readable) {
+            (Source::Code(_), _) => inner.pool.take(),
+            (Source::File(_), true) => inner.pool.take_waiting(Duration::from_secs(5)).await,
+            (Source::File(_), false) => None,
+        };
+        if let Some(started) = warm {
+            return Ok(started);
+        }
+        let launcher = inner.launcher.clone();
         tokio::task::spawn_blocking(move || launcher.start(&read))
             .await
             .map_err(|e| RuntimeError::Spawn(format!("the launch task failed: {e}")))?

@@ -39,6 +39,11 @@ pub struct HostConfig {
     pub recover_lost_runs: bool,
     /// Deno processes kept started ahead of time.
     pub warm_pool: usize,
+    /// Whether a warm process taken is replaced (`valet run`: no).
+    pub warm_pool_refill: bool,
+    /// Directories every run process may read (`valet run`/`valet dev`:
+    /// the file's own).
+    pub extra_read: Vec<std::path::PathBuf>,
     /// Whole-process memory cap per run, in MiB.
     pub memory_mb: u64,
     pub slots: SlotLimits,
@@ -60,6 +65,8 @@ impl HostConfig {
             deno_dir: None,
             recover_lost_runs: false,
             warm_pool: 0,
+            warm_pool_refill: true,
+            extra_read: Vec::new(),
             memory_mb: RuntimeConfig::default().memory_mb,
             slots: SlotLimits::default(),
             key_refresh: crate::keys::REFRESH_EVERY,
@@ -157,6 +164,8 @@ impl Host {
             memory_mb: config.memory_mb,
             deno_dir: config.deno_dir.clone(),
             warm_pool: config.warm_pool,
+            warm_pool_refill: config.warm_pool_refill,
+            extra_read: config.extra_read.clone(),
             slots: config.slots,
             ..RuntimeConfig::default()
         };

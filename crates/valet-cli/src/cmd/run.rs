@@ -36,6 +36,13 @@ pub struct Args {
     json: bool,
 }
 
+/// The directory of the file a run loads, where its relative imports are.
+pub fn file_dir(file: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let file = std::fs::canonicalize(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    Ok(file.parent().map(PathBuf::from).unwrap_or_default())
+}
+
 /// The local user, created on first use.
 pub fn local_user(store: &Store, name: &str) -> anyhow::Result<User> {
     if let Some(user) = store.user_by_name(name)? {
@@ -63,6 +70,12 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let mut config = HostConfig::new("127.0.0.1:0".parse()?);
     config.cron = false;
     config.smtp = args.smtp;
+    // The run's process starts with valet, while the store opens: it may
+    // read the file's directory (relative imports), and no second one is
+    // started after it.
+    config.warm_pool = 1;
+    config.warm_pool_refill = false;
+    config.extra_read = vec![file_dir(&args.file)?];
     config.egress_allow = super::parse_egress(&args.egress_allow)?;
     let user = local_user(&store, &args.user)?;
     let host = Host::start(store, config).await?;
