@@ -6,6 +6,10 @@
 //! busy. Run with `just bench` (release build).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{free_port, median, percentile, rss_of};
+
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,15 +19,6 @@ use valet_server::{Host, HostConfig};
 use valet_store::{NewVal, Store, User, ValKind};
 
 const HANDLER: &str = "export default (req: Request) => new Response('hi');\n";
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    percentile(&v, 0.5)
-}
 
 /// `clients` loops of `per_client` GETs: (requests/s, p50, p99).
 async fn load(url: &str, clients: usize, per_client: usize) -> (f64, Duration, Duration) {
@@ -76,35 +71,6 @@ fn val(store: &Store, user: &User, name: &str, kind: ValKind, code: &str) -> val
             },
         )
         .unwrap()
-}
-
-/// RSS in KiB of every process whose command line mentions `needle`.
-fn rss_of(needle: &str) -> Vec<u64> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Row(String, String, String);

@@ -3,6 +3,10 @@
 //! migration at 100,000 tokens. Run with `just bench` (release build).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::{median, percentile, rss_of};
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,15 +14,6 @@ use std::time::{Duration, Instant};
 use valet_core::{ApiToken, Granted, GrantedSet, Scope, ScopeSet, TokenScopes};
 use valet_server::{Host, HostConfig};
 use valet_store::{AuditEvent, BlobKey, MigrationOptions, Principal, Store, time};
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    percentile(&v, 0.5)
-}
 
 async fn load(
     client: &reqwest::Client,
@@ -306,27 +301,6 @@ async fn run_bench() {
         http.as_secs_f64() / bare.as_secs_f64()
     );
     host.shutdown().await;
-}
-
-/// RSS in KiB of every process whose command line mentions `needle`.
-fn rss_of(needle: &str) -> Vec<u64> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
-        .filter_map(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .collect()
 }
 
 async fn memory_bench() {

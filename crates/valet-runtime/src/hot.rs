@@ -21,15 +21,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use valet_core::{ChannelId, LiveRun, MintRequest, ScopeSet};
-use valet_store::{NewRun, Outcome, new_id, time};
+use valet_core::ChannelId;
+use valet_store::Outcome;
 
 use crate::control::ControlEvents;
 use crate::executor::Process;
 use crate::http::{DoneGuard, HttpRunError, RunBody};
 use crate::logs::LogBuffer;
 use crate::run_dir::RunDir;
-use crate::supervisor::{RunSpec, Source, Supervisor};
+use crate::supervisor::{OpenRun, RunSpec, Source, Supervisor};
 use crate::{RuntimeError, launcher};
 
 /// The header that carries a request's run to the bootstrap over the
@@ -372,54 +372,11 @@ impl Supervisor {
             .acquire_owned()
             .await
             .map_err(|_| HttpRunError::internal())?;
-        let run_id = new_id("run");
-        let started_ms = time::now_ms();
-        let start_s = (started_ms / 1000) as u64;
-        let scopes = spec.scopes.intersect(ScopeSet::all());
-        let key = inner
-            .keys
-            .mint(&MintRequest {
-                user_id: &spec.user_id,
-                val_id: spec.val_id.as_deref(),
-                run_id: &run_id,
-                scopes,
-                start: start_s,
-                deadline: start_s + spec.timeout.as_secs_f64().ceil().max(1.0) as u64,
-            })
-            .map_err(|e| {
-                tracing::error!(error = %e, "could not mint a run key");
+        let OpenRun { run_id, key, guard } =
+            self.open_run(spec, &hot.channel).await.map_err(|e| {
+                tracing::error!(error = %e, "could not start an http run");
                 HttpRunError::internal()
             })?;
-        let (id, user_id, val_id) = (run_id.clone(), spec.user_id.clone(), spec.val_id.clone());
-        let deadline_ms = started_ms + spec.timeout.as_millis() as i64;
-        inner
-            .store
-            .call(move |s| {
-                s.insert_run(&NewRun {
-                    id: &id,
-                    user_id: &user_id,
-                    val_id: val_id.as_deref(),
-                    trigger: "http",
-                    scopes,
-                    started_at: started_ms,
-                    deadline: deadline_ms,
-                })
-            })
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "could not record an http run");
-                HttpRunError::internal()
-            })?;
-        let guard = inner.live.begin(
-            &key,
-            LiveRun {
-                run_id: run_id.clone(),
-                user_id: spec.user_id.clone(),
-                val_id: spec.val_id.clone(),
-                scopes,
-                channel: hot.channel.clone(),
-            },
-        );
         let logs = LogBuffer::new(inner.max_log_bytes, vec![key.clone()]);
         hot.events.attribute(&run_id, logs.clone());
         hot.served.fetch_add(1, Ordering::Relaxed);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_core::live_runs::LiveRunGuard;
-use valet_core::{LiveRun, LiveRuns, MintRequest, ScopeSet, SharedKeyRing};
+use valet_core::{ChannelId, LiveRun, LiveRuns, MintRequest, ScopeSet, SharedKeyRing};
 use valet_store::{NewRun, Outcome, Store, Val, ValKind, new_id, time};
 
 use crate::channel::ApiChannel;
@@ -137,6 +137,14 @@ pub(crate) struct Inner {
     pub(crate) pool: Arc<WarmPool>,
     pub(crate) hot: HotPool,
     pub(crate) max_log_bytes: usize,
+}
+
+/// A run's id, its key (secret: never logged) and the guard that keeps
+/// the key live.
+pub(crate) struct OpenRun {
+    pub run_id: String,
+    pub key: String,
+    pub guard: LiveRunGuard,
 }
 
 /// A run between its claim and its end. Dropping it ends the key, kills
@@ -313,15 +321,15 @@ impl Supervisor {
             .map_err(|e| RuntimeError::Spawn(format!("the launch task failed: {e}")))?
     }
 
-    /// Starts a run: a process, its record, its live key, its claim.
-    pub(crate) async fn begin(
+    /// What every run does first, whatever triggered it: mint its key,
+    /// write its row (once its process is up: a failed start leaves no run
+    /// behind), and make the key live on the process's channel.
+    pub(crate) async fn open_run(
         &self,
         spec: &RunSpec,
-        permit: SlotPermit,
-    ) -> Result<Active, RuntimeError> {
+        channel: &ChannelId,
+    ) -> Result<OpenRun, RuntimeError> {
         let inner = &self.inner;
-        let started = self.process_for(spec).await?;
-
         let run_id = new_id("run");
         let started_ms = time::now_ms();
         let start_s = (started_ms / 1000) as u64;
@@ -337,8 +345,6 @@ impl Supervisor {
             start: start_s,
             deadline: start_s + timeout_s.max(1),
         })?;
-        // The record is written once the process is up: a failed start
-        // leaves no run behind.
         let (id, user_id, val_id) = (run_id.clone(), spec.user_id.clone(), spec.val_id.clone());
         let (trigger, deadline_ms) = (spec.trigger, started_ms + spec.timeout.as_millis() as i64);
         inner
@@ -362,9 +368,21 @@ impl Supervisor {
                 user_id: spec.user_id.clone(),
                 val_id: spec.val_id.clone(),
                 scopes,
-                channel: started.channel.clone(),
+                channel: channel.clone(),
             },
         );
+        Ok(OpenRun { run_id, key, guard })
+    }
+
+    /// Starts a run: a process, its record, its live key, its claim.
+    pub(crate) async fn begin(
+        &self,
+        spec: &RunSpec,
+        permit: SlotPermit,
+    ) -> Result<Active, RuntimeError> {
+        let started = self.process_for(spec).await?;
+
+        let OpenRun { run_id, key, guard } = self.open_run(spec, &started.channel).await?;
 
         let val_url = match &spec.source {
             Source::Code(code) => {
