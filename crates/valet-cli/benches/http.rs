@@ -122,8 +122,13 @@ async fn bench() {
     load(&url, 4, 100).await;
 
     // deno serve of the same handler.
+    // `deno serve` wants `export default { fetch }`: the same handler.
     let handler = dir.path().join("handler.ts");
-    std::fs::write(&handler, HANDLER).unwrap();
+    std::fs::write(
+        &handler,
+        "export default { fetch: (req: Request) => new Response('hi') };\n",
+    )
+    .unwrap();
     let port = free_port();
     let mut serve = Command::new(&deno)
         .args(["serve", "--quiet", "--port", &port.to_string()])

@@ -195,6 +195,8 @@ impl HotPool {
 /// One request's run on a hot process, from its start to its end.
 struct HotRun {
     run_id: String,
+    /// The row's write, which the run's end waits for.
+    recorded: tokio::task::JoinHandle<()>,
     /// The request's valet key: it travels to the process in the request's
     /// private header, never in an environment.
     key: String,
@@ -372,11 +374,23 @@ impl Supervisor {
             .acquire_owned()
             .await
             .map_err(|_| HttpRunError::internal())?;
-        let OpenRun { run_id, key, guard } =
-            self.open_run(spec, &hot.channel).await.map_err(|e| {
-                tracing::error!(error = %e, "could not start an http run");
-                HttpRunError::internal()
-            })?;
+        let OpenRun {
+            run_id,
+            key,
+            guard,
+            row,
+        } = self.open_run(spec, &hot.channel).map_err(|e| {
+            tracing::error!(error = %e, "could not start an http run");
+            HttpRunError::internal()
+        })?;
+        // The row is written beside the request, off its path; the run's
+        // end waits for it.
+        let supervisor = self.clone();
+        let recorded = tokio::spawn(async move {
+            if let Err(e) = supervisor.record(row).await {
+                tracing::error!(error = %e, "could not record an http run");
+            }
+        });
         let logs = LogBuffer::new(inner.max_log_bytes, vec![key.clone()]);
         hot.events.attribute(&run_id, logs.clone());
         hot.served.fetch_add(1, Ordering::Relaxed);
@@ -386,6 +400,7 @@ impl Supervisor {
         let began = Instant::now();
         Ok(HotRun {
             run_id,
+            recorded,
             key,
             hot,
             logs,
@@ -462,7 +477,8 @@ impl Supervisor {
         run.hot.events.forget(&run.run_id);
         let logs = run.logs.finish();
         let run_id = run.run_id.clone();
-        drop(run);
+        let HotRun { recorded, .. } = run;
+        let _ = recorded.await;
         let (id, d) = (run_id.clone(), detail.to_owned());
         if let Err(e) = self
             .inner

@@ -145,6 +145,18 @@ pub(crate) struct OpenRun {
     pub run_id: String,
     pub key: String,
     pub guard: LiveRunGuard,
+    pub row: RunRow,
+}
+
+/// A run's row, to be written.
+pub(crate) struct RunRow {
+    id: String,
+    user_id: String,
+    val_id: Option<String>,
+    trigger: &'static str,
+    scopes: ScopeSet,
+    started_at: i64,
+    deadline: i64,
 }
 
 /// A run between its claim and its end. Dropping it ends the key, kills
@@ -321,10 +333,11 @@ impl Supervisor {
             .map_err(|e| RuntimeError::Spawn(format!("the launch task failed: {e}")))?
     }
 
-    /// What every run does first, whatever triggered it: mint its key,
-    /// write its row (once its process is up: a failed start leaves no run
-    /// behind), and make the key live on the process's channel.
-    pub(crate) async fn open_run(
+    /// What every run does first, whatever triggered it: mint its key and
+    /// make it live on the process's channel. Its row is written by
+    /// [`Supervisor::record`] once its process is up (a failed start leaves
+    /// no run behind).
+    pub(crate) fn open_run(
         &self,
         spec: &RunSpec,
         channel: &ChannelId,
@@ -345,22 +358,6 @@ impl Supervisor {
             start: start_s,
             deadline: start_s + timeout_s.max(1),
         })?;
-        let (id, user_id, val_id) = (run_id.clone(), spec.user_id.clone(), spec.val_id.clone());
-        let (trigger, deadline_ms) = (spec.trigger, started_ms + spec.timeout.as_millis() as i64);
-        inner
-            .store
-            .call(move |s| {
-                s.insert_run(&NewRun {
-                    id: &id,
-                    user_id: &user_id,
-                    val_id: val_id.as_deref(),
-                    trigger,
-                    scopes,
-                    started_at: started_ms,
-                    deadline: deadline_ms,
-                })
-            })
-            .await?;
         let guard = inner.live.begin(
             &key,
             LiveRun {
@@ -371,7 +368,40 @@ impl Supervisor {
                 channel: channel.clone(),
             },
         );
-        Ok(OpenRun { run_id, key, guard })
+        let row = RunRow {
+            id: run_id.clone(),
+            user_id: spec.user_id.clone(),
+            val_id: spec.val_id.clone(),
+            trigger: spec.trigger,
+            scopes,
+            started_at: started_ms,
+            deadline: started_ms + spec.timeout.as_millis() as i64,
+        };
+        Ok(OpenRun {
+            run_id,
+            key,
+            guard,
+            row,
+        })
+    }
+
+    /// Writes a run's row.
+    pub(crate) async fn record(&self, row: RunRow) -> Result<(), RuntimeError> {
+        self.inner
+            .store
+            .call(move |s| {
+                s.insert_run(&NewRun {
+                    id: &row.id,
+                    user_id: &row.user_id,
+                    val_id: row.val_id.as_deref(),
+                    trigger: row.trigger,
+                    scopes: row.scopes,
+                    started_at: row.started_at,
+                    deadline: row.deadline,
+                })
+            })
+            .await?;
+        Ok(())
     }
 
     /// Starts a run: a process, its record, its live key, its claim.
@@ -382,7 +412,13 @@ impl Supervisor {
     ) -> Result<Active, RuntimeError> {
         let started = self.process_for(spec).await?;
 
-        let OpenRun { run_id, key, guard } = self.open_run(spec, &started.channel).await?;
+        let OpenRun {
+            run_id,
+            key,
+            guard,
+            row,
+        } = self.open_run(spec, &started.channel)?;
+        self.record(row).await?;
 
         let val_url = match &spec.source {
             Source::Code(code) => {
