@@ -95,6 +95,14 @@ impl Valet {
     }
 }
 
+impl Drop for Valet {
+    /// A failed assertion must not leave a server running behind the test.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Processes whose command line names `data_dir` (Deno runs get their
 /// bootstrap from it), other than valet itself.
 fn deno_processes_of(data_dir: &Path) -> Vec<String> {

@@ -37,6 +37,12 @@ impl Schedule {
                 text: text.into(),
                 reason: e.to_string(),
             })?;
+        if !fires_at_all(&cron) {
+            return Err(ScheduleError {
+                text: text.into(),
+                reason: "it never fires (no such date or time)".into(),
+            });
+        }
         Ok(Schedule {
             text: text.to_owned(),
             cron,
@@ -58,6 +64,26 @@ impl Schedule {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+}
+
+/// Whether the schedule matches any second at all. croner's own search for
+/// a schedule that never fires (`0 0 30 2 *`) walks years of days, a
+/// quarter of a second or more on every scheduler tick; this asks its
+/// pattern directly, day by day over 28 years (the Gregorian calendar's
+/// weekday-and-leap-year cycle within 1901-2099), in about ten thousand
+/// cheap checks.
+fn fires_at_all(cron: &croner::Cron) -> bool {
+    let p = &cron.pattern;
+    let some = |range: std::ops::Range<u32>, hit: &dyn Fn(u32) -> bool| range.into_iter().any(hit);
+    let time = some(0..24, &|h| p.hour_match(h).unwrap_or(false))
+        && some(0..60, &|m| p.minute_match(m).unwrap_or(false))
+        && some(0..60, &|s| p.second_match(s).unwrap_or(false));
+    time && (2001..2029).any(|year| {
+        some(1..13, &|month| {
+            p.month_match(month).unwrap_or(false)
+                && some(1..32, &|day| p.day_match(year, month, day).unwrap_or(false))
+        })
+    })
 }
 
 /// The shorthands croner knows.
@@ -198,6 +224,9 @@ mod tests {
             "0 0 * * 7#9",
             "1 04 * * MON L",
             "*/5 * * * * l",
+            "0 0 30 2 *",
+            "59 2 31 11 *",
+            "0 0 * * 7L",
         ] {
             assert!(Schedule::parse(bad).is_err(), "{bad:?}");
         }

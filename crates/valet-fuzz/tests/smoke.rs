@@ -164,47 +164,47 @@ fn smoke(name: &str, iterations: usize) {
 
 #[test]
 fn api_token() {
-    smoke("api_token", 20_000);
+    smoke("api_token", 60_000);
 }
 
 #[test]
 fn scope() {
-    smoke("scope", 20_000);
+    smoke("scope", 60_000);
 }
 
 #[test]
 fn run_token() {
-    smoke("run_token", 5_000);
+    smoke("run_token", 15_000);
 }
 
 #[test]
 fn blob_key() {
-    smoke("blob_key", 20_000);
+    smoke("blob_key", 60_000);
 }
 
 #[test]
 fn sql() {
-    smoke("sql", 1_500);
+    smoke("sql", 2_000);
 }
 
 #[test]
 fn email() {
-    smoke("email", 10_000);
+    smoke("email", 30_000);
 }
 
 #[test]
 fn cron() {
-    smoke("cron", 5_000);
+    smoke("cron", 15_000);
 }
 
 #[test]
 fn fixture() {
-    smoke("fixture", 10_000);
+    smoke("fixture", 30_000);
 }
 
 #[test]
 fn github() {
-    smoke("github", 3_000);
+    smoke("github", 9_000);
 }
 
 #[test]
