@@ -80,7 +80,9 @@ async fn execute(
     let user = store
         .create_user("conformance", "conformance@example.com", None)
         .map_err(|e| e.to_string())?;
-    store.set_tier(&user.id, "pro").map_err(|e| e.to_string())?;
+    store
+        .set_tier(&user.id, valet_store::Tier::Pro)
+        .map_err(|e| e.to_string())?;
     let val_name: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -366,7 +368,7 @@ async fn check(
             .unwrap_or_else(|e| Err(valet_store::SqlError::Invalid(e.to_string())));
         match result {
             Ok((results, _)) => {
-                let rows = serde_json::to_value(&results[0].rows).unwrap_or_default();
+                let rows = valet_api::sql_rows_json(&results[0].rows);
                 if rows != sql.rows {
                     failures.push(format!(
                         "{}: rows {rows} (expected {})",
