@@ -13,7 +13,7 @@ use valet_store::{
 use super::CaseResult;
 use super::case::{Case, EmailCheck, Expect};
 use valet_core::grant::ValRead;
-use valet_core::{Granted, GrantedSet};
+use valet_core::{Granted, GrantedSet, Schedule};
 use valet_runtime::{RunSpec, Source};
 use valet_server::{Host, HostConfig};
 
@@ -87,6 +87,12 @@ async fn execute(
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
+    // A cron val needs a schedule (the store's rule). The scheduler is off
+    // here and the runner starts the run itself, so the schedule never fires.
+    let schedule = match kind {
+        ValKind::Cron => Some(Schedule::parse("@yearly").map_err(|e| e.to_string())?),
+        _ => None,
+    };
     // The runner acts for the case's user, who holds every scope.
     let val = store
         .create_val(
@@ -99,7 +105,7 @@ async fn execute(
                 scopes,
                 env: case.env.clone(),
                 timeout_ms: case.timeout_ms as i64,
-                schedule: None,
+                schedule,
             },
         )
         .map_err(|e| e.to_string())?;
