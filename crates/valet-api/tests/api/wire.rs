@@ -254,6 +254,33 @@ async fn vals_runs_and_scope_requests_keep_their_json() {
         r#"{"error":{"code":"invalid_body","message":"Failed to deserialize the JSON body into the target type: type: unknown variant `daily`, expected one of `http`, `script`, `cron` at line 1 column 39"}}"#
     );
 
+    // A bad schedule is refused with `Schedule::parse`'s words, a cron val
+    // without one with the store's.
+    for (body, message) in [
+        (
+            json!({"name": "c2", "type": "cron", "code": "x", "schedule": "* * *"}),
+            "invalid schedule '* * *': 3 fields, expected 5 or 6 (use cron syntax, e.g. '*/5 * * * *')",
+        ),
+        (
+            json!({"name": "c2", "type": "cron", "code": "x"}),
+            "a cron val needs a schedule (use cron syntax, e.g. '*/5 * * * *')",
+        ),
+    ] {
+        let r = api.post("/v1/vals").token(&token).json(&body).send().await;
+        assert_eq!(r.status, 422);
+        assert_eq!(
+            r.json(),
+            json!({"error": {"code": "invalid", "message": message}})
+        );
+    }
+    let r = api
+        .patch(&format!("/v1/vals/{val}"))
+        .token(&token)
+        .json(&json!({"type": "cron"}))
+        .send()
+        .await;
+    assert_eq!(r.error(), (422, "invalid".into()), "{}", r.text());
+
     api.store
         .record_scope_request(&val, Scope::EMAIL_WRITE, "/v1/email")
         .expect("request");
