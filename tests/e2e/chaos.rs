@@ -349,7 +349,10 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
     let stored: std::collections::HashSet<i64> = results[0]
         .rows
         .iter()
-        .filter_map(|r| r[0].as_i64())
+        .filter_map(|r| match r[0] {
+            valet_store::SqlValue::Integer(v) => Some(v),
+            _ => None,
+        })
         .collect();
     for v in &rows {
         assert!(stored.contains(v), "acknowledged row {v} is missing");

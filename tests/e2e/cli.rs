@@ -91,6 +91,77 @@ fn token_create_prints_only_the_token_and_bad_scopes_create_nothing() {
     let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
     assert_eq!(list[0]["scopes"], serde_json::json!(["email:write"]));
     assert!(list[0]["revoked_at"].is_string());
+    // A revoked token cannot be changed, from the command line either.
+    let rescoped = valet(dir.path())
+        .args(["token", "scopes", id, "--set", "blob:read"])
+        .output()
+        .expect("run");
+    assert!(!rescoped.status.success());
+    let stderr = String::from_utf8_lossy(&rescoped.stderr);
+    assert!(
+        stderr.contains("a revoked token cannot be changed"),
+        "{stderr}"
+    );
+}
+
+/// Issue #11, item 8: a tier and a schedule are parsed where the flags are
+/// read, with the parser's own words, and a bad one creates nothing.
+#[test]
+fn tiers_and_schedules_are_parsed_at_the_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fail = |args: &[&str], needle: &str| {
+        let out = valet(dir.path()).args(args).output().expect("run");
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    };
+    fail(
+        &[
+            "user",
+            "create",
+            "ada",
+            "--email",
+            "a@example.com",
+            "--tier",
+            "gold",
+        ],
+        "invalid tier 'gold': use free or pro",
+    );
+    let ok = valet(dir.path())
+        .args([
+            "user",
+            "create",
+            "ada",
+            "--email",
+            "a@example.com",
+            "--tier",
+            "pro",
+        ])
+        .output()
+        .expect("run");
+    assert!(ok.status.success(), "the bad create made no user");
+    let file = dir.path().join("tick.ts");
+    std::fs::write(&file, "export default () => {}").expect("write");
+    let file = file.to_string_lossy().into_owned();
+    let create = [
+        "val", "create", "--user", "ada", "--name", "tick", "--file", &file, "--type", "cron",
+    ];
+    fail(
+        &[&create[..], &["--schedule", "* * *"]].concat(),
+        "invalid schedule '* * *': 3 fields, expected 5 or 6",
+    );
+    fail(&create, "a cron val needs a schedule");
+    let made = valet(dir.path())
+        .args(create)
+        .args(["--schedule", "*/5 * * * *"])
+        .output()
+        .expect("run");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
 }
 
 #[test]

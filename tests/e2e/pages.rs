@@ -253,6 +253,64 @@ async fn users_cannot_reach_each_others_tokens_or_vals_by_url() {
     server.stop().await;
 }
 
+/// Issue #11, item 8: "a revoked token cannot be changed" is the store's
+/// rule, so the pages' "accept the safe defaults" (which once skipped the
+/// check) and the scope form refuse a revoked token, and say why.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pages_cannot_change_a_revoked_token() {
+    let server = Server::start().await;
+    let ada = user_with_password(&server, "ada");
+    let (legacy, _) = server
+        .store
+        .create_token(
+            &Granted::for_operator(&ada.id),
+            "old",
+            TokenScopes::Legacy,
+            None,
+        )
+        .expect("token");
+    server
+        .store
+        .revoke_token(&Granted::for_operator(&ada.id), &legacy.id, "by its owner")
+        .expect("revoke");
+    let (session, csrf) = sign_in(&server, "ada", "a good password").await;
+    let c = pages(&server);
+    let posts = [
+        (
+            format!("/settings/tokens/{}/accept-defaults", legacy.id),
+            vec![],
+        ),
+        (
+            format!("/settings/tokens/{}/scopes", legacy.id),
+            vec![("scope_blob", "read")],
+        ),
+    ];
+    for (path, mut form) in posts {
+        form.push(("csrf", &csrf));
+        let r = c
+            .post(&path)
+            .header("cookie", &session)
+            .form(&form)
+            .send()
+            .await;
+        assert_eq!(r.status, 422, "{path}");
+        assert!(
+            r.text().contains("a revoked token cannot be changed"),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    let token = server
+        .store
+        .token_of_user(
+            &Granted::<valet_core::grant::UserRead>::for_operator(&ada.id),
+            &legacy.id,
+        )
+        .expect("token");
+    assert_eq!(token.scopes, TokenScopes::Legacy, "nothing was changed");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_logins_are_rate_limited_and_say_nothing_about_users() {
     let server = Server::start().await;

@@ -97,7 +97,9 @@ impl Server {
             .store
             .create_user(name, &format!("{name}@example.com"), None)
             .expect("user");
-        self.store.set_tier(&user.id, "pro").expect("tier");
+        self.store
+            .set_tier(&user.id, valet_store::Tier::Pro)
+            .expect("tier");
         user
     }
 

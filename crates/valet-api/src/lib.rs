@@ -22,7 +22,7 @@ use valet_store::Store;
 
 pub use auth::{Caller, SqliteCaller};
 pub use error::ApiError;
-pub use routes::tokens_json::token_json;
+pub use routes::shared_json::{FinishedRunJson, MigrationSummaryJson, sql_rows_json, token_json};
 pub use runner::{BoxFuture, RunRefused, RunSummary, Runner, ValResponse};
 
 /// Limits and settings of the API.

@@ -157,8 +157,7 @@ fn sql_snapshot(db: &Sql) -> (String, Vec<String>) {
         .user_dbs()
         .execute(&mut grants(&db.user, false), &reads, BatchMode::Read)
         .expect("snapshot");
-    let rows =
-        serde_json::to_string(&results.iter().map(|r| &r.rows).collect::<Vec<_>>()).expect("json");
+    let rows = format!("{:?}", results.iter().map(|r| &r.rows).collect::<Vec<_>>());
     let dir = db
         .store
         .user_dbs()

@@ -114,7 +114,9 @@ impl RunSpec {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// A finished run. (`valet run --json` prints it through valet-api's
+/// `FinishedRunJson`.)
+#[derive(Debug, Clone)]
 pub struct RunOutput {
     pub run_id: String,
     pub outcome: Outcome,

@@ -80,12 +80,12 @@ fn legacy_file_name(key: &[u8]) -> String {
     hex::encode(Sha256::digest(key))
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// A blob as the index lists it. `last_modified` is unix milliseconds.
+#[derive(Debug, Clone)]
 pub struct BlobMeta {
     pub key: String,
     pub size: u64,
-    #[serde(rename = "lastModified")]
-    pub last_modified: String,
+    pub last_modified: i64,
 }
 
 /// The file side of the blob store.
@@ -463,7 +463,7 @@ fn meta_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BlobMeta> {
     Ok(BlobMeta {
         key: String::from_utf8_lossy(&key).into_owned(),
         size: size as u64,
-        last_modified: time::iso(modified),
+        last_modified: modified,
     })
 }
 

@@ -45,12 +45,12 @@ pub use runs::{NewRun, Outcome, RunRecord};
 pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use sessions::Session;
 pub use token_cache::TokenCache;
-pub use tokens::{MigrationState, TokenRecord};
+pub use tokens::{MigrationState, TokenChange, TokenRecord};
 pub use user_sqlite::{
-    BatchMode, HeldSqliteGrants, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement,
+    BatchMode, HeldSqliteGrants, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement, SqlValue,
     SqliteGrants, StatementAccess, UserDatabases,
 };
-pub use users::User;
+pub use users::{Tier, User};
 pub use vals::{NewVal, Val, ValKind, ValPatch};
 
 /// A fresh id with a readable prefix: `tok_0193…`. UUIDv7, so ids sort by

@@ -2,14 +2,12 @@
 //! leaves a request on its val, which the owner can allow or deny.
 
 use rusqlite::{OptionalExtension, params};
-use serde::Serialize;
 use valet_core::grant::{ValScope, ValWrite};
 use valet_core::{Granted, GrantedSet, Scope};
 
 use crate::{Store, StoreError, time};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScopeRequestState {
     Pending,
     Allowed,
@@ -17,6 +15,15 @@ pub enum ScopeRequestState {
 }
 
 impl ScopeRequestState {
+    /// The word stored in the `state` column (and shown by the API).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeRequestState::Pending => "pending",
+            ScopeRequestState::Allowed => "allowed",
+            ScopeRequestState::Denied => "denied",
+        }
+    }
+
     fn parse(s: &str) -> ScopeRequestState {
         match s {
             "allowed" => ScopeRequestState::Allowed,
@@ -26,12 +33,13 @@ impl ScopeRequestState {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A scope request as stored. Times are unix milliseconds.
+#[derive(Debug, Clone)]
 pub struct ScopeRequest {
     pub scope: Scope,
     pub state: ScopeRequestState,
-    pub first_at: String,
-    pub last_at: String,
+    pub first_at: i64,
+    pub last_at: i64,
     pub count: i64,
     pub sample_route: String,
 }
@@ -87,8 +95,8 @@ impl Store {
                 out.push(ScopeRequest {
                     scope: scope.parse()?,
                     state: ScopeRequestState::parse(&state),
-                    first_at: time::iso(first),
-                    last_at: time::iso(last),
+                    first_at: first,
+                    last_at: last,
                     count,
                     sample_route: route,
                 });

@@ -1,28 +1,76 @@
 //! Users: the people (and their accounts) that own vals, tokens and data.
 
+use std::fmt;
+use std::str::FromStr;
+
 use rusqlite::{OptionalExtension, Row, params};
-use serde::Serialize;
 
 use crate::{Store, StoreError, new_id, time};
 
-#[derive(Debug, Clone, Serialize)]
+/// What an account may do beyond the basics: a free account may email
+/// only its own address, so a leaked key cannot make valet a spam relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tier {
+    #[default]
+    Free,
+    Pro,
+}
+
+impl Tier {
+    /// The word stored in the `tier` column (and shown by the API).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Free => "free",
+            Tier::Pro => "pro",
+        }
+    }
+
+    /// Whether the account may email addresses other than its own.
+    pub fn may_email_anyone(self) -> bool {
+        self == Tier::Pro
+    }
+}
+
+impl FromStr for Tier {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Tier, StoreError> {
+        match s {
+            "free" => Ok(Tier::Free),
+            "pro" => Ok(Tier::Pro),
+            _ => Err(StoreError::Invalid(format!(
+                "invalid tier '{s}': use free or pro"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct User {
     pub id: String,
     pub username: String,
     pub email: String,
-    pub tier: String,
-    #[serde(skip)]
+    pub tier: Tier,
     pub password_hash: Option<String>,
 }
 
 const COLUMNS: &str = "id, username, email, tier, password_hash";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<User> {
+    let tier: String = row.get(3)?;
     Ok(User {
         id: row.get(0)?,
         username: row.get(1)?,
         email: row.get(2)?,
-        tier: row.get(3)?,
+        tier: tier.parse().map_err(|e: StoreError| {
+            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
+        })?,
         password_hash: row.get(4)?,
     })
 }
@@ -97,7 +145,7 @@ impl Store {
             id: new_id("usr"),
             username: username.to_owned(),
             email: email.to_owned(),
-            tier: "free".to_owned(),
+            tier: Tier::Free,
             password_hash: password_hash.map(str::to_owned),
         };
         self.write(|c| {
@@ -108,7 +156,7 @@ impl Store {
                     user.id,
                     user.username,
                     user.email,
-                    user.tier,
+                    user.tier.as_str(),
                     user.password_hash,
                     time::now_ms()
                 ],
@@ -123,11 +171,11 @@ impl Store {
         Ok(user)
     }
 
-    pub fn set_tier(&self, user_id: &str, tier: &str) -> Result<(), StoreError> {
+    pub fn set_tier(&self, user_id: &str, tier: Tier) -> Result<(), StoreError> {
         self.write(|c| {
             c.execute(
                 "UPDATE users SET tier = ?1 WHERE id = ?2",
-                params![tier, user_id],
+                params![tier.as_str(), user_id],
             )?;
             Ok(())
         })
@@ -203,6 +251,22 @@ mod tests {
         for bad in ["a", "a@b", "a@b.io\r\nBcc: x@y.z", "<a@b.io>", "a@b@c.io"] {
             assert!(validate_email(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn tiers_are_parsed_once_and_kept() {
+        assert_eq!("pro".parse::<Tier>().ok(), Some(Tier::Pro));
+        let err = "gold".parse::<Tier>().expect_err("gold");
+        assert_eq!(err.to_string(), "invalid tier 'gold': use free or pro");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        assert_eq!(user.tier, Tier::Free);
+        store.set_tier(&user.id, Tier::Pro).expect("tier");
+        let back = store.user_by_id(&user.id).expect("read").expect("found");
+        assert_eq!(back.tier, Tier::Pro);
     }
 
     #[test]

@@ -3,14 +3,12 @@
 use std::collections::BTreeMap;
 
 use rusqlite::{OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 use valet_core::grant::{ValRead, ValScope, ValWrite};
-use valet_core::{Granted, GrantedSet, ScopeSet};
+use valet_core::{Granted, GrantedSet, Schedule, ScopeSet};
 
 use crate::{Store, StoreError, new_id, time};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValKind {
     Http,
     Script,
@@ -18,6 +16,7 @@ pub enum ValKind {
 }
 
 impl ValKind {
+    /// The word stored in the `kind` column (and shown by the API).
     pub fn as_str(self) -> &'static str {
         match self {
             ValKind::Http => "http",
@@ -48,7 +47,8 @@ pub struct Val {
     pub scopes: ScopeSet,
     pub env: BTreeMap<String, String>,
     pub timeout_ms: i64,
-    pub schedule: Option<String>,
+    /// When a cron val runs; a cron val always has one.
+    pub schedule: Option<Schedule>,
     pub created_at: i64,
     pub updated_at: i64,
     pub last_run_at: Option<i64>,
@@ -62,7 +62,7 @@ pub struct NewVal {
     pub scopes: ScopeSet,
     pub env: BTreeMap<String, String>,
     pub timeout_ms: i64,
-    pub schedule: Option<String>,
+    pub schedule: Option<Schedule>,
 }
 
 /// A partial update; `None` leaves a field as it is.
@@ -74,7 +74,8 @@ pub struct ValPatch {
     pub scopes: Option<ScopeSet>,
     pub env: Option<BTreeMap<String, String>>,
     pub timeout_ms: Option<i64>,
-    pub schedule: Option<Option<String>>,
+    /// `Some(None)` removes the schedule.
+    pub schedule: Option<Option<Schedule>>,
 }
 
 impl ValPatch {
@@ -181,6 +182,16 @@ fn validate_timeout(ms: i64) -> Result<(), StoreError> {
     }
 }
 
+/// A cron val needs a schedule (other kinds may keep one; it is unused).
+fn validate_schedule(kind: ValKind, schedule: Option<&Schedule>) -> Result<(), StoreError> {
+    if kind == ValKind::Cron && schedule.is_none() {
+        return Err(StoreError::Invalid(
+            "a cron val needs a schedule (use cron syntax, e.g. '*/5 * * * *')".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_code(code: &str) -> Result<(), StoreError> {
     if code.len() > MAX_CODE_BYTES {
         return Err(StoreError::Invalid(format!(
@@ -192,15 +203,32 @@ fn validate_code(code: &str) -> Result<(), StoreError> {
 
 const COLUMNS: &str = "id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at, last_run_at";
 
+/// A stored schedule, parsed once as the row is read. One that no longer
+/// parses (kept by an older valet with a laxer parser) reads as none, so
+/// the val stays readable and the scheduler skips it until a new schedule
+/// is saved.
+fn schedule_column(id: &str, text: Option<String>) -> Option<Schedule> {
+    let text = text?;
+    match Schedule::parse(&text) {
+        Ok(schedule) => Some(schedule),
+        Err(e) => {
+            tracing::warn!(val_id = id, error = %e, "ignoring a stored schedule that does not parse");
+            None
+        }
+    }
+}
+
 fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Val> {
+    let id: String = row.get(0)?;
     let kind: String = row.get(3)?;
     let scopes: String = row.get(5)?;
     let env: String = row.get(6)?;
+    let schedule = schedule_column(&id, row.get(8)?);
     let conv = |i, e: Box<dyn std::error::Error + Send + Sync>| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
     };
     Ok(Val {
-        id: row.get(0)?,
+        id,
         user_id: row.get(1)?,
         name: row.get(2)?,
         kind: ValKind::parse(&kind).map_err(|e| conv(3, Box::new(e)))?,
@@ -208,7 +236,7 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Val> {
         scopes: ScopeSet::parse(&scopes).map_err(|e| conv(5, Box::new(e)))?,
         env: serde_json::from_str(&env).map_err(|e| conv(6, Box::new(e)))?,
         timeout_ms: row.get(7)?,
-        schedule: row.get(8)?,
+        schedule,
         created_at: row.get(9)?,
         updated_at: row.get(10)?,
         last_run_at: row.get(11)?,
@@ -230,6 +258,7 @@ impl Store {
         validate_env(&new.env)?;
         validate_timeout(new.timeout_ms)?;
         validate_code(&new.code)?;
+        validate_schedule(new.kind, new.schedule.as_ref())?;
         let now = time::now_ms();
         let val = Val {
             id: new_id("val"),
@@ -251,7 +280,7 @@ impl Store {
             let n = c.execute(
                 "INSERT INTO vals (id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) ON CONFLICT(user_id, name) DO NOTHING",
-                params![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, now],
+                params![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule.as_ref().map(Schedule::as_str), now],
             )?;
             if n == 0 {
                 return Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)));
@@ -380,13 +409,14 @@ impl Store {
                 check_cover(user_id, cover, val.scopes)?;
             }
             patch.apply(&mut val);
+            validate_schedule(val.kind, val.schedule.as_ref())?;
             val.updated_at = time::now_ms();
             let env =
                 serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
             let n = tx.execute(
                 "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
                      schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10",
-                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id],
+                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule.as_ref().map(Schedule::as_str), val.updated_at, id, user_id],
             );
             match n {
                 Ok(0) => return Err(StoreError::NotFound(format!("val '{id}'"))),
@@ -418,9 +448,121 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use valet_core::{Granted, GrantedSet, Scope, ScopeSet};
+    use valet_core::{Granted, GrantedSet, Schedule, Scope, ScopeSet};
 
     use super::*;
+
+    fn new_val(name: &str, kind: ValKind, schedule: Option<&str>) -> NewVal {
+        NewVal {
+            name: name.into(),
+            kind,
+            code: String::new(),
+            scopes: ScopeSet::EMPTY,
+            env: BTreeMap::new(),
+            timeout_ms: 1000,
+            schedule: schedule.map(|s| Schedule::parse(s).expect("schedule")),
+        }
+    }
+
+    /// Issue #11, item 8: the schedule is stored as a parsed `Schedule`,
+    /// and "a cron val needs a schedule" is the store's rule, whoever
+    /// creates or changes the val.
+    #[test]
+    fn a_cron_val_always_has_a_schedule() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        let write = Granted::<ValWrite>::for_operator(&user.id);
+        let cover = GrantedSet::for_operator(&user.id, ScopeSet::all());
+        let needs = |e: StoreError| e.to_string().contains("a cron val needs a schedule");
+        let err = store
+            .create_val(&write, &cover, new_val("c", ValKind::Cron, None))
+            .expect_err("no schedule");
+        assert!(needs(err));
+        let cron = store
+            .create_val(
+                &write,
+                &cover,
+                new_val("c", ValKind::Cron, Some("*/5 * * * *")),
+            )
+            .expect("cron");
+        assert_eq!(
+            cron.schedule.as_ref().map(Schedule::as_str),
+            Some("*/5 * * * *")
+        );
+        let clear = ValPatch {
+            schedule: Some(None),
+            ..ValPatch::default()
+        };
+        let err = store
+            .update_val(&write, &cover, &cron.id, clear.clone())
+            .expect_err("cleared");
+        assert!(needs(err));
+        let script = store
+            .create_val(&write, &cover, new_val("s", ValKind::Script, None))
+            .expect("script");
+        let to_cron = ValPatch {
+            kind: Some(ValKind::Cron),
+            ..ValPatch::default()
+        };
+        assert!(needs(
+            store
+                .update_val(&write, &cover, &script.id, to_cron)
+                .expect_err("cron without a schedule")
+        ));
+        // Clearing it with a change of type at once is fine.
+        let changed = store
+            .update_val(
+                &write,
+                &cover,
+                &cron.id,
+                ValPatch {
+                    kind: Some(ValKind::Script),
+                    ..clear
+                },
+            )
+            .expect("script without a schedule");
+        assert!(changed.schedule.is_none());
+    }
+
+    /// A schedule stored by an older, laxer parser reads as none: the val
+    /// stays readable, and the scheduler skips it.
+    #[test]
+    fn a_stored_schedule_that_no_longer_parses_reads_as_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        let write = Granted::<ValWrite>::for_operator(&user.id);
+        let cover = GrantedSet::for_operator(&user.id, ScopeSet::all());
+        let val = store
+            .create_val(
+                &write,
+                &cover,
+                new_val("c", ValKind::Cron, Some("* * * * *")),
+            )
+            .expect("cron");
+        store
+            .write(|c| {
+                c.execute(
+                    "UPDATE vals SET schedule = '*/0 * * * *' WHERE id = ?1",
+                    [&val.id],
+                )?;
+                Ok(())
+            })
+            .expect("old row");
+        let back = store
+            .val_of_user(&Granted::<ValRead>::for_operator(&user.id), &val.id)
+            .expect("readable");
+        assert!(back.schedule.is_none());
+        assert!(
+            store.cron_vals().expect("cron vals")[0].schedule.is_none(),
+            "listed without a schedule, so the scheduler skips it"
+        );
+    }
 
     /// Issue #11, item 9: two concurrent edits never silently lose one.
     #[test]

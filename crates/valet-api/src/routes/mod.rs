@@ -11,9 +11,12 @@ mod vals;
 mod vals_v2;
 mod well_known;
 
-/// The JSON shape of a token, shared with the CLI's `--json`.
-pub mod tokens_json {
-    pub use super::tokens::token_json;
+/// JSON shapes the CLI's `--json` and the conformance runner share with
+/// the API.
+pub mod shared_json {
+    pub use super::runs::FinishedRunJson;
+    pub use super::sqlite::sql_rows_json;
+    pub use super::tokens::{MigrationSummaryJson, token_json};
 }
 
 use std::time::Duration;

@@ -19,3 +19,4 @@ mod socket;
 mod sqlite;
 mod support;
 mod tokens;
+mod wire;

@@ -60,7 +60,9 @@ impl Api {
     /// A user on the pro tier (may email anyone).
     pub fn user(&self, name: &str) -> User {
         let user = self.free_user(name);
-        self.store.set_tier(&user.id, "pro").expect("tier");
+        self.store
+            .set_tier(&user.id, valet_store::Tier::Pro)
+            .expect("tier");
         user
     }
 

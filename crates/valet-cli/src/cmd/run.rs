@@ -49,7 +49,7 @@ pub fn local_user(store: &Store, name: &str) -> anyhow::Result<User> {
         return Ok(user);
     }
     let user = store.create_user(name, &format!("{name}@valet.localhost"), None)?;
-    store.set_tier(&user.id, "pro")?;
+    store.set_tier(&user.id, valet_store::Tier::Pro)?;
     Ok(user)
 }
 
@@ -96,7 +96,14 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     host.shutdown().await;
     let output = output?;
     if args.json {
-        println!("{}", serde_json::to_string(&output)?);
+        let json = valet_api::FinishedRunJson {
+            run_id: &output.run_id,
+            outcome: output.outcome,
+            detail: Some(&output.detail),
+            logs: &output.logs,
+            duration_ms: output.duration_ms,
+        };
+        println!("{}", serde_json::to_string(&json)?);
     } else {
         print!("{}", output.logs);
         eprintln!(
