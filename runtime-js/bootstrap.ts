@@ -338,7 +338,9 @@ async function hotHandler(
         return await (handler.call(main, own) as Promise<Response>);
       } catch (error) {
         logError("Uncaught error in http handler:", error);
-        void report({ t: "handler_error", run: run.run });
+        // Reported before the answer leaves, so the supervisor knows (an
+        // exiting process takes no new request) before the client does.
+        await report({ t: "handler_error", run: run.run });
         return new Response("Internal Server Error", { status: 500 });
       }
     });

@@ -137,6 +137,14 @@ async fn requests_share_a_live_process_but_never_a_key() {
         .await
         .unwrap();
     assert!(r.status().is_server_error(), "{}", r.status());
+    // Once it is gone (the other val's process lives on), the next request
+    // gets a fresh one.
+    let alive = crate::support::eventually(
+        || async { server.supervisor().hot_processes() },
+        |n| *n == 1,
+    )
+    .await;
+    assert_eq!(alive, 1, "the process that exited is still counted");
     let after = get(&server, "/ada/counter").await;
     assert_ne!(after["process"], changed["process"]);
     assert_eq!(after["count"], 1);

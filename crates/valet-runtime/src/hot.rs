@@ -112,6 +112,13 @@ impl Hot {
             && self.served.load(Ordering::Relaxed) < limits.max_requests
     }
 
+    fn alive(&self) -> bool {
+        self.process
+            .lock()
+            .map(|mut p| !p.has_exited())
+            .unwrap_or(false)
+    }
+
     fn idle_for(&self) -> Duration {
         self.last_used
             .lock()
@@ -178,7 +185,7 @@ impl HotPool {
         }
     }
 
-    /// Live processes.
+    /// Hot processes whose process is alive.
     pub fn len(&self) -> usize {
         let slots: Vec<_> = self
             .vals
@@ -187,7 +194,11 @@ impl HotPool {
             .unwrap_or_default();
         slots
             .iter()
-            .filter(|s| s.try_lock().map(|h| h.is_some()).unwrap_or(true))
+            .filter(|s| {
+                s.try_lock()
+                    .map(|h| h.as_ref().is_some_and(|hot| hot.alive()))
+                    .unwrap_or(true)
+            })
             .count()
     }
 }
