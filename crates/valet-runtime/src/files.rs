@@ -33,6 +33,38 @@ const FILES: &[(&str, &str)] = runtime_files!(
     "esm/API_URL.d/main.ts",
 );
 
+/// The runtime's directory: shared by every valet of this user at
+/// `<tmp>/valet-runtime/runtime-js-<hash>` so Deno's transpile cache keeps
+/// hitting across processes (a fresh path per process would make every
+/// `valet run` transpile the bootstrap again), or under `fallback` when the
+/// shared place is not safely ours (owned by another user, or writable by
+/// others: someone could plant files there).
+pub fn install_shared(fallback: &Path) -> std::io::Result<PathBuf> {
+    let shared = std::env::temp_dir().join("valet-runtime");
+    let safe = |path: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.is_dir() && m.uid() == effective_uid() && m.mode() & 0o022 == 0)
+    };
+    if std::fs::create_dir(&shared).is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755))?;
+    }
+    if safe(&shared)
+        && let Ok(dir) = install(&shared)
+        && safe(&dir)
+    {
+        return Ok(dir);
+    }
+    install(fallback)
+}
+
+#[allow(unsafe_code)]
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
 /// Writes the runtime files under `parent` and returns their directory.
 pub fn install(parent: &Path) -> std::io::Result<PathBuf> {
     let mut hash = Sha256::new();

@@ -188,7 +188,7 @@ impl Supervisor {
     ) -> Result<Supervisor, RuntimeError> {
         let deno = deno::find_deno()?;
         let root = RunRoot::create(&config.run_parent)?;
-        let runtime_dir = files::install(root.path())?;
+        let runtime_dir = files::install_shared(root.path())?;
         let deno_dir = config
             .deno_dir
             .clone()
