@@ -233,6 +233,19 @@ globalThis.addEventListener("error", (event) => {
   void fail(event.error);
 });
 
+// A script's or cron val's work has settled when Deno's event loop has
+// nothing left to do: Deno then dispatches `beforeunload`. Saying so lets
+// the supervisor end the run at once instead of waiting for the process to
+// tear down; the process still exits on its own.
+let mainSettled = false;
+let settledSent = false;
+globalThis.addEventListener("beforeunload", () => {
+  if (mainSettled && !settledSent) {
+    settledSent = true;
+    void report({ t: "settled" });
+  }
+});
+
 // --- The claim, then the val. ---
 const claim = await readClaim();
 Object.assign(frozenEnv, claim.env);
@@ -255,6 +268,7 @@ async function start(val: Record<string, unknown>, claim: Claim): Promise<void> 
     case "script":
       if (typeof main === "function") await main();
       await report({ t: "done" });
+      mainSettled = true;
       return;
     case "cron": {
       if (typeof main !== "function") {
@@ -263,6 +277,7 @@ async function start(val: Record<string, unknown>, claim: Claim): Promise<void> 
       const lastRunAt = claim.lastRunAt ? new Date(claim.lastRunAt) : undefined;
       await main({ lastRunAt });
       await report({ t: "done" });
+      mainSettled = true;
       return;
     }
     case "http": {

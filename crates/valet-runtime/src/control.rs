@@ -27,8 +27,10 @@ use crate::logs::LogBuffer;
 pub struct Reported {
     /// Connected: the process is up and waits for its claim.
     pub connected: bool,
-    /// The val's work settled without an error (script, cron).
+    /// The val's default export settled without an error (script, cron).
     pub done: bool,
+    /// After `done`, Deno's event loop ran out of work: the run is over.
+    pub settled: bool,
     /// The http val listens on its socket.
     pub listening: bool,
     /// An uncaught error ended the val.
@@ -45,6 +47,7 @@ pub struct Reported {
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Event {
     Done,
+    Settled,
     Listening,
     Exiting,
     Error {
@@ -158,6 +161,7 @@ impl Control {
 fn apply(reported: &mut Reported, event: Event) {
     match event {
         Event::Done => reported.done = true,
+        Event::Settled => reported.settled = true,
         Event::Listening => reported.listening = true,
         Event::Exiting => reported.exiting = true,
         Event::Error { kind } if kind == "oom" => reported.oom = true,

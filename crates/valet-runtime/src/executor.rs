@@ -143,6 +143,9 @@ pub fn classify(
             Outcome::Oom,
             "ran out of memory (an allocation beyond the run's memory cap failed)".into(),
         ),
+        Exit::Stopped if reported.settled && !reported.uncaught => {
+            (Outcome::Succeeded, "its work settled".into())
+        }
         Exit::Stopped if handler_threw => (
             Outcome::Failed,
             "the handler threw; it answered 500 (the stack is in the logs)".into(),

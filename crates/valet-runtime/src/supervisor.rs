@@ -505,10 +505,16 @@ impl Supervisor {
             .await
             .map_err(RuntimeError::Busy)?;
         let mut active = self.begin(&spec, permit).await?;
-        let exit = active
-            .process
-            .wait(active.deadline, std::future::pending())
-            .await;
+        // The run ends when its work has settled (the bootstrap says so
+        // once Deno's event loop is empty) or its process exits, whichever
+        // comes first.
+        let mut events = active.events.clone();
+        let settled = async move {
+            if !events.wait_for(|r| r.done && r.settled).await {
+                std::future::pending::<()>().await;
+            }
+        };
+        let exit = active.process.wait(active.deadline, settled).await;
         Ok(self.finish(active, exit).await)
     }
 }
