@@ -357,6 +357,9 @@ async function hotHandler(
         // exiting process takes no new request) before the client does.
         await report({ t: "handler_error", run: run.run });
         return new Response("Internal Server Error", { status: 500 });
+      } finally {
+        // After the request's logs and errors, on the same channel.
+        await report({ t: "end", run: run.run });
       }
     });
   };

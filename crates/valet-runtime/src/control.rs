@@ -41,6 +41,9 @@ pub struct Reported {
     pub exiting: bool,
     /// Runs (requests) whose http handler threw.
     pub handler_errors: std::collections::BTreeSet<String>,
+    /// Runs (requests) of a hot process whose handler has returned: every
+    /// event and log line of theirs before this one has been read.
+    pub ended: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +59,10 @@ enum Event {
     },
     HandlerError {
         #[serde(default)]
+        run: String,
+    },
+    /// A request's handler returned (its events so far were all sent).
+    End {
         run: String,
     },
     /// A line a request of a hot process logged.
@@ -74,6 +81,9 @@ type RunLogs = Arc<Mutex<HashMap<String, LogBuffer>>>;
 pub struct Control {
     path: PathBuf,
     state: watch::Receiver<Reported>,
+    /// Shared with the reading task, so a finished request's entries can
+    /// be forgotten.
+    tx: Arc<watch::Sender<Reported>>,
     claim: tokio::sync::oneshot::Sender<String>,
     logs: RunLogs,
 }
@@ -93,6 +103,8 @@ impl Control {
             std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
         }
         let (tx, state) = watch::channel(Reported::default());
+        let tx = Arc::new(tx);
+        let reader_tx = tx.clone();
         let (claim, claim_rx) = tokio::sync::oneshot::channel::<String>();
         let unlink = path.clone();
         let logs: RunLogs = Arc::default();
@@ -104,6 +116,7 @@ impl Control {
             // One connection only: nobody else may ever connect.
             drop(listener);
             let _ = std::fs::remove_file(&unlink);
+            let tx = reader_tx;
             tx.send_modify(|r| r.connected = true);
             let (read, write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
@@ -139,6 +152,7 @@ impl Control {
         Ok(Control {
             path,
             state,
+            tx,
             claim,
             logs,
         })
@@ -149,6 +163,7 @@ impl Control {
         let _ = self.claim.send(line);
         ControlEvents {
             state: self.state,
+            tx: self.tx,
             logs: self.logs,
         }
     }
@@ -169,6 +184,9 @@ fn apply(reported: &mut Reported, event: Event) {
         Event::HandlerError { run } => {
             reported.handler_errors.insert(run);
         }
+        Event::End { run } => {
+            reported.ended.insert(run);
+        }
         Event::Log { .. } => {}
     }
 }
@@ -177,6 +195,7 @@ fn apply(reported: &mut Reported, event: Event) {
 #[derive(Clone)]
 pub struct ControlEvents {
     state: watch::Receiver<Reported>,
+    tx: Arc<watch::Sender<Reported>>,
     logs: RunLogs,
 }
 
@@ -197,6 +216,8 @@ impl ControlEvents {
         if let Ok(mut map) = self.logs.lock() {
             map.remove(run_id);
         }
+        self.tx
+            .send_if_modified(|r| r.handler_errors.remove(run_id) | r.ended.remove(run_id));
     }
 
     /// Waits for `f` to hold; false when the channel closed first.

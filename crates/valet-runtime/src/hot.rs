@@ -464,6 +464,16 @@ impl Supervisor {
         let supervisor = self.clone();
         tokio::spawn(async move {
             let finished = tokio::time::timeout_at(deadline, done_rx).await.is_ok();
+            // The handler's end is reported after its logs and errors on the
+            // control channel, which is read apart from the response: wait
+            // (briefly) until it has been read, so they are all counted.
+            let mut events = run.hot.events.clone();
+            let id = run.run_id.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                events.wait_for(|r| r.ended.contains(&id)),
+            )
+            .await;
             let threw = run.hot.events.now().handler_errors.contains(&run.run_id);
             let (outcome, detail) = match (finished, threw) {
                 (false, _) => (Outcome::TimedOut, "its response outlived its deadline"),
