@@ -478,3 +478,42 @@ async fn run_directories_are_removed_and_names_never_collide() {
     server.stop().await;
     assert!(!root.exists(), "the run root outlived its supervisor");
 }
+
+/// A run outlives the thread that started it: the parent-death signal of
+/// a run process fires when the *thread* that forked it exits, and the
+/// blocking pool's idle threads exit after a keep-alive (10 s by default,
+/// 100 ms here). Runs used to be killed by signal 9 that way.
+#[test]
+fn runs_outlive_the_thread_that_started_them() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_keep_alive(Duration::from_millis(100))
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let server = Server::start_with(Options {
+            warm_pool: 1,
+            ..Default::default()
+        })
+        .await;
+        let ada = server.user("ada");
+        let code = "await new Promise((r) => setTimeout(r, 1500)); console.log('woke');";
+        for _ in 0..2 {
+            let out = server
+                .supervisor()
+                .run(spec(&ada, code, ScopeSet::default_val(), 20_000))
+                .await
+                .unwrap();
+            assert_eq!(
+                out.outcome,
+                Outcome::Succeeded,
+                "{}: {}",
+                out.detail,
+                out.logs
+            );
+            assert!(out.logs.contains("woke"));
+        }
+        server.stop().await;
+    });
+}

@@ -284,13 +284,21 @@ async fn sleepers(dir: &tempfile::TempDir, store: &Store, user: &User, rows: &mu
     let rss = rss_of(&root);
     let mut busy = 0;
     let mut ok = 0;
+    let mut other = std::collections::BTreeMap::<String, usize>::new();
     for run in runs {
         match run.await.unwrap() {
             Ok(out) if out.outcome == valet_store::Outcome::Succeeded => ok += 1,
-            Ok(_) => {}
+            Ok(out) => {
+                *other
+                    .entry(format!("{} ({})", out.outcome.as_str(), out.detail))
+                    .or_default() += 1
+            }
             Err(valet_runtime::RuntimeError::Busy(_)) => busy += 1,
             Err(e) => panic!("a run failed to start: {e}"),
         }
+    }
+    if !other.is_empty() {
+        eprintln!("sleeping runs that did not succeed: {other:?}");
     }
     rows.push(Row(
         format!("{wanted} sleeping runs against a cap of {cap}"),

@@ -249,12 +249,7 @@ impl Supervisor {
         let inner = &self.inner;
         let started = match inner.pool.take() {
             Some(started) => started,
-            None => {
-                let launcher = inner.launcher.clone();
-                tokio::task::spawn_blocking(move || launcher.start(&[]))
-                    .await
-                    .map_err(|e| RuntimeError::Spawn(format!("the launch task failed: {e}")))??
-            }
+            None => inner.launcher.start(&[])?,
         };
         let path = started.dir.join("val.ts");
         std::fs::write(&path, code)?;

@@ -1,7 +1,8 @@
 //! Warm processes: started ahead of time through the one launch path (no
 //! val, no key, no env), waiting for a claim. A run takes one; a task of
-//! the pool's own starts the replacement off the request path, on the
-//! blocking pool (a fork never happens under a lock or on an async worker).
+//! the pool's own starts the replacement off the request path, never under
+//! a lock. (Not on the blocking pool: its threads exit when idle, and a
+//! child's parent-death signal fires when the thread that forked it exits.)
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -115,9 +116,11 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>, r
             continue;
         }
         drop(strong);
-        let launcher = launcher.clone();
-        match tokio::task::spawn_blocking(move || launcher.start(&[])).await {
-            Ok(Ok(process)) => {
+        // Started from this task, on a runtime worker: never from the
+        // blocking pool, whose threads exit when idle, and a child's
+        // parent-death signal fires when the thread that forked it exits.
+        match launcher.start(&[]) {
+            Ok(process) => {
                 failures = 0;
                 started += 1;
                 let Some(strong) = pool.upgrade() else { return };
@@ -128,13 +131,12 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>, r
                     .push_back(process);
                 strong.added.notify_waiters();
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 // Retried with backoff: the pool never stays short for long.
                 failures += 1;
                 tracing::warn!(error = %e, failures, "could not start a warm process; retrying");
                 tokio::time::sleep(Duration::from_millis(50 << failures.min(6))).await;
             }
-            Err(_) => return,
         }
     }
 }

@@ -329,10 +329,10 @@ impl Supervisor {
         if let Some(started) = warm {
             return Ok(started);
         }
-        let launcher = inner.launcher.clone();
-        tokio::task::spawn_blocking(move || launcher.start(&read))
-            .await
-            .map_err(|e| RuntimeError::Spawn(format!("the launch task failed: {e}")))?
+        // Forked from this task's runtime worker, never from the blocking
+        // pool: a child's parent-death signal fires when the *thread* that
+        // forked it exits, and idle blocking threads exit after seconds.
+        inner.launcher.start(&read)
     }
 
     /// What every run does first, whatever triggered it: mint its key and
