@@ -259,7 +259,7 @@ async fn sleepers(dir: &tempfile::TempDir, store: &Store, user: &User, rows: &mu
         user,
         "sleepy",
         ValKind::Script,
-        "await new Promise((r) => setTimeout(r, 15000));\n",
+        "await new Promise((r) => setTimeout(r, 20000));\n",
     );
     let spec = valet_runtime::RunSpec::for_val(&sleepy, "bench");
     let started = Instant::now();
