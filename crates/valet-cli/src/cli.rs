@@ -23,6 +23,10 @@ pub struct Cli {
         default_value = "./.valet"
     )]
     pub data_dir: PathBuf,
+    /// The shared control plane of a cluster: postgres://user:password@host:port/dbname.
+    /// Without it, the control plane is SQLite in the data dir.
+    #[arg(long, global = true, env = "VALET_DATABASE_URL")]
+    pub database: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,10 +1,10 @@
 //! Run records: one row per run, with its outcome and its (bounded) logs.
 
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use valet_core::grant::ValRead;
 use valet_core::{Granted, ScopeSet};
 
+use crate::sql::{Row, args};
 use crate::{Store, StoreError, time};
 
 /// How a run ended (docs/CONTRACTS.md, "Outcomes"), or that it has not yet.
@@ -76,7 +76,7 @@ pub struct RunRecord {
 const COLUMNS: &str =
     "id, user_id, val_id, trigger, scopes, status, started_at, ended_at, exit_detail, logs";
 
-fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+fn from_row(row: &Row) -> Result<RunRecord, StoreError> {
     let scopes: String = row.get(4)?;
     let status: String = row.get(5)?;
     let started: i64 = row.get(6)?;
@@ -98,14 +98,14 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
 
 impl Store {
     pub fn insert_run(&self, run: &NewRun<'_>) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7)",
-                params![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline],
+                args![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline],
             )?;
             if let Some(val_id) = run.val_id {
-                c.execute("UPDATE vals SET last_run_at = ?1 WHERE id = ?2", params![run.started_at, val_id])?;
+                sql.execute("UPDATE vals SET last_run_at = ?1 WHERE id = ?2", args![run.started_at, val_id])?;
             }
             Ok(())
         })
@@ -118,10 +118,10 @@ impl Store {
         detail: &str,
         logs: &str,
     ) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "UPDATE runs SET status = ?1, ended_at = ?2, exit_detail = ?3, logs = ?4 WHERE id = ?5",
-                params![outcome.as_str(), time::now_ms(), detail, logs, id],
+                args![outcome.as_str(), time::now_ms(), detail, logs, id],
             )?;
             Ok(())
         })
@@ -129,24 +129,25 @@ impl Store {
 
     /// Runs left `running` by a supervisor that died: marks them `lost`.
     pub fn mark_lost_runs(&self) -> Result<usize, StoreError> {
-        self.write(|c| {
-            Ok(c.execute(
+        self.db_write(|sql| {
+            Ok(sql.execute(
                 "UPDATE runs SET status = 'lost', ended_at = ?1, exit_detail = 'the supervisor stopped during the run'
                  WHERE status = 'running'",
-                [time::now_ms()],
-            )?)
+                args![time::now_ms()],
+            )? as usize)
         })
     }
 
     /// A run of the grant's user; anyone else's is "not found".
     pub fn run_of_user(&self, grant: &Granted<ValRead>, id: &str) -> Result<RunRecord, StoreError> {
-        self.read(|c| {
-            c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM runs WHERE id = ?1 AND user_id = ?2"),
-                params![id, grant.user_id()],
-                from_row,
-            )
-            .optional()?
+                args![id, grant.user_id()],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()?
             .ok_or_else(|| StoreError::NotFound(format!("run '{id}'")))
         })
     }
@@ -158,13 +159,15 @@ impl Store {
         val_id: &str,
         limit: usize,
     ) -> Result<Vec<RunRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM runs WHERE val_id = ?1 AND user_id = ?3
-                 ORDER BY started_at DESC, id DESC LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![val_id, limit as i64, grant.user_id()], from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        self.db_read(|sql| {
+            sql.query_map(
+                &format!(
+                    "SELECT {COLUMNS} FROM runs WHERE val_id = ?1 AND user_id = ?3
+                     ORDER BY started_at DESC, id DESC LIMIT ?2"
+                ),
+                args![val_id, limit as i64, grant.user_id()],
+                from_row,
+            )
         })
     }
 }

@@ -1,11 +1,11 @@
 //! Scope requests, the iOS-style opt-in: a run refused for a missing scope
 //! leaves a request on its val, which the owner can allow or deny.
 
-use rusqlite::params;
 use serde::Serialize;
 use valet_core::grant::{ValScope, ValWrite};
 use valet_core::{Granted, GrantedSet, Scope};
 
+use crate::sql::args;
 use crate::{Store, StoreError, time};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -46,13 +46,15 @@ impl Store {
         route: &str,
     ) -> Result<(), StoreError> {
         let now = time::now_ms();
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "INSERT INTO scope_requests (val_id, scope, first_at, last_at, count, sample_route)
                  VALUES (?1, ?2, ?3, ?3, 1, ?4)
-                 ON CONFLICT(val_id, scope) DO UPDATE SET last_at = excluded.last_at, count = count + 1,
-                     state = CASE WHEN state = 'allowed' THEN 'pending' ELSE state END",
-                params![val_id, scope.to_string(), now, route],
+                 ON CONFLICT(val_id, scope) DO UPDATE SET last_at = excluded.last_at,
+                     count = scope_requests.count + 1,
+                     state = CASE WHEN scope_requests.state = 'allowed' THEN 'pending'
+                                  ELSE scope_requests.state END",
+                args![val_id, scope.to_string(), now, route],
             )?;
             Ok(())
         })
@@ -65,32 +67,24 @@ impl Store {
         grant: &Granted<S>,
         val_id: &str,
     ) -> Result<Vec<ScopeRequest>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
+        self.db_read(|sql| {
+            let rows = sql.query(
                 "SELECT r.scope, r.state, r.first_at, r.last_at, r.count, r.sample_route
                  FROM scope_requests r JOIN vals v ON v.id = r.val_id
                  WHERE r.val_id = ?1 AND v.user_id = ?2 ORDER BY r.last_at DESC",
+                args![val_id, grant.user_id()],
             )?;
-            let rows = stmt.query_map(params![val_id, grant.user_id()], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?;
             let mut out = Vec::new();
-            for row in rows {
-                let (scope, state, first, last, count, route) = row?;
+            for r in rows {
+                let scope: String = r.get(0)?;
+                let state: String = r.get(1)?;
                 out.push(ScopeRequest {
                     scope: scope.parse()?,
                     state: ScopeRequestState::parse(&state),
-                    first_at: time::iso(first),
-                    last_at: time::iso(last),
-                    count,
-                    sample_route: route,
+                    first_at: time::iso(r.get(2)?),
+                    last_at: time::iso(r.get(3)?),
+                    count: r.get(4)?,
+                    sample_route: r.get(5)?,
                 });
             }
             Ok(out)
@@ -112,11 +106,10 @@ impl Store {
             return Err(StoreError::ScopeNotHeld(scope));
         }
         let val = self.val_of_user(grant, val_id)?;
-        self.write(|c| {
-            let tx = c.transaction()?;
-            let n = tx.execute(
+        self.db_write(|sql| {
+            let n = sql.execute(
                 "UPDATE scope_requests SET state = ?1 WHERE val_id = ?2 AND scope = ?3",
-                params![
+                args![
                     if allow { "allowed" } else { "denied" },
                     val_id,
                     scope.to_string()
@@ -128,12 +121,11 @@ impl Store {
                 )));
             }
             if allow {
-                tx.execute(
+                sql.execute(
                     "UPDATE vals SET scopes = ?1, updated_at = ?2 WHERE id = ?3",
-                    params![val.scopes.with(scope).to_claim(), time::now_ms(), val_id],
+                    args![val.scopes.with(scope).to_claim(), time::now_ms(), val_id],
                 )?;
             }
-            tx.commit()?;
             Ok(())
         })
     }

@@ -1,8 +1,8 @@
 //! Users: the people (and their accounts) that own vals, tokens and data.
 
-use rusqlite::{OptionalExtension, Row, params};
 use serde::Serialize;
 
+use crate::sql::{Row, args};
 use crate::{Store, StoreError, new_id, time};
 
 #[derive(Debug, Clone, Serialize)]
@@ -17,7 +17,7 @@ pub struct User {
 
 const COLUMNS: &str = "id, username, email, tier, password_hash";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<User> {
+fn from_row(row: &Row) -> Result<User, StoreError> {
     Ok(User {
         id: row.get(0)?,
         username: row.get(1)?,
@@ -78,11 +78,11 @@ impl Store {
             tier: "free".to_owned(),
             password_hash: password_hash.map(str::to_owned),
         };
-        self.write(|c| {
-            let inserted = c.execute(
+        self.db_write(|sql| {
+            let inserted = sql.execute(
                 "INSERT INTO users (id, username, email, tier, password_hash, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(username) DO NOTHING",
-                params![
+                args![
                     user.id,
                     user.username,
                     user.email,
@@ -102,44 +102,46 @@ impl Store {
     }
 
     pub fn set_tier(&self, user_id: &str, tier: &str) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "UPDATE users SET tier = ?1 WHERE id = ?2",
-                params![tier, user_id],
+                args![tier, user_id],
             )?;
             Ok(())
         })
     }
 
     pub fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "UPDATE users SET password_hash = ?1 WHERE id = ?2",
-                params![hash, user_id],
+                args![hash, user_id],
             )?;
             Ok(())
         })
     }
 
     pub fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM users WHERE username = ?1"),
-                [username],
-                from_row,
-            )
-            .optional()?)
+                args![username],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()
         })
     }
 
     pub fn user_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM users WHERE id = ?1"),
-                [id],
-                from_row,
-            )
-            .optional()?)
+                args![id],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()
         })
     }
 
@@ -171,14 +173,15 @@ mod tests {
 
     #[test]
     fn duplicate_user_is_a_conflict() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        store
-            .create_user("ada", "ada@example.com", None)
-            .expect("first");
-        let err = store
-            .create_user("ada", "ada@example.com", None)
-            .expect_err("second");
-        assert!(err.to_string().contains("already exists"));
+        for backend in crate::testing::Backends::all() {
+            let store = backend.open();
+            store
+                .create_user("ada", "ada@example.com", None)
+                .expect("first");
+            let err = store
+                .create_user("ada", "ada@example.com", None)
+                .expect_err("second");
+            assert!(err.to_string().contains("already exists"), "{backend:?}");
+        }
     }
 }

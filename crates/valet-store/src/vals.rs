@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use valet_core::grant::{ValRead, ValScope, ValWrite};
 use valet_core::{Granted, GrantedSet, ScopeSet};
 
+use crate::sql::{Row, args};
 use crate::{Store, StoreError, new_id, time};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,27 +168,30 @@ fn validate_code(code: &str) -> Result<(), StoreError> {
 
 const COLUMNS: &str = "id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at, last_run_at";
 
-fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Val> {
+fn from_row(row: &Row) -> Result<Val, StoreError> {
     let kind: String = row.get(3)?;
     let scopes: String = row.get(5)?;
     let env: String = row.get(6)?;
-    let conv = |i, e: Box<dyn std::error::Error + Send + Sync>| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
-    };
     Ok(Val {
         id: row.get(0)?,
         user_id: row.get(1)?,
         name: row.get(2)?,
-        kind: ValKind::parse(&kind).map_err(|e| conv(3, Box::new(e)))?,
+        kind: ValKind::parse(&kind).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         code: row.get(4)?,
-        scopes: ScopeSet::parse(&scopes).map_err(|e| conv(5, Box::new(e)))?,
-        env: serde_json::from_str(&env).map_err(|e| conv(6, Box::new(e)))?,
+        scopes: ScopeSet::parse(&scopes)?,
+        env: serde_json::from_str(&env)
+            .map_err(|e| StoreError::Corrupt(format!("a val's env: {e}")))?,
         timeout_ms: row.get(7)?,
         schedule: row.get(8)?,
         created_at: row.get(9)?,
         updated_at: row.get(10)?,
         last_run_at: row.get(11)?,
     })
+}
+
+/// The val in `row`, if there is one.
+fn maybe(row: Option<Row>) -> Result<Option<Val>, StoreError> {
+    row.as_ref().map(from_row).transpose()
 }
 
 impl Store {
@@ -223,11 +226,11 @@ impl Store {
         };
         let env =
             serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        self.write(|c| {
-            let n = c.execute(
+        self.db_write(|sql| {
+            let n = sql.execute(
                 "INSERT INTO vals (id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) ON CONFLICT(user_id, name) DO NOTHING",
-                params![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, now],
+                args![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, now],
             )?;
             if n == 0 {
                 return Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)));
@@ -245,13 +248,11 @@ impl Store {
         id: &str,
     ) -> Result<Val, StoreError> {
         let user_id = grant.user_id();
-        self.read(|c| {
-            c.query_row(
+        self.db_read(|sql| {
+            maybe(sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2"),
-                params![id, user_id],
-                from_row,
-            )
-            .optional()?
+                args![id, user_id],
+            )?)?
             .ok_or_else(|| StoreError::NotFound(format!("val '{id}'")))
         })
     }
@@ -259,24 +260,20 @@ impl Store {
     /// A val by its owner and name, for the public http route (which acts
     /// for no caller) and the supervisor.
     pub fn val_by_name(&self, user_id: &str, name: &str) -> Result<Option<Val>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            maybe(sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM vals WHERE user_id = ?1 AND name = ?2"),
-                params![user_id, name],
-                from_row,
-            )
-            .optional()?)
+                args![user_id, name],
+            )?)
         })
     }
 
     pub fn val_by_id(&self, id: &str) -> Result<Option<Val>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            maybe(sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1"),
-                [id],
-                from_row,
-            )
-            .optional()?)
+                args![id],
+            )?)
         })
     }
 
@@ -291,23 +288,23 @@ impl Store {
 
     pub fn list_vals(&self, grant: &Granted<ValRead>) -> Result<Vec<Val>, StoreError> {
         let user_id = grant.user_id();
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM vals WHERE user_id = ?1 ORDER BY name"
-            ))?;
-            let rows = stmt.query_map([user_id], from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        self.db_read(|sql| {
+            sql.query_map(
+                &format!("SELECT {COLUMNS} FROM vals WHERE user_id = ?1 ORDER BY name"),
+                args![user_id],
+                from_row,
+            )
         })
     }
 
     /// Every cron val with a schedule, for the scheduler.
     pub fn cron_vals(&self) -> Result<Vec<Val>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM vals WHERE kind = 'cron' AND schedule IS NOT NULL"
-            ))?;
-            let rows = stmt.query_map([], from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        self.db_read(|sql| {
+            sql.query_map(
+                &format!("SELECT {COLUMNS} FROM vals WHERE kind = 'cron' AND schedule IS NOT NULL"),
+                args![],
+                from_row,
+            )
         })
     }
 
@@ -360,34 +357,39 @@ impl Store {
         let previous_scopes = previous_scopes.to_claim();
         let env =
             serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        self.write(|c| {
-            let n = c.execute(
+        let updated = self.db_write(|sql| {
+            sql.execute(
                 "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
                      schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10 AND scopes = ?11",
-                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id, previous_scopes],
-            );
-            match n {
-                // The row changed (or went) since it was read: its scopes
-                // may now exceed the cover, so refuse rather than guess.
-                Ok(0) => Err(StoreError::Conflict(format!(
+                args![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id, previous_scopes],
+            )
+        });
+        match updated {
+            // The row changed (or went) since it was read: its scopes
+            // may now exceed the cover, so refuse rather than guess.
+            Ok(0) => {
+                return Err(StoreError::Conflict(format!(
                     "val '{id}' changed while it was being updated; try again"
-                ))),
-                Ok(_) => Ok(()),
-                Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)))
-                }
-                Err(e) => Err(e.into()),
+                )));
             }
-        })?;
+            Ok(_) => {}
+            Err(e) if e.is_constraint_violation() => {
+                return Err(StoreError::Conflict(format!(
+                    "a val named '{}' already exists",
+                    val.name
+                )));
+            }
+            Err(e) => return Err(e),
+        }
         Ok(val)
     }
 
     pub fn delete_val(&self, grant: &Granted<ValWrite>, id: &str) -> Result<(), StoreError> {
         let user_id = grant.user_id();
-        self.write(|c| {
-            let n = c.execute(
+        self.db_write(|sql| {
+            let n = sql.execute(
                 "DELETE FROM vals WHERE id = ?1 AND user_id = ?2",
-                params![id, user_id],
+                args![id, user_id],
             )?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("val '{id}'")));

@@ -35,7 +35,7 @@ static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 /// The test process's shared server, started on first use. Panics with
 /// what to install when PostgreSQL is missing.
 pub fn postgres() -> &'static Postgres {
-    match SHARED.get_or_init(|| Postgres::start_inner(false)) {
+    match SHARED.get_or_init(|| off_runtime(|| Postgres::start_inner(false))) {
         Ok(pg) => pg,
         Err(e) => panic!("{e}"),
     }
@@ -44,6 +44,15 @@ pub fn postgres() -> &'static Postgres {
 /// A fresh, empty database on the shared server: its URL.
 pub fn database() -> String {
     postgres().fresh_database()
+}
+
+/// Runs `f` on a thread of its own: the `postgres` crate's client blocks on
+/// a runtime of its own, which panics inside an async test's runtime.
+fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match std::thread::spawn(f).join() {
+        Ok(out) => out,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 impl Postgres {
@@ -158,11 +167,15 @@ impl Postgres {
             std::process::id(),
             NEXT_DB.fetch_add(1, Ordering::Relaxed)
         );
-        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
-            .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL: {e}"));
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+        let admin_url = self.url("postgres");
+        let create = format!("CREATE DATABASE {name}");
+        off_runtime(move || {
+            let mut admin = postgres::Client::connect(&admin_url, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("cannot reach the test PostgreSQL: {e}"));
+            admin
+                .batch_execute(&create)
+                .unwrap_or_else(|e| panic!("cannot create the test database: {e}"));
+        });
         self.url(&name)
     }
 
