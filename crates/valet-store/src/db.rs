@@ -58,6 +58,8 @@ pub struct Store {
 struct Inner {
     data_dir: PathBuf,
     backend: Backend,
+    /// This process's node id in a cluster, set once when it joins.
+    node_id: std::sync::OnceLock<String>,
     audit: AuditSink,
     blobs: BlobStore,
     user_dbs: UserDatabases,
@@ -217,6 +219,7 @@ impl Store {
             inner: Arc::new(Inner {
                 data_dir: data_dir.to_owned(),
                 backend,
+                node_id: std::sync::OnceLock::new(),
                 audit,
                 blobs,
                 user_dbs,
@@ -238,6 +241,28 @@ impl Store {
     /// embedded SQLite file.
     pub fn is_shared(&self) -> bool {
         matches!(self.inner.backend, Backend::Postgres(_))
+    }
+
+    /// Names this process's node: its runs are recorded as its own, and
+    /// are marked lost if its lease runs out. Set once; later calls are
+    /// ignored.
+    pub fn set_node_id(&self, node_id: &str) {
+        let _ = self.inner.node_id.set(node_id.to_owned());
+    }
+
+    pub fn node_id(&self) -> Option<&str> {
+        self.inner.node_id.get().map(String::as_str)
+    }
+
+    /// A PostgreSQL connection outside the pool, for a thread that holds
+    /// one for long (LISTEN).
+    pub(crate) fn dedicated_pg_connection(&self) -> Result<pg::Conn, StoreError> {
+        match &self.inner.backend {
+            Backend::Postgres(pool) => pg::off_async(|| pg::Conn::connect(pool.config())),
+            Backend::Sqlite(_) => Err(StoreError::Invalid(
+                "only the PostgreSQL control plane has notifications".into(),
+            )),
+        }
     }
 
     pub fn audit(&self) -> &AuditSink {

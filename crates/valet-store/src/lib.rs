@@ -9,6 +9,7 @@
 
 mod audit;
 mod blobs;
+mod cluster;
 mod db;
 mod error;
 mod keys;
@@ -32,6 +33,7 @@ mod vals;
 
 pub use audit::{AuditEvent, AuditSink, Principal};
 pub use blobs::{BlobKey, BlobMeta, BlobStore};
+pub use cluster::{ClaimedRun, ClusterEvent, DeadNode};
 pub use db::{Store, StoreOptions};
 pub use error::StoreError;
 pub use leaks::{LeakOutcome, report_leak};

@@ -12,6 +12,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::error::Error;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -202,6 +203,32 @@ impl Conn {
             tx.commit()?;
         }
         out
+    }
+}
+
+impl Conn {
+    /// LISTENs on `channels` and hands each notification (channel,
+    /// payload) to `on` until `stop` is set, checking it at least every
+    /// half second. Returns on a connection error.
+    pub(crate) fn listen(
+        &mut self,
+        channels: &[&str],
+        stop: &AtomicBool,
+        mut on: impl FnMut(&str, &str),
+    ) -> Result<(), StoreError> {
+        let listen: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
+        self.client.batch_execute(&listen)?;
+        while !stop.load(Ordering::Relaxed) {
+            let mut notifications = self.client.notifications();
+            let mut iter = notifications.timeout_iter(Duration::from_millis(500));
+            while let Some(n) = postgres::fallible_iterator::FallibleIterator::next(&mut iter)? {
+                on(n.channel(), n.payload());
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -71,10 +71,12 @@ pub struct RunRecord {
     pub duration_ms: Option<i64>,
     pub exit_detail: Option<String>,
     pub logs: String,
+    /// The node that ran it, in a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
-const COLUMNS: &str =
-    "id, user_id, val_id, trigger, scopes, status, started_at, ended_at, exit_detail, logs";
+const COLUMNS: &str = "id, user_id, val_id, trigger, scopes, status, started_at, ended_at, exit_detail, logs, node_id";
 
 fn from_row(row: &Row) -> Result<RunRecord, StoreError> {
     let scopes: String = row.get(4)?;
@@ -93,16 +95,23 @@ fn from_row(row: &Row) -> Result<RunRecord, StoreError> {
         duration_ms: ended.map(|e| e - started),
         exit_detail: row.get(8)?,
         logs: row.get(9)?,
+        node: row.get(10)?,
     })
 }
 
 impl Store {
+    /// Records a run as started. A run claimed from the cluster's queue
+    /// has its record already (made by the claim): it gets the times and
+    /// scopes of its actual start.
     pub fn insert_run(&self, run: &NewRun<'_>) -> Result<(), StoreError> {
+        let node_id = self.node_id();
         self.db_write(|sql| {
             sql.execute(
-                "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7)",
-                args![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline],
+                "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline, node_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET scopes = excluded.scopes,
+                     started_at = excluded.started_at, deadline = excluded.deadline",
+                args![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline, node_id],
             )?;
             if let Some(val_id) = run.val_id {
                 sql.execute("UPDATE vals SET last_run_at = ?1 WHERE id = ?2", args![run.started_at, val_id])?;
@@ -111,6 +120,9 @@ impl Store {
         })
     }
 
+    /// Records how a run ended. A run already marked `lost` (its node's
+    /// lease ran out while it ran) stays lost: the cluster has told its
+    /// waiters so, and a lost run is never run again.
     pub fn finish_run(
         &self,
         id: &str,
@@ -120,10 +132,25 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.db_write(|sql| {
             sql.execute(
-                "UPDATE runs SET status = ?1, ended_at = ?2, exit_detail = ?3, logs = ?4 WHERE id = ?5",
+                "UPDATE runs SET status = ?1, ended_at = ?2, exit_detail = ?3, logs = ?4
+                 WHERE id = ?5 AND status = 'running'",
                 args![outcome.as_str(), time::now_ms(), detail, logs, id],
             )?;
-            Ok(())
+            crate::cluster::notify(sql, crate::cluster::DONE, id)
+        })
+    }
+
+    /// A run by id, for the node waiting on it (no caller: the waiter
+    /// queued it for a caller already checked).
+    pub fn run_by_id(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        self.db_read(|sql| {
+            sql.query_opt(
+                &format!("SELECT {COLUMNS} FROM runs WHERE id = ?1"),
+                args![id],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()
         })
     }
 

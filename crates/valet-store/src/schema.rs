@@ -149,6 +149,11 @@ const MIGRATIONS: &[&str] = &[
     UPDATE outbox SET bytes = length(CAST(message AS BLOB));
     CREATE INDEX outbox_user_day ON outbox(user_id, created_at);
     "#,
+    // 5: which node ran a run (always this one on SQLite; kept so that
+    // both control planes share their statements).
+    r#"
+    ALTER TABLE runs ADD COLUMN node_id TEXT;
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.

@@ -141,6 +141,34 @@ const MIGRATIONS: &[&str] = &[
         value BYTEA NOT NULL
     );
     "#,
+    // 2: a cluster of nodes: leases, the run queue, cron ticks, and which
+    // node ran each run.
+    r#"
+    CREATE TABLE nodes (
+        id TEXT PRIMARY KEY,
+        started_at BIGINT NOT NULL,
+        heartbeat_at TIMESTAMPTZ NOT NULL,
+        lease_ms BIGINT NOT NULL
+    );
+    CREATE TABLE run_queue (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        val_id TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        enqueued_at BIGINT NOT NULL
+    );
+    CREATE INDEX run_queue_order ON run_queue(enqueued_at, id);
+    CREATE INDEX run_queue_val ON run_queue(val_id);
+    CREATE TABLE cron_fires (
+        val_id TEXT NOT NULL,
+        slot BIGINT NOT NULL,
+        run_id TEXT NOT NULL,
+        PRIMARY KEY (val_id, slot)
+    );
+    ALTER TABLE runs ADD COLUMN node_id TEXT;
+    CREATE INDEX runs_running_node ON runs(node_id) WHERE status = 'running';
+    CREATE INDEX runs_running_val ON runs(val_id) WHERE status = 'running';
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.
