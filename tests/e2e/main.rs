@@ -7,6 +7,7 @@
 
 mod api;
 mod cli;
+mod cluster;
 mod conformance;
 mod hot;
 mod migration;

@@ -41,11 +41,34 @@ pub struct Args {
     /// V8 heap cap per run, in MiB.
     #[arg(long, default_value_t = 128)]
     heap_mb: u64,
+    /// With --database: this node's id in the cluster (default: a new one).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// With --database: how long this node counts as alive after each
+    /// heartbeat; the others mark its runs lost after it.
+    #[arg(long, default_value = "10s")]
+    node_lease: String,
+    /// With --database: queued runs this node runs at once.
+    #[arg(long, default_value_t = 8)]
+    node_runs: usize,
 }
 
 pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let mut config = HostConfig::new(args.listen);
     config.recover_lost_runs = true;
+    if store.is_shared() {
+        let lease = super::parse_duration(&args.node_lease)?;
+        anyhow::ensure!(
+            lease >= std::time::Duration::from_millis(300),
+            "--node-lease {} is too short: use 300ms or more (10s is the default)",
+            args.node_lease
+        );
+        config.cluster = Some(valet_server::cluster::ClusterConfig {
+            node_id: args.node_id,
+            lease,
+            capacity: args.node_runs,
+        });
+    }
     config.warm_pool = args.warm_pool;
     config.smtp = args.smtp;
     config.heap_mb = args.heap_mb;
@@ -62,6 +85,9 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     }
     let host = Host::start(store, config).await?;
     eprintln!("valet is serving on http://{}", host.addr);
+    if let Some(cluster) = &host.cluster {
+        eprintln!("node {} of the cluster", cluster.node_id());
+    }
     super::shutdown_signal().await;
     eprintln!("shutting down: waiting for runs in flight");
     host.shutdown().await;
