@@ -4,7 +4,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 deno := "tools/deno/node_modules/@deno/linux-x64-glibc/deno"
 
-# The Python environment that runs the e2e tests' SMTP server (aiosmtpd).
+# The Python environment that runs the e2e tests' SMTP server (aiosmtpd) and
+# S3-compatible server (moto).
 test_venv := justfile_directory() / "target/test-venv"
 
 # tests/e2e/support.rs starts aiosmtpd with this Python.
@@ -51,7 +52,7 @@ _test-venv:
     req=tools/test-deps/requirements.txt
     want="$(sha256sum "$req" | cut -d' ' -f1)"
     if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want" ] \
-        && "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
+        && "$venv/bin/python" -c 'import aiosmtpd, moto.server, flask_cors' 2>/dev/null; then
         exit 0
     fi
     # Debian's python3 makes venvs only with its python3-venv package.
