@@ -29,6 +29,16 @@ pub struct Node {
 
 impl Node {
     pub fn start(database: &str, lease: &str, runs: usize) -> Node {
+        Node::start_with(database, lease, runs, &[], &[])
+    }
+
+    pub fn start_with(
+        database: &str,
+        lease: &str,
+        runs: usize,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Node {
         let dir = tempfile::tempdir().expect("node dir");
         let port = free_port();
         let log = dir.path().join("node.log");
@@ -39,6 +49,8 @@ impl Node {
             .arg(format!("127.0.0.1:{port}"))
             .args(["--node-lease", lease, "--node-runs", &runs.to_string()])
             .args(["--warm-pool", "1"])
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("VALET_LOG", "warn,valet_server::cluster=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -429,4 +441,69 @@ async fn a_token_revoked_or_narrowed_on_one_node_is_refused_by_another_at_once()
         "narrow and revoke through A seen by B on the next request ({:?} for both)",
         after.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_written_through_one_node_reads_back_through_another_on_s3() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let moto = valet_testkit::Moto::start().expect("moto");
+    moto.create_bucket("valet-blobs").expect("bucket");
+    let cluster = Cluster::new();
+    let (_, token) = cluster.token("blob:read blob:write");
+    let args = [
+        "--blob-store".to_owned(),
+        "s3://valet-blobs/cluster".to_owned(),
+    ];
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|_| Node::start_with(&cluster.database, "5s", 1, &args, &moto.env()))
+        .collect();
+    for node in &mut nodes {
+        node.ready().await;
+    }
+    let (a, c) = (&nodes[0].url, &nodes[2].url);
+    let client = reqwest::Client::new();
+    for key in ["notes/today", "../../etc/passwd", "ünï/çødé"] {
+        let url = |node: &str| format!("{node}/v1/blob/{}", urlencode(key));
+        let put = client
+            .post(url(a))
+            .bearer_auth(&token)
+            .body(format!("value of {key}"))
+            .send()
+            .await
+            .expect("put");
+        assert!(
+            put.status().is_success(),
+            "{}: {}",
+            put.status(),
+            nodes[0].log()
+        );
+        let got = client
+            .get(url(c))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(got.status(), 200, "{}", nodes[2].log());
+        assert_eq!(got.text().await.expect("body"), format!("value of {key}"));
+    }
+    let listed: Value = client
+        .get(format!("{c}/v1/blob?prefix=notes/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["key"], "notes/today");
+}
+
+fn urlencode(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -27,6 +27,11 @@ pub struct Cli {
     /// Without it, the control plane is SQLite in the data dir.
     #[arg(long, global = true, env = "VALET_DATABASE_URL")]
     pub database: Option<String>,
+    /// Blobs on S3-compatible storage: s3://bucket[/prefix] (endpoint, region and
+    /// credentials from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY; AWS_ALLOW_HTTP=true for a plain-http endpoint).
+    #[arg(long, global = true, env = "VALET_BLOB_STORE")]
+    pub blob_store: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

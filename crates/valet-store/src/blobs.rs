@@ -96,6 +96,9 @@ impl Store {
         quota: u64,
     ) -> Result<(), StoreError> {
         let user_id = grant.user_id();
+        if let Some(objects) = self.blob_objects() {
+            return self.objects_put(objects, user_id, key, body, quota);
+        }
         let dir = self.blobs().user_dir(user_id)?;
         std::fs::create_dir_all(&dir)?;
         let mut tmp = tempfile_in(&dir)?;
@@ -136,6 +139,9 @@ impl Store {
         grant: &Granted<BlobRead>,
         key: &BlobKey,
     ) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(objects) = self.blob_objects() {
+            return self.objects_get(objects, grant.user_id(), key);
+        }
         let path = self.blobs().path(grant.user_id(), key)?;
         match std::fs::read(path) {
             Ok(bytes) => Ok(Some(bytes)),
@@ -151,6 +157,9 @@ impl Store {
         prefix: &str,
     ) -> Result<Vec<BlobMeta>, StoreError> {
         let user_id = grant.user_id();
+        if self.blob_objects().is_some() {
+            return self.objects_list(user_id, prefix);
+        }
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT key, size, modified_at FROM blobs
@@ -171,6 +180,9 @@ impl Store {
         key: &BlobKey,
     ) -> Result<bool, StoreError> {
         let user_id = grant.user_id();
+        if let Some(objects) = self.blob_objects() {
+            return self.objects_delete(objects, user_id, key);
+        }
         let path = self.blobs().path(user_id, key)?;
         self.write(|c| {
             let n = c.execute(
@@ -188,6 +200,9 @@ impl Store {
 
     pub fn blob_usage(&self, grant: &Granted<BlobRead>) -> Result<u64, StoreError> {
         let user_id = grant.user_id();
+        if self.blob_objects().is_some() {
+            return self.objects_usage(user_id);
+        }
         self.read(|c| {
             let used: i64 = c.query_row(
                 "SELECT COALESCE(SUM(size), 0) FROM blobs WHERE user_id = ?1",

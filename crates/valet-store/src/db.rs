@@ -14,6 +14,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use crate::audit::AuditSink;
+use crate::blob_objects::BlobObjects;
 use crate::blobs::BlobStore;
 use crate::pg;
 use crate::sql::Sql;
@@ -36,6 +37,10 @@ pub struct StoreOptions {
     pub database: Option<String>,
     /// PostgreSQL connections this process opens at most.
     pub pool_size: usize,
+    /// `s3://bucket[/prefix]`: blobs on S3-compatible storage (endpoint,
+    /// region and credentials from the usual AWS environment variables).
+    /// `None`: files under `data_dir` (on this node only).
+    pub blob_store: Option<String>,
 }
 
 impl StoreOptions {
@@ -45,6 +50,7 @@ impl StoreOptions {
             data_dir: data_dir.to_owned(),
             database: None,
             pool_size: DEFAULT_PG_POOL,
+            blob_store: None,
         }
     }
 }
@@ -62,6 +68,9 @@ struct Inner {
     node_id: std::sync::OnceLock<String>,
     audit: AuditSink,
     blobs: BlobStore,
+    /// Blobs as objects, indexed in the control plane: with a blob store
+    /// URL, or beside PostgreSQL. `None`: files indexed in SQLite.
+    objects: Option<BlobObjects>,
     user_dbs: UserDatabases,
 }
 
@@ -214,6 +223,11 @@ impl Store {
         };
         let audit = AuditSink::start(backend.sibling()?)?;
         let blobs = BlobStore::new(data_dir.join("blobs"))?;
+        let objects = match (&options.blob_store, &backend) {
+            (Some(url), _) => Some(BlobObjects::s3(url)?),
+            (None, Backend::Postgres(_)) => Some(BlobObjects::local(&data_dir.join("objects"))?),
+            (None, Backend::Sqlite(_)) => None,
+        };
         let user_dbs = UserDatabases::new(data_dir.join("sqlite"))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -222,6 +236,7 @@ impl Store {
                 node_id: std::sync::OnceLock::new(),
                 audit,
                 blobs,
+                objects,
                 user_dbs,
             }),
         })
@@ -271,6 +286,10 @@ impl Store {
 
     pub fn blobs(&self) -> &BlobStore {
         &self.inner.blobs
+    }
+
+    pub(crate) fn blob_objects(&self) -> Option<&BlobObjects> {
+        self.inner.objects.as_ref()
     }
 
     pub fn user_dbs(&self) -> &UserDatabases {

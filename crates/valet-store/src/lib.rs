@@ -8,6 +8,7 @@
 //! disk write never stalls an async worker.
 
 mod audit;
+mod blob_objects;
 mod blobs;
 mod cluster;
 mod db;

@@ -1,6 +1,8 @@
 //! Test services on loopback for valet's tests: a real PostgreSQL started
 //! from the system's binaries (Debian's `postgresql` package) in a
-//! temporary directory, as the `postgres` user when the tests run as root.
+//! temporary directory, as the `postgres` user when the tests run as root,
+//! and a real S3-compatible server ([`Moto`], moto in server mode from the
+//! test venv).
 //!
 //! One server per test process ([`postgres`]), one fresh database per test
 //! ([`database`]). The server is watched by a small shell loop that stops
@@ -268,6 +270,103 @@ fn postgres_user() -> Result<(u32, u32), String> {
              (Debian's postgresql package makes one; `just test-deps` installs it)"
                 .to_owned()
         })
+}
+
+/// moto in server mode on 127.0.0.1 (an S3-compatible endpoint), from
+/// `VALET_TEST_PYTHON` (the venv `just test-deps` makes), stopped on drop.
+#[derive(Debug)]
+pub struct Moto {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Moto {
+    pub fn start() -> Result<Moto, String> {
+        let python = std::env::var_os("VALET_TEST_PYTHON").unwrap_or_else(|| "python3".into());
+        let port = free_port()?;
+        let mut child = Command::new(&python)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start moto with {}: {e}; run `just test-deps` and set \
+                     VALET_TEST_PYTHON to its venv's python (`just test` does both)",
+                    PathBuf::from(&python).display()
+                )
+            })?;
+        let deadline = Instant::now() + START_WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "moto did not start on port {port} with {}: run `just test-deps` and set \
+                     VALET_TEST_PYTHON to its venv's python",
+                    PathBuf::from(&python).display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Moto { child, port })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket (moto takes an unsigned CreateBucket).
+    pub fn create_bucket(&self, name: &str) -> Result<(), String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))
+            .map_err(|e| format!("cannot reach moto: {e}"))?;
+        write!(
+            stream,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .map_err(|e| format!("cannot talk to moto: {e}"))?;
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .map_err(|e| format!("no answer from moto: {e}"))?;
+        if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+            Ok(())
+        } else {
+            Err(format!(
+                "moto refused bucket {name}: {}",
+                answer.lines().next().unwrap_or("")
+            ))
+        }
+    }
+
+    /// The environment a valet process needs to use this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A port that was free a moment ago.

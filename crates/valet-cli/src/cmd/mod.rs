@@ -20,6 +20,7 @@ use crate::cli::{Cli, Command};
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let options = StoreOptions {
         database: cli.database.clone(),
+        blob_store: cli.blob_store.clone(),
         ..StoreOptions::local(&cli.data_dir)
     };
     let open = || open_store(&options);
