@@ -23,7 +23,7 @@ say "valet serve, and the same val as a stored script run through the API"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 $valet --data-dir "$data" val create --user demo --name visits --file examples/visits.ts >/dev/null
 writer=$($valet --data-dir "$data" token create --user demo --name demo-writer --scopes "val:read val:write blob:read")
-VALET_LOG=warn $valet --data-dir "$data" serve --listen "127.0.0.1:$port" 2>/dev/null &
+VALET_LOG=warn $valet --data-dir "$data" serve --listen "127.0.0.1:$port" --vals-listen 127.0.0.1:0 2>/dev/null &
 server=$!
 for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/.well-known/jwks.json" >/dev/null && break; sleep 0.1; done
 val_id=$(curl -fs -H "Authorization: Bearer $writer" "http://127.0.0.1:$port/v1/vals" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')

@@ -302,6 +302,14 @@ async function hotHandler(
   main: unknown,
 ): Promise<(req: Request) => Promise<Response>> {
   const { AsyncLocalStorage } = await import("node:async_hooks");
+  // A val that ends its process: no new request is sent to it.
+  const exit = Deno.exit;
+  Object.defineProperty(Deno, "exit", {
+    value: (code?: number) => {
+      void report({ t: "exiting" }).then(() => exit(code));
+      throw new Error("the process is exiting");
+    },
+  });
   const context = new AsyncLocalStorage<RequestRun>();
   requestEnv = () => {
     const run = context.getStore();

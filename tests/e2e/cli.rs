@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+use crate::support::{Http, Requests};
+
 fn valet(data_dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_valet"));
     cmd.arg("--data-dir").arg(data_dir);
@@ -89,6 +91,77 @@ fn token_create_prints_only_the_token_and_bad_scopes_create_nothing() {
     let list: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
     assert_eq!(list[0]["scopes"], serde_json::json!(["email:write"]));
     assert!(list[0]["revoked_at"].is_string());
+    // A revoked token cannot be changed, from the command line either.
+    let rescoped = valet(dir.path())
+        .args(["token", "scopes", id, "--set", "blob:read"])
+        .output()
+        .expect("run");
+    assert!(!rescoped.status.success());
+    let stderr = String::from_utf8_lossy(&rescoped.stderr);
+    assert!(
+        stderr.contains("a revoked token cannot be changed"),
+        "{stderr}"
+    );
+}
+
+/// Issue #11, item 8: a tier and a schedule are parsed where the flags are
+/// read, with the parser's own words, and a bad one creates nothing.
+#[test]
+fn tiers_and_schedules_are_parsed_at_the_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fail = |args: &[&str], needle: &str| {
+        let out = valet(dir.path()).args(args).output().expect("run");
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+    };
+    fail(
+        &[
+            "user",
+            "create",
+            "ada",
+            "--email",
+            "a@example.com",
+            "--tier",
+            "gold",
+        ],
+        "invalid tier 'gold': use free or pro",
+    );
+    let ok = valet(dir.path())
+        .args([
+            "user",
+            "create",
+            "ada",
+            "--email",
+            "a@example.com",
+            "--tier",
+            "pro",
+        ])
+        .output()
+        .expect("run");
+    assert!(ok.status.success(), "the bad create made no user");
+    let file = dir.path().join("tick.ts");
+    std::fs::write(&file, "export default () => {}").expect("write");
+    let file = file.to_string_lossy().into_owned();
+    let create = [
+        "val", "create", "--user", "ada", "--name", "tick", "--file", &file, "--type", "cron",
+    ];
+    fail(
+        &[&create[..], &["--schedule", "* * *"]].concat(),
+        "invalid schedule '* * *': 3 fields, expected 5 or 6",
+    );
+    fail(&create, "a cron val needs a schedule");
+    let made = valet(dir.path())
+        .args(create)
+        .args(["--schedule", "*/5 * * * *"])
+        .output()
+        .expect("run");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
 }
 
 #[test]
@@ -192,6 +265,7 @@ fn no_token_appears_in_the_servers_logs() {
     let port = crate::support::free_port();
     let mut server = valet(&data)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--vals-listen", "127.0.0.1:0"])
         .env("VALET_LOG", "debug")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -200,42 +274,25 @@ fn no_token_appears_in_the_servers_logs() {
     let base = format!("http://127.0.0.1:{port}");
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let run_token = rt.block_on(async {
-        let c = reqwest::Client::new();
+        let c = Http::new(base);
         for _ in 0..600 {
-            if c.get(format!("{base}/.well-known/jwks.json"))
-                .send()
-                .await
-                .is_ok()
-            {
+            if c.get("/.well-known/jwks.json").try_send().await.is_ok() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         let r = c
-            .post(format!("{base}/v1/vals/{val_id}/run"))
-            .bearer_auth(&token)
+            .post(&format!("/v1/vals/{val_id}/run"))
+            .token(&token)
             .send()
-            .await
-            .expect("run");
-        assert_eq!(r.status(), 200);
-        c.get(format!("{base}/v1/blob?prefix={token}"))
-            .bearer_auth(&token)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        c.get(&format!("/v1/blob?prefix={token}"))
+            .token(&token)
             .send()
-            .await
-            .expect("list");
-        c.get(format!("{base}/v1/me"))
-            .bearer_auth(format!("{token}x"))
-            .send()
-            .await
-            .expect("bad");
-        c.get(format!("{base}/v1/blob/key"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("get")
-            .text()
-            .await
-            .expect("text")
+            .await;
+        c.get("/v1/me").token(&format!("{token}x")).send().await;
+        c.get("/v1/blob/key").token(&token).send().await.text()
     });
     assert!(run_token.starts_with("eyJ"));
     // SIGTERM: a graceful shutdown flushes the logs.

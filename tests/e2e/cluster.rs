@@ -158,7 +158,7 @@ impl Cluster {
                     scopes: ScopeSet::EMPTY,
                     env: BTreeMap::new(),
                     timeout_ms: 60_000,
-                    schedule: schedule.map(str::to_owned),
+                    schedule: schedule.map(|s| valet_core::Schedule::parse(s).expect("schedule")),
                 },
             )
             .expect("val")
@@ -377,7 +377,7 @@ async fn a_cron_val_fires_once_per_tick_across_three_nodes() {
     let runs: Vec<RunRecord> = cluster
         .runs(&val)
         .into_iter()
-        .filter(|r| valet_store::time::parse(&r.started_at).is_some_and(|t| t <= until))
+        .filter(|r| r.started_at <= until)
         .collect();
     let seconds = window.as_secs() as usize;
     assert!(

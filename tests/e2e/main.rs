@@ -6,12 +6,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod chaos;
 mod cli;
 mod cluster;
 mod conformance;
 mod hot;
+mod keys;
 mod migration;
 mod pages;
+mod protocol;
 mod runs;
 mod sandbox;
 mod secret_scanning;

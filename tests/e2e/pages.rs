@@ -2,25 +2,19 @@
 //! login limiter. The browser itself is driven in tests/browser/.
 
 use reqwest::redirect::Policy;
-use reqwest::{Client, StatusCode};
 use valet_core::{Granted, GrantedSet, ScopeSet, TokenScopes};
 
-use crate::support::Server;
+use crate::support::{Http, Requests, Server};
 
-fn client() -> Client {
-    Client::builder()
-        .redirect(Policy::none())
-        .build()
-        .expect("client")
-}
-
-fn set_cookie(r: &reqwest::Response, name: &str) -> Option<String> {
-    r.headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with(&format!("{name}=")))
-        .map(|v| v.split(';').next().unwrap_or_default().to_owned())
+/// The server's pages, seen by a client that does not follow redirects.
+fn pages(server: &Server) -> Http {
+    Http {
+        url: server.url.clone(),
+        client: reqwest::Client::builder()
+            .redirect(Policy::none())
+            .build()
+            .expect("client"),
+    }
 }
 
 fn hidden(html: &str, name: &str) -> String {
@@ -32,18 +26,19 @@ fn hidden(html: &str, name: &str) -> String {
     html[start..start + html[start..].find('"').expect("end")].to_owned()
 }
 
+/// The sign-in form's CSRF cookie and hidden field.
+async fn login_form(c: &Http) -> (String, String) {
+    let form = c.get("/login").send().await;
+    let cookie = form.cookie("valet_login_csrf").expect("login csrf cookie");
+    (cookie, hidden(&form.text(), "csrf"))
+}
+
 /// Signs in; returns the session cookie and the page's CSRF token.
 async fn sign_in(server: &Server, user: &str, password: &str) -> (String, String) {
-    let c = client();
-    let form = c
-        .get(format!("{}/login", server.url))
-        .send()
-        .await
-        .expect("form");
-    let pre = set_cookie(&form, "valet_login_csrf").expect("login csrf cookie");
-    let csrf = hidden(&form.text().await.expect("html"), "csrf");
+    let c = pages(server);
+    let (pre, csrf) = login_form(&c).await;
     let r = c
-        .post(format!("{}/login", server.url))
+        .post("/login")
         .header("cookie", &pre)
         .form(&[
             ("username", user),
@@ -52,12 +47,11 @@ async fn sign_in(server: &Server, user: &str, password: &str) -> (String, String
             ("next", "/settings/tokens"),
         ])
         .send()
-        .await
-        .expect("login");
-    assert_eq!(r.status(), StatusCode::SEE_OTHER, "sign-in redirects");
-    let session = set_cookie(&r, "valet_session").expect("session cookie");
+        .await;
+    assert_eq!(r.status, 303, "sign-in redirects");
+    let session = r.cookie("valet_session").expect("session cookie");
     let cookie_header = r
-        .headers()
+        .headers
         .get("set-cookie")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
@@ -67,14 +61,12 @@ async fn sign_in(server: &Server, user: &str, password: &str) -> (String, String
         "{cookie_header}"
     );
     let page = c
-        .get(format!("{}/settings/tokens", server.url))
+        .get("/settings/tokens")
         .header("cookie", &session)
         .send()
-        .await
-        .expect("page");
-    assert_eq!(page.status(), 200);
-    let csrf = hidden(&page.text().await.expect("html"), "csrf");
-    (session, csrf)
+        .await;
+    assert_eq!(page.status, 200);
+    (session, hidden(&page.text(), "csrf"))
 }
 
 fn user_with_password(server: &Server, name: &str) -> valet_store::User {
@@ -91,16 +83,12 @@ fn user_with_password(server: &Server, name: &str) -> valet_store::User {
 async fn pages_need_a_session_and_forms_need_csrf() {
     let server = Server::start().await;
     let ada = user_with_password(&server, "ada");
-    let c = client();
+    let c = pages(&server);
     for path in ["/settings/tokens", "/vals", "/vals/anything/settings"] {
-        let r = c
-            .get(format!("{}{path}", server.url))
-            .send()
-            .await
-            .expect("get");
-        assert_eq!(r.status(), StatusCode::SEE_OTHER, "{path}");
+        let r = c.get(path).send().await;
+        assert_eq!(r.status, 303, "{path}");
         assert!(
-            r.headers()["location"]
+            r.headers["location"]
                 .to_str()
                 .expect("loc")
                 .starts_with("/login?next="),
@@ -108,28 +96,22 @@ async fn pages_need_a_session_and_forms_need_csrf() {
         );
     }
     let r = c
-        .post(format!("{}/settings/tokens", server.url))
+        .post("/settings/tokens")
         .form(&[("name", "x")])
         .send()
-        .await
-        .expect("post");
-    assert_eq!(
-        r.status(),
-        StatusCode::SEE_OTHER,
-        "a form without a session goes to sign-in"
-    );
+        .await;
+    assert_eq!(r.status, 303, "a form without a session goes to sign-in");
     // A forged cookie is no session.
     let r = c
-        .get(format!("{}/settings/tokens", server.url))
+        .get("/settings/tokens")
         .header("cookie", "valet_session=abc.def")
         .send()
-        .await
-        .expect("get");
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        .await;
+    assert_eq!(r.status, 303);
 
     let (session, csrf) = sign_in(&server, "ada", "a good password").await;
     let create = |csrf: &str| {
-        c.post(format!("{}/settings/tokens", server.url))
+        c.post("/settings/tokens")
             .header("cookie", &session)
             .form(&[
                 ("csrf", csrf),
@@ -139,14 +121,8 @@ async fn pages_need_a_session_and_forms_need_csrf() {
             ])
             .send()
     };
-    assert_eq!(
-        create("").await.expect("post").status(),
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(
-        create("wrong").await.expect("post").status(),
-        StatusCode::FORBIDDEN
-    );
+    assert_eq!(create("").await.status, 403);
+    assert_eq!(create("wrong").await.status, 403);
     assert!(
         server
             .store
@@ -155,9 +131,9 @@ async fn pages_need_a_session_and_forms_need_csrf() {
             .is_empty(),
         "refused forms created nothing"
     );
-    let ok = create(&csrf).await.expect("post");
-    assert_eq!(ok.status(), 200);
-    assert!(ok.text().await.expect("html").contains("vlt_"));
+    let ok = create(&csrf).await;
+    assert_eq!(ok.status, 200);
+    assert!(ok.text().contains("vlt_"));
     let tokens = server
         .store
         .list_tokens(&Granted::for_operator(&ada.id))
@@ -170,24 +146,18 @@ async fn pages_need_a_session_and_forms_need_csrf() {
 
     // Sign-out ends the session for good.
     let r = c
-        .post(format!("{}/logout", server.url))
+        .post("/logout")
         .header("cookie", &session)
         .form(&[("csrf", &csrf)])
         .send()
-        .await
-        .expect("logout");
-    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        .await;
+    assert_eq!(r.status, 303);
     let r = c
-        .get(format!("{}/settings/tokens", server.url))
+        .get("/settings/tokens")
         .header("cookie", &session)
         .send()
-        .await
-        .expect("get");
-    assert_eq!(
-        r.status(),
-        StatusCode::SEE_OTHER,
-        "the old cookie no longer works"
-    );
+        .await;
+    assert_eq!(r.status, 303, "the old cookie no longer works");
     server.stop().await;
 }
 
@@ -222,19 +192,14 @@ async fn users_cannot_reach_each_others_tokens_or_vals_by_url() {
         )
         .expect("val");
     let (bob, csrf) = sign_in(&server, "bob", "a good password").await;
-    let c = client();
+    let c = pages(&server);
     for path in [
         "/vals/private/settings".to_owned(),
         format!("/vals/{}/settings", val.id),
     ] {
-        let r = c
-            .get(format!("{}{path}", server.url))
-            .header("cookie", &bob)
-            .send()
-            .await
-            .expect("get");
-        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
-        assert!(!r.text().await.expect("html").contains("hunter22"));
+        let r = c.get(&path).header("cookie", &bob).send().await;
+        assert_eq!(r.status, 404, "{path}");
+        assert!(!r.text().contains("hunter22"));
     }
     let posts = [
         (format!("/settings/tokens/{}/revoke", ada_token.id), vec![]),
@@ -251,13 +216,12 @@ async fn users_cannot_reach_each_others_tokens_or_vals_by_url() {
     for (path, mut form) in posts {
         form.push(("csrf", &csrf));
         let r = c
-            .post(format!("{}{path}", server.url))
+            .post(&path)
             .header("cookie", &bob)
             .form(&form)
             .send()
-            .await
-            .expect("post");
-        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+            .await;
+        assert_eq!(r.status, 404, "{path}");
     }
     let token = server
         .store
@@ -281,15 +245,69 @@ async fn users_cannot_reach_each_others_tokens_or_vals_by_url() {
     );
     // Bob's own page lists none of Ada's tokens.
     let page = c
-        .get(format!("{}/settings/tokens", server.url))
+        .get("/settings/tokens")
         .header("cookie", &bob)
         .send()
-        .await
-        .expect("get")
-        .text()
-        .await
-        .expect("html");
-    assert!(!page.contains("adas"));
+        .await;
+    assert!(!page.text().contains("adas"));
+    server.stop().await;
+}
+
+/// Issue #11, item 8: "a revoked token cannot be changed" is the store's
+/// rule, so the pages' "accept the safe defaults" (which once skipped the
+/// check) and the scope form refuse a revoked token, and say why.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pages_cannot_change_a_revoked_token() {
+    let server = Server::start().await;
+    let ada = user_with_password(&server, "ada");
+    let (legacy, _) = server
+        .store
+        .create_token(
+            &Granted::for_operator(&ada.id),
+            "old",
+            TokenScopes::Legacy,
+            None,
+        )
+        .expect("token");
+    server
+        .store
+        .revoke_token(&Granted::for_operator(&ada.id), &legacy.id, "by its owner")
+        .expect("revoke");
+    let (session, csrf) = sign_in(&server, "ada", "a good password").await;
+    let c = pages(&server);
+    let posts = [
+        (
+            format!("/settings/tokens/{}/accept-defaults", legacy.id),
+            vec![],
+        ),
+        (
+            format!("/settings/tokens/{}/scopes", legacy.id),
+            vec![("scope_blob", "read")],
+        ),
+    ];
+    for (path, mut form) in posts {
+        form.push(("csrf", &csrf));
+        let r = c
+            .post(&path)
+            .header("cookie", &session)
+            .form(&form)
+            .send()
+            .await;
+        assert_eq!(r.status, 422, "{path}");
+        assert!(
+            r.text().contains("a revoked token cannot be changed"),
+            "{path}: {}",
+            r.text()
+        );
+    }
+    let token = server
+        .store
+        .token_of_user(
+            &Granted::<valet_core::grant::UserRead>::for_operator(&ada.id),
+            &legacy.id,
+        )
+        .expect("token");
+    assert_eq!(token.scopes, TokenScopes::Legacy, "nothing was changed");
     server.stop().await;
 }
 
@@ -297,27 +315,22 @@ async fn users_cannot_reach_each_others_tokens_or_vals_by_url() {
 async fn failed_logins_are_rate_limited_and_say_nothing_about_users() {
     let server = Server::start().await;
     user_with_password(&server, "ada");
-    let c = client();
+    let c = pages(&server);
     let attempt = |user: &'static str, password: &'static str| {
-        let c = c.clone();
-        let url = server.url.clone();
+        let c = &c;
         async move {
-            let form = c.get(format!("{url}/login")).send().await.expect("form");
-            let pre = set_cookie(&form, "valet_login_csrf").expect("cookie");
-            let csrf = hidden(&form.text().await.expect("html"), "csrf");
+            let (pre, csrf) = login_form(c).await;
             let r = c
-                .post(format!("{url}/login"))
+                .post("/login")
                 .header("cookie", &pre)
                 .form(&[("username", user), ("password", password), ("csrf", &csrf)])
                 .send()
-                .await
-                .expect("post");
-            let status = r.status();
-            (status, r.text().await.expect("html"))
+                .await;
+            (r.status, r.text())
         }
     };
     let (status, unknown) = attempt("nobody", "whatever").await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(status, 401);
     let (_, wrong) = attempt("ada", "wrong password").await;
     assert!(
         unknown.contains("Wrong username or password")
@@ -327,23 +340,18 @@ async fn failed_logins_are_rate_limited_and_say_nothing_about_users() {
         attempt("ada", "wrong password").await;
     }
     let (status, text) = attempt("ada", "a good password").await;
-    assert_eq!(
-        status,
-        StatusCode::TOO_MANY_REQUESTS,
-        "even the right password waits out the window"
-    );
+    assert_eq!(status, 429, "even the right password waits out the window");
     assert!(text.contains("Too many failed attempts"));
     // A login form posted without its CSRF cookie is refused.
     let r = c
-        .post(format!("{}/login", server.url))
+        .post("/login")
         .form(&[
             ("username", "ada"),
             ("password", "a good password"),
             ("csrf", "x"),
         ])
         .send()
-        .await
-        .expect("post");
-    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        .await;
+    assert_eq!(r.status, 403);
     server.stop().await;
 }

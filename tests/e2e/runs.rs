@@ -539,7 +539,7 @@ async fn scripts_run_through_the_api_and_cron_vals_get_last_run_at() {
             scopes: ScopeSet::default_val(),
             env: BTreeMap::new(),
             timeout_ms: 5_000,
-            schedule: Some("* * * * * *".into()),
+            schedule: Some(valet_core::Schedule::parse("* * * * * *").expect("schedule")),
         })
         .expect("cron val");
     let deadline = Instant::now() + Duration::from_secs(15);

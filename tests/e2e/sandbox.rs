@@ -151,7 +151,10 @@ async fn the_os_layer_holds_without_deno() {
     ] {
         let out = server
             .supervisor()
-            .run_confined(std::path::Path::new("/bin/cat"), &[target.clone()])
+            .run_confined(
+                std::path::Path::new("/bin/cat"),
+                std::slice::from_ref(&target),
+            )
             .await
             .unwrap();
         assert!(

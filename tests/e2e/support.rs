@@ -32,6 +32,7 @@ pub struct Options {
     pub public_url: Option<String>,
     pub email_from: Option<String>,
     pub email_quota: Option<valet_store::EmailQuota>,
+    pub key_refresh: Option<Duration>,
 }
 
 impl Server {
@@ -65,6 +66,9 @@ impl Server {
         if let Some(quota) = options.email_quota {
             config.api.email_quota = quota;
         }
+        if let Some(every) = options.key_refresh {
+            config.key_refresh = every;
+        }
         if let Some(h) = options.heap_mb {
             config.heap_mb = h;
         }
@@ -93,7 +97,9 @@ impl Server {
             .store
             .create_user(name, &format!("{name}@example.com"), None)
             .expect("user");
-        self.store.set_tier(&user.id, "pro").expect("tier");
+        self.store
+            .set_tier(&user.id, valet_store::Tier::Pro)
+            .expect("tier");
         user
     }
 
@@ -135,6 +141,125 @@ pub fn open_store(dir: &Path) -> Store {
         ..valet_store::StoreOptions::local(dir)
     })
     .expect("open store")
+}
+
+/// Starts requests on a base URL; `get`, `post`, ... are shorthands of
+/// `request`: `server.get("/v1/me").token(&t).send().await`.
+pub trait Requests {
+    fn request(&self, method: reqwest::Method, path: &str) -> Call;
+
+    fn get(&self, path: &str) -> Call {
+        self.request(reqwest::Method::GET, path)
+    }
+
+    fn post(&self, path: &str) -> Call {
+        self.request(reqwest::Method::POST, path)
+    }
+}
+
+impl Requests for Server {
+    fn request(&self, method: reqwest::Method, path: &str) -> Call {
+        Call(self.client.request(method, format!("{}{path}", self.url)))
+    }
+}
+
+/// A base URL with its own client (one that does not follow redirects,
+/// say, or a server the test started as a process).
+pub struct Http {
+    pub url: String,
+    pub client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(url: impl Into<String>) -> Http {
+        Http {
+            url: url.into(),
+            client: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Requests for Http {
+    fn request(&self, method: reqwest::Method, path: &str) -> Call {
+        Call(self.client.request(method, format!("{}{path}", self.url)))
+    }
+}
+
+/// A request being built.
+pub struct Call(pub reqwest::RequestBuilder);
+
+impl Call {
+    /// `Authorization: Bearer <token>`.
+    pub fn token(self, token: &str) -> Call {
+        Call(self.0.bearer_auth(token))
+    }
+
+    pub fn header(self, name: &str, value: &str) -> Call {
+        Call(self.0.header(name, value))
+    }
+
+    pub fn json(self, body: &serde_json::Value) -> Call {
+        Call(self.0.json(body))
+    }
+
+    /// A form body, `application/x-www-form-urlencoded`.
+    pub fn form(self, fields: &[(&str, &str)]) -> Call {
+        Call(self.0.form(fields))
+    }
+
+    /// Sends and reads the whole answer; panics if there is none.
+    pub async fn send(self) -> Reply {
+        self.try_send().await.expect("an answer")
+    }
+
+    /// Sends and reads the whole answer, or says why there is none.
+    pub async fn try_send(self) -> reqwest::Result<Reply> {
+        let response = self.0.send().await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.bytes().await?.to_vec();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// `(status, error.code)` of a JSON error (the code is empty otherwise).
+    pub fn error(&self) -> (u16, String) {
+        let body: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+        (self.status, code)
+    }
+
+    /// The first `Set-Cookie` named `name`, as `name=value`.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with(&format!("{name}=")))
+            .map(|v| v.split(';').next().unwrap_or_default().to_owned())
+    }
 }
 
 /// Reads `{"error": {"code": ...}}` from a response.

@@ -40,7 +40,7 @@ export async function serve(dir) {
   const base = `http://127.0.0.1:${port}`;
   const server = spawn(
     valet,
-    ["--data-dir", dir, "serve", "--listen", `127.0.0.1:${port}`, "--public-url", base],
+    ["--data-dir", dir, "serve", "--listen", `127.0.0.1:${port}`, "--vals-listen", "127.0.0.1:0", "--public-url", base],
     { stdio: ["ignore", "ignore", "pipe"] },
   );
   let log = "";

@@ -225,11 +225,14 @@ async fn authenticate_api_token(
     let token = ApiToken::parse(text)
         .map_err(|e| ApiError::unauthorized("invalid_token", e.to_string()))?;
     let hash = token.hash();
-    let record = state
-        .store
-        .call(move |s| s.token_by_hash(&hash))
-        .await?
-        .ok_or_else(|| ApiError::unauthorized("invalid_token", "this token does not exist; create one with `valet token create` or on /settings/tokens"))?;
+    // A cache hit costs a hash lookup; a miss reads the database (and
+    // fills the cache).
+    let cached = state.store.token_cache().get(&hash);
+    let record = match cached {
+        Some(record) => Some(record),
+        None => state.store.call(move |s| s.token_by_hash(&hash)).await?,
+    }
+    .ok_or_else(|| ApiError::unauthorized("invalid_token", "this token does not exist; create one with `valet token create` or on /settings/tokens"))?;
     if let Some(reason) = record
         .revoked_reason
         .as_deref()

@@ -114,6 +114,16 @@ impl From<StoreError> for ApiError {
                 "email_quota_exceeded",
                 over.to_string(),
             ),
+            StoreError::DiskFull(detail) => {
+                // A 5xx whose cause is not internal: the client may retry
+                // later, and reads still work.
+                tracing::error!(error = %detail, "disk full: a write was refused");
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    "the server's disk is full, so this write was not stored; reads still work, retry once space is freed",
+                )
+            }
             other => ApiError::internal(other),
         }
     }

@@ -15,13 +15,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::response::IntoResponse;
 use tokio::net::TcpListener;
-use valet_core::{ChannelId, KeyRing, LiveRuns};
+use valet_core::{ChannelId, LiveRuns, SharedKeyRing};
 use valet_store::Store;
 
 pub use auth::{Caller, SqliteCaller};
 pub use error::ApiError;
-pub use routes::tokens_json::token_json;
+pub use routes::shared_json::{FinishedRunJson, MigrationSummaryJson, sql_rows_json, token_json};
 pub use runner::{BoxFuture, RunRefused, RunSummary, Runner, ValResponse};
 
 /// Limits and settings of the API.
@@ -63,9 +64,11 @@ impl Default for ApiConfig {
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    /// The run-token key ring. Rotation replaces the whole ring, so readers
-    /// take a cheap `Arc` clone and never hold a lock while verifying.
-    pub keys: Arc<KeyRing>,
+    /// The run-token key ring, shared with the supervisor that mints. A
+    /// rotation (`valet keys rotate`, read back by the host's key refresh)
+    /// replaces the whole ring; readers take a cheap `Arc` clone and never
+    /// hold a lock while verifying.
+    pub keys: SharedKeyRing,
     pub live_runs: LiveRuns,
     pub config: Arc<ApiConfig>,
     /// The supervisor, when this process runs vals (`valet serve`, `valet
@@ -83,7 +86,7 @@ impl AppState {
         live_runs: LiveRuns,
         config: ApiConfig,
     ) -> Result<AppState, valet_store::StoreError> {
-        let keys = Arc::new(store.key_ring()?);
+        let keys = SharedKeyRing::new(store.key_ring()?);
         let session_key = Arc::new(store.server_secret("session-cookie")?);
         let github_keys = Arc::new(secret_scanning::GithubKeys::new(
             config.github_keys_url.clone(),
@@ -128,17 +131,105 @@ pub fn vals_app(state: AppState) -> Router {
     routes::vals_router(state)
 }
 
+/// The most bytes of a request line plus headers. Longer heads are
+/// answered by hyper itself with 431 and no body (see ARCHITECTURE.md).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The most header lines in one request; more get hyper's 431.
+pub const MAX_HEADERS: usize = 100;
+/// How long a client may take to send a request's head before hyper
+/// closes the connection (slow-loris clients hold no slot for long).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then lets
 /// requests in flight finish.
+///
+/// HTTP/1 with hyper's limits set here, deliberately: what hyper refuses
+/// before valet's router sees a request (a malformed head, a head over
+/// [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`]) is answered by hyper, with an
+/// empty body; everything the router answers is JSON.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
+    let app = app(state);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let router = app.clone();
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                let router = router.clone();
+                async move {
+                    // hyper enforces the head limit only when a head
+                    // arrives in more than one read; enforce it always.
+                    if head_bytes(&request) > MAX_HEAD_BYTES {
+                        return Ok(ApiError::new(
+                            axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "headers_too_large",
+                            format!("the request line and headers exceed {MAX_HEAD_BYTES} bytes"),
+                        )
+                        .into_response());
+                    }
+                    tower::ServiceExt::oneshot(router, request).await
+                }
+            },
+        );
+        // No upgrades: valet speaks no WebSocket, and an upgradeable
+        // connection cannot be watched for graceful shutdown.
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// The size of a request's line and headers as sent, near enough.
+fn head_bytes<B>(request: &hyper::Request<B>) -> usize {
+    let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+    request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// An `accept` error: a client that gave up is nothing; anything else (out
+/// of file descriptors) is logged and waited out, as `axum::serve` does.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in a second");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 }

@@ -6,13 +6,12 @@ use std::pin::Pin;
 
 use axum::body::Body;
 use axum::http::{Request, Response};
-use serde::Serialize;
 use valet_store::{Outcome, Val};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The result of a finished run, as the API reports it.
-#[derive(Debug, Clone, Serialize)]
+/// The result of a finished run (`routes/runs.rs` writes its JSON).
+#[derive(Debug, Clone)]
 pub struct RunSummary {
     pub run_id: String,
     pub outcome: Outcome,

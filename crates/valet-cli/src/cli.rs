@@ -49,6 +49,9 @@ pub enum Command {
     /// Manage stored vals.
     #[command(subcommand)]
     Val(cmd::val::Command),
+    /// Manage the signing keys of run tokens.
+    #[command(subcommand)]
+    Keys(cmd::keys::Command),
     /// Run a file once, as a val, against an in-process API on the data dir.
     Run(cmd::run::Args),
     /// Serve an http val from a file, a fresh run per request.

@@ -13,7 +13,7 @@ use valet_store::{
 use super::CaseResult;
 use super::case::{Case, EmailCheck, Expect};
 use valet_core::grant::ValRead;
-use valet_core::{Granted, GrantedSet};
+use valet_core::{Granted, GrantedSet, Schedule};
 use valet_runtime::{RunSpec, Source};
 use valet_server::{Host, HostConfig};
 
@@ -80,11 +80,19 @@ async fn execute(
     let user = store
         .create_user("conformance", "conformance@example.com", None)
         .map_err(|e| e.to_string())?;
-    store.set_tier(&user.id, "pro").map_err(|e| e.to_string())?;
+    store
+        .set_tier(&user.id, valet_store::Tier::Pro)
+        .map_err(|e| e.to_string())?;
     let val_name: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
+    // A cron val needs a schedule (the store's rule). The scheduler is off
+    // here and the runner starts the run itself, so the schedule never fires.
+    let schedule = match kind {
+        ValKind::Cron => Some(Schedule::parse("@yearly").map_err(|e| e.to_string())?),
+        _ => None,
+    };
     // The runner acts for the case's user, who holds every scope.
     let val = store
         .create_val(
@@ -97,7 +105,7 @@ async fn execute(
                 scopes,
                 env: case.env.clone(),
                 timeout_ms: case.timeout_ms as i64,
-                schedule: None,
+                schedule,
             },
         )
         .map_err(|e| e.to_string())?;
@@ -366,7 +374,7 @@ async fn check(
             .unwrap_or_else(|e| Err(valet_store::SqlError::Invalid(e.to_string())));
         match result {
             Ok((results, _)) => {
-                let rows = serde_json::to_value(&results[0].rows).unwrap_or_default();
+                let rows = valet_api::sql_rows_json(&results[0].rows);
                 if rows != sql.rows {
                     failures.push(format!(
                         "{}: rows {rows} (expected {})",

@@ -11,6 +11,7 @@ pub mod password;
 pub mod run_token;
 pub mod schedule;
 pub mod scope;
+pub mod shared_key_ring;
 
 pub use api_token::{ApiToken, TokenFormatError, TokenHash};
 pub use grant::{Granted, GrantedSet, ScopeKind};
@@ -18,3 +19,4 @@ pub use live_runs::{ChannelId, LiveRun, LiveRunRefusal, LiveRuns};
 pub use run_token::{KeyRing, MintRequest, RunClaims, RunTokenError, SigningKey};
 pub use schedule::Schedule;
 pub use scope::{Access, Resource, Scope, ScopeError, ScopeSet, TokenScopes};
+pub use shared_key_ring::SharedKeyRing;

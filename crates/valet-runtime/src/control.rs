@@ -35,6 +35,8 @@ pub struct Reported {
     pub uncaught: bool,
     /// An allocation failed (`ArrayBuffer`, Wasm memory): out of memory.
     pub oom: bool,
+    /// The val called `Deno.exit` (a hot process takes no new request).
+    pub exiting: bool,
     /// Runs (requests) whose http handler threw.
     pub handler_errors: std::collections::BTreeSet<String>,
 }
@@ -44,6 +46,7 @@ pub struct Reported {
 enum Event {
     Done,
     Listening,
+    Exiting,
     Error {
         #[serde(default)]
         kind: String,
@@ -156,6 +159,7 @@ fn apply(reported: &mut Reported, event: Event) {
     match event {
         Event::Done => reported.done = true,
         Event::Listening => reported.listening = true,
+        Event::Exiting => reported.exiting = true,
         Event::Error { kind } if kind == "oom" => reported.oom = true,
         Event::Error { .. } => reported.uncaught = true,
         Event::HandlerError { run } => {

@@ -6,7 +6,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use valet_core::Schedule;
 use valet_store::{Store, time};
 
 use crate::supervisor::{RunSpec, Supervisor};
@@ -51,15 +50,10 @@ impl Scheduler {
         let vals = self.store.call(|s| s.cron_vals()).await?;
         let now = time::now_ms();
         for val in vals {
-            let Some(text) = val.schedule.as_deref() else {
+            // A stored schedule that no longer parses reads as none (the
+            // store warns): such a val waits for a new schedule.
+            let Some(schedule) = &val.schedule else {
                 continue;
-            };
-            let schedule = match Schedule::parse(text) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(val_id = val.id, error = %e, "skipping a cron val with a bad schedule");
-                    continue;
-                }
             };
             let since = val
                 .last_run_at

@@ -21,15 +21,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use valet_core::{ChannelId, LiveRun, MintRequest, ScopeSet};
-use valet_store::{NewRun, Outcome, new_id, time};
+use valet_core::ChannelId;
+use valet_store::Outcome;
 
 use crate::control::ControlEvents;
 use crate::executor::Process;
 use crate::http::{DoneGuard, HttpRunError, RunBody};
 use crate::logs::LogBuffer;
 use crate::run_dir::RunDir;
-use crate::supervisor::{RunSpec, Source, Supervisor};
+use crate::supervisor::{OpenRun, RunSpec, Source, Supervisor};
 use crate::{RuntimeError, launcher};
 
 /// The header that carries a request's run to the bootstrap over the
@@ -106,6 +106,7 @@ impl Hot {
             .map(|mut p| !p.has_exited())
             .unwrap_or(false);
         alive
+            && !self.events.now().exiting
             && &self.fingerprint == fingerprint
             && self.born.elapsed() < limits.max_life
             && self.served.load(Ordering::Relaxed) < limits.max_requests
@@ -127,6 +128,9 @@ impl Drop for Hot {
     }
 }
 
+/// A val's hot process, if it has one.
+type HotSlot = Arc<tokio::sync::Mutex<Option<Arc<Hot>>>>;
+
 /// The hot processes, by val.
 #[derive(Default)]
 pub(crate) struct HotPool {
@@ -134,7 +138,7 @@ pub(crate) struct HotPool {
     /// Per val: a tokio `Mutex` because starting a process is awaited
     /// under it (requests for the same val wait for the one start); the
     /// outer std `Mutex` is held for a map lookup only.
-    vals: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Arc<Hot>>>>>>,
+    vals: Mutex<HashMap<String, HotSlot>>,
 }
 
 impl HotPool {
@@ -145,7 +149,7 @@ impl HotPool {
         }
     }
 
-    fn slot(&self, val_id: &str) -> Arc<tokio::sync::Mutex<Option<Arc<Hot>>>> {
+    fn slot(&self, val_id: &str) -> HotSlot {
         let mut vals = self.vals.lock().unwrap_or_else(|p| p.into_inner());
         vals.entry(val_id.to_owned()).or_default().clone()
     }
@@ -191,6 +195,8 @@ impl HotPool {
 /// One request's run on a hot process, from its start to its end.
 struct HotRun {
     run_id: String,
+    /// The row's write, which the run's end waits for.
+    recorded: tokio::task::JoinHandle<()>,
     /// The request's valet key: it travels to the process in the request's
     /// private header, never in an environment.
     key: String,
@@ -368,54 +374,23 @@ impl Supervisor {
             .acquire_owned()
             .await
             .map_err(|_| HttpRunError::internal())?;
-        let run_id = new_id("run");
-        let started_ms = time::now_ms();
-        let start_s = (started_ms / 1000) as u64;
-        let scopes = spec.scopes.intersect(ScopeSet::all());
-        let key = inner
-            .keys
-            .mint(&MintRequest {
-                user_id: &spec.user_id,
-                val_id: spec.val_id.as_deref(),
-                run_id: &run_id,
-                scopes,
-                start: start_s,
-                deadline: start_s + spec.timeout.as_secs_f64().ceil().max(1.0) as u64,
-            })
-            .map_err(|e| {
-                tracing::error!(error = %e, "could not mint a run key");
-                HttpRunError::internal()
-            })?;
-        let (id, user_id, val_id) = (run_id.clone(), spec.user_id.clone(), spec.val_id.clone());
-        let deadline_ms = started_ms + spec.timeout.as_millis() as i64;
-        inner
-            .store
-            .call(move |s| {
-                s.insert_run(&NewRun {
-                    id: &id,
-                    user_id: &user_id,
-                    val_id: val_id.as_deref(),
-                    trigger: "http",
-                    scopes,
-                    started_at: started_ms,
-                    deadline: deadline_ms,
-                })
-            })
-            .await
-            .map_err(|e| {
+        let OpenRun {
+            run_id,
+            key,
+            guard,
+            row,
+        } = self.open_run(spec, &hot.channel).map_err(|e| {
+            tracing::error!(error = %e, "could not start an http run");
+            HttpRunError::internal()
+        })?;
+        // The row is written beside the request, off its path; the run's
+        // end waits for it.
+        let supervisor = self.clone();
+        let recorded = tokio::spawn(async move {
+            if let Err(e) = supervisor.record(row).await {
                 tracing::error!(error = %e, "could not record an http run");
-                HttpRunError::internal()
-            })?;
-        let guard = inner.live.begin(
-            &key,
-            LiveRun {
-                run_id: run_id.clone(),
-                user_id: spec.user_id.clone(),
-                val_id: spec.val_id.clone(),
-                scopes,
-                channel: hot.channel.clone(),
-            },
-        );
+            }
+        });
         let logs = LogBuffer::new(inner.max_log_bytes, vec![key.clone()]);
         hot.events.attribute(&run_id, logs.clone());
         hot.served.fetch_add(1, Ordering::Relaxed);
@@ -425,6 +400,7 @@ impl Supervisor {
         let began = Instant::now();
         Ok(HotRun {
             run_id,
+            recorded,
             key,
             hot,
             logs,
@@ -501,7 +477,8 @@ impl Supervisor {
         run.hot.events.forget(&run.run_id);
         let logs = run.logs.finish();
         let run_id = run.run_id.clone();
-        drop(run);
+        let HotRun { recorded, .. } = run;
+        let _ = recorded.await;
         let (id, d) = (run_id.clone(), detail.to_owned());
         if let Err(e) = self
             .inner

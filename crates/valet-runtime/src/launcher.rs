@@ -39,6 +39,9 @@ pub struct Launcher {
     pub deny_net: Vec<String>,
     pub heap_mb: u64,
     pub max_log_bytes: usize,
+    /// Directories every process may read (`valet run`/`valet dev`: the
+    /// file's own, so its relative imports load).
+    pub extra_read: Vec<PathBuf>,
 }
 
 /// A started process waiting for its claim, with everything it owns:
@@ -58,6 +61,8 @@ impl Launcher {
     /// `read`: extra paths the process may read (for `valet run FILE`,
     /// the file's directory).
     pub fn start(&self, read: &[PathBuf]) -> Result<Started, RuntimeError> {
+        let read: Vec<PathBuf> = self.extra_read.iter().chain(read).cloned().collect();
+        let read = &read[..];
         let owner = self.os.owner();
         let dir = self.root.dir(owner)?;
         let channel = ChannelId::new(dir.name());

@@ -120,7 +120,17 @@ pub async fn collect(mut reader: impl AsyncRead + Unpin, stream: &'static str, l
             // Mask before splitting, and keep back what could be the start
             // of a secret, so no split leaves a key readable in two halves.
             let hold = logs.mask(&mut pending);
-            let cut = pending.len().saturating_sub(hold).clamp(1, MAX_LINE);
+            let mut cut = pending.len().saturating_sub(hold).clamp(1, MAX_LINE);
+            // Nor split a mask itself.
+            let from = cut.saturating_sub(MASK.len() - 1);
+            if let Some(at) = pending[from..]
+                .windows(MASK.len())
+                .position(|w| w == MASK.as_bytes())
+                .map(|p| p + from)
+                .filter(|at| *at < cut && *at > 0)
+            {
+                cut = at;
+            }
             let line: Vec<u8> = pending.drain(..cut).collect();
             logs.push(stream, &String::from_utf8_lossy(&line));
         }

@@ -17,19 +17,24 @@ pub struct WarmPool {
     /// A std `Mutex`: held to push or pop, never across an `.await`.
     ready: Mutex<VecDeque<Started>>,
     wake: Notify,
+    /// Notified each time a process is added.
+    added: Notify,
     refill: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl WarmPool {
-    pub fn new(launcher: Arc<Launcher>, size: usize) -> Arc<WarmPool> {
+    /// `refill: false` starts `size` processes once and no more (`valet
+    /// run`, whose one run takes the process started with valet).
+    pub fn new(launcher: Arc<Launcher>, size: usize, refill: bool) -> Arc<WarmPool> {
         let pool = Arc::new(WarmPool {
             size,
             ready: Mutex::default(),
             wake: Notify::new(),
+            added: Notify::new(),
             refill: Mutex::default(),
         });
         if size > 0 {
-            let task = tokio::spawn(refill(Arc::downgrade(&pool), launcher));
+            let task = tokio::spawn(refill_loop(Arc::downgrade(&pool), launcher, refill));
             if let Ok(mut slot) = pool.refill.lock() {
                 *slot = Some(task);
             }
@@ -52,6 +57,25 @@ impl WarmPool {
         };
         self.wake.notify_one();
         taken
+    }
+
+    /// A live warm process, waiting up to `limit` for one when the pool
+    /// is still starting them (the first run of a `valet run`, whose
+    /// process started while valet itself was starting).
+    pub async fn take_waiting(&self, limit: std::time::Duration) -> Option<Started> {
+        if self.size == 0 {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let added = self.added.notified();
+            if let Some(started) = self.take() {
+                return Some(started);
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return None;
+            }
+        }
     }
 
     #[allow(clippy::len_without_is_empty)]
@@ -78,10 +102,14 @@ impl Drop for WarmPool {
     }
 }
 
-async fn refill(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>) {
+async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>, refill: bool) {
     let mut failures = 0u32;
+    let mut started = 0usize;
     loop {
         let Some(strong) = pool.upgrade() else { return };
+        if !refill && started >= strong.size {
+            return;
+        }
         if strong.len() >= strong.size {
             strong.wake.notified().await;
             continue;
@@ -89,14 +117,16 @@ async fn refill(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>) {
         drop(strong);
         let launcher = launcher.clone();
         match tokio::task::spawn_blocking(move || launcher.start(&[])).await {
-            Ok(Ok(started)) => {
+            Ok(Ok(process)) => {
                 failures = 0;
+                started += 1;
                 let Some(strong) = pool.upgrade() else { return };
                 strong
                     .ready
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push_back(started);
+                    .push_back(process);
+                strong.added.notify_waiters();
             }
             Ok(Err(e)) => {
                 // Retried with backoff: the pool never stays short for long.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_core::live_runs::LiveRunGuard;
-use valet_core::{KeyRing, LiveRun, LiveRuns, MintRequest, ScopeSet};
+use valet_core::{ChannelId, LiveRun, LiveRuns, MintRequest, ScopeSet, SharedKeyRing};
 use valet_store::{NewRun, Outcome, Store, Val, ValKind, new_id, time};
 
 use crate::channel::ApiChannel;
@@ -43,12 +43,17 @@ pub struct RuntimeConfig {
     pub run_parent: PathBuf,
     /// Processes kept started ahead of time (0: every run starts its own).
     pub warm_pool: usize,
+    /// Whether the pool starts a replacement for each process taken.
+    pub warm_pool_refill: bool,
     /// Deno's module and transpile cache; default `$TMPDIR/valet-deno-cache`.
     pub deno_dir: Option<PathBuf>,
     /// The uid and gid runs get when valet runs as root.
     pub sandbox_uid: u32,
     /// Hot processes of http vals.
     pub hot: HotLimits,
+    /// Directories every run process may read: for `valet run FILE` and
+    /// `valet dev FILE`, the file's own, so warm processes can take it.
+    pub extra_read: Vec<PathBuf>,
 }
 
 impl Default for RuntimeConfig {
@@ -61,9 +66,11 @@ impl Default for RuntimeConfig {
             slots: SlotLimits::default(),
             run_parent: std::env::temp_dir(),
             warm_pool: 0,
+            warm_pool_refill: true,
             deno_dir: None,
             sandbox_uid: 65534,
             hot: HotLimits::default(),
+            extra_read: Vec::new(),
         }
     }
 }
@@ -107,7 +114,9 @@ impl RunSpec {
     }
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// A finished run. (`valet run --json` prints it through valet-api's
+/// `FinishedRunJson`.)
+#[derive(Debug, Clone)]
 pub struct RunOutput {
     pub run_id: String,
     pub outcome: Outcome,
@@ -123,13 +132,33 @@ pub struct Supervisor {
 
 pub(crate) struct Inner {
     pub(crate) store: Store,
-    pub(crate) keys: Arc<KeyRing>,
+    pub(crate) keys: SharedKeyRing,
     pub(crate) live: LiveRuns,
     pub(crate) launcher: Arc<Launcher>,
     pub(crate) slots: Slots,
     pub(crate) pool: Arc<WarmPool>,
     pub(crate) hot: HotPool,
     pub(crate) max_log_bytes: usize,
+}
+
+/// A run's id, its key (secret: never logged) and the guard that keeps
+/// the key live.
+pub(crate) struct OpenRun {
+    pub run_id: String,
+    pub key: String,
+    pub guard: LiveRunGuard,
+    pub row: RunRow,
+}
+
+/// A run's row, to be written.
+pub(crate) struct RunRow {
+    id: String,
+    user_id: String,
+    val_id: Option<String>,
+    trigger: &'static str,
+    scopes: ScopeSet,
+    started_at: i64,
+    deadline: i64,
 }
 
 /// A run between its claim and its end. Dropping it ends the key, kills
@@ -152,7 +181,7 @@ pub(crate) struct Active {
 impl Supervisor {
     pub fn new(
         store: Store,
-        keys: Arc<KeyRing>,
+        keys: SharedKeyRing,
         live: LiveRuns,
         channel: Arc<dyn ApiChannel>,
         config: RuntimeConfig,
@@ -173,7 +202,13 @@ impl Supervisor {
             config.sandbox_uid,
         );
         if let Some(owner) = os.owner() {
-            chown_tree(&deno_dir, owner)?;
+            // Walked only when the cache is not the runs' yet (made by an
+            // older valet, or by hand): what runs add is theirs already.
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&deno_dir)?.uid() != owner.0 {
+                chown_tree(&deno_dir, owner)?;
+            }
+            launcher::chown(&deno_dir.join("npm"), Some(owner))?;
         }
         let launcher = Arc::new(Launcher {
             deno,
@@ -186,8 +221,9 @@ impl Supervisor {
             deny_net: egress::denied_addresses(),
             heap_mb: config.heap_mb,
             max_log_bytes: config.max_log_bytes,
+            extra_read: config.extra_read.clone(),
         });
-        let pool = WarmPool::new(launcher.clone(), config.warm_pool);
+        let pool = WarmPool::new(launcher.clone(), config.warm_pool, config.warm_pool_refill);
         let inner = Arc::new(Inner {
             store,
             keys,
@@ -266,13 +302,9 @@ impl Supervisor {
     /// A process for `spec`: a warm one when its code is stored, or one
     /// started now (on the blocking pool: a fork).
     async fn process_for(&self, spec: &RunSpec) -> Result<Started, RuntimeError> {
+        let inner = &self.inner;
         let read = match &spec.source {
-            Source::Code(_) => {
-                if let Some(started) = self.inner.pool.take() {
-                    return Ok(started);
-                }
-                Vec::new()
-            }
+            Source::Code(_) => Vec::new(),
             Source::File(path) => {
                 let dir = std::fs::canonicalize(path)?
                     .parent()
@@ -281,32 +313,49 @@ impl Supervisor {
                 vec![dir]
             }
         };
-        let launcher = self.inner.launcher.clone();
+        // A warm process may take the run when it may read all the run
+        // needs. A file's run (`valet run`, `valet dev`) waits for the one
+        // already starting rather than starting a second; a stored val's
+        // takes one only if it is ready (under a burst, starting more at
+        // once beats waiting for the pool's one-at-a-time refill).
+        let readable = read
+            .iter()
+            .all(|dir| inner.launcher.extra_read.iter().any(|r| dir.starts_with(r)));
+        let warm = match (&spec.source, readable) {
+            (Source::Code(_), _) => inner.pool.take(),
+            (Source::File(_), true) => inner.pool.take_waiting(Duration::from_secs(5)).await,
+            (Source::File(_), false) => None,
+        };
+        if let Some(started) = warm {
+            return Ok(started);
+        }
+        let launcher = inner.launcher.clone();
         tokio::task::spawn_blocking(move || launcher.start(&read))
             .await
             .map_err(|e| RuntimeError::Spawn(format!("the launch task failed: {e}")))?
     }
 
-    /// Starts a run: a process, its record, its live key, its claim.
-    pub(crate) async fn begin(
+    /// What every run does first, whatever triggered it: mint its key and
+    /// make it live on the process's channel. Its row is written by
+    /// [`Supervisor::record`] once its process is up (a failed start leaves
+    /// no run behind).
+    pub(crate) fn open_run(
         &self,
         spec: &RunSpec,
-        permit: SlotPermit,
-    ) -> Result<Active, RuntimeError> {
-        self.begin_as(new_id("run"), spec, permit).await
+        channel: &ChannelId,
+    ) -> Result<OpenRun, RuntimeError> {
+        self.open_run_as(new_id("run"), spec, channel)
     }
 
-    /// As [`Supervisor::begin`], under a run id chosen before (a run
-    /// claimed from a cluster's queue).
-    async fn begin_as(
+    /// As [`Supervisor::open_run`], under a run id chosen before (a run
+    /// claimed from a cluster's queue, whose row the claim made).
+    fn open_run_as(
         &self,
         run_id: String,
         spec: &RunSpec,
-        permit: SlotPermit,
-    ) -> Result<Active, RuntimeError> {
+        channel: &ChannelId,
+    ) -> Result<OpenRun, RuntimeError> {
         let inner = &self.inner;
-        let started = self.process_for(spec).await?;
-
         let started_ms = time::now_ms();
         let start_s = (started_ms / 1000) as u64;
         let timeout_s = spec.timeout.as_secs_f64().ceil() as u64;
@@ -321,24 +370,6 @@ impl Supervisor {
             start: start_s,
             deadline: start_s + timeout_s.max(1),
         })?;
-        // The record is written once the process is up: a failed start
-        // leaves no run behind.
-        let (id, user_id, val_id) = (run_id.clone(), spec.user_id.clone(), spec.val_id.clone());
-        let (trigger, deadline_ms) = (spec.trigger, started_ms + spec.timeout.as_millis() as i64);
-        inner
-            .store
-            .call(move |s| {
-                s.insert_run(&NewRun {
-                    id: &id,
-                    user_id: &user_id,
-                    val_id: val_id.as_deref(),
-                    trigger,
-                    scopes,
-                    started_at: started_ms,
-                    deadline: deadline_ms,
-                })
-            })
-            .await?;
         let guard = inner.live.begin(
             &key,
             LiveRun {
@@ -346,9 +377,70 @@ impl Supervisor {
                 user_id: spec.user_id.clone(),
                 val_id: spec.val_id.clone(),
                 scopes,
-                channel: started.channel.clone(),
+                channel: channel.clone(),
             },
         );
+        let row = RunRow {
+            id: run_id.clone(),
+            user_id: spec.user_id.clone(),
+            val_id: spec.val_id.clone(),
+            trigger: spec.trigger,
+            scopes,
+            started_at: started_ms,
+            deadline: started_ms + spec.timeout.as_millis() as i64,
+        };
+        Ok(OpenRun {
+            run_id,
+            key,
+            guard,
+            row,
+        })
+    }
+
+    /// Writes a run's row.
+    pub(crate) async fn record(&self, row: RunRow) -> Result<(), RuntimeError> {
+        self.inner
+            .store
+            .call(move |s| {
+                s.insert_run(&NewRun {
+                    id: &row.id,
+                    user_id: &row.user_id,
+                    val_id: row.val_id.as_deref(),
+                    trigger: row.trigger,
+                    scopes: row.scopes,
+                    started_at: row.started_at,
+                    deadline: row.deadline,
+                })
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Starts a run: a process, its record, its live key, its claim.
+    pub(crate) async fn begin(
+        &self,
+        spec: &RunSpec,
+        permit: SlotPermit,
+    ) -> Result<Active, RuntimeError> {
+        self.begin_as(new_id("run"), spec, permit).await
+    }
+
+    /// As [`Supervisor::begin`], under a run id chosen before.
+    async fn begin_as(
+        &self,
+        run_id: String,
+        spec: &RunSpec,
+        permit: SlotPermit,
+    ) -> Result<Active, RuntimeError> {
+        let started = self.process_for(spec).await?;
+
+        let OpenRun {
+            run_id,
+            key,
+            guard,
+            row,
+        } = self.open_run_as(run_id, spec, &started.channel)?;
+        self.record(row).await?;
 
         let val_url = match &spec.source {
             Source::Code(code) => {

@@ -40,6 +40,11 @@ pub struct HostConfig {
     pub recover_lost_runs: bool,
     /// Deno processes kept started ahead of time.
     pub warm_pool: usize,
+    /// Whether a warm process taken is replaced (`valet run`: no).
+    pub warm_pool_refill: bool,
+    /// Directories every run process may read (`valet run`/`valet dev`:
+    /// the file's own).
+    pub extra_read: Vec<std::path::PathBuf>,
     /// Whole-process memory cap per run, in MiB.
     pub memory_mb: u64,
     pub slots: SlotLimits,
@@ -47,6 +52,9 @@ pub struct HostConfig {
     /// queued runs, fire cron, heartbeat. `None`: a process of its own
     /// (`valet run`, `valet dev`, tests), which runs its runs itself.
     pub cluster: Option<ClusterConfig>,
+    /// How often the signing keys are read back from the store, so a
+    /// `valet keys rotate` reaches a running server (SIGHUP: at once).
+    pub key_refresh: Duration,
 }
 
 impl HostConfig {
@@ -62,9 +70,12 @@ impl HostConfig {
             deno_dir: None,
             recover_lost_runs: false,
             warm_pool: 0,
+            warm_pool_refill: true,
+            extra_read: Vec::new(),
             memory_mb: RuntimeConfig::default().memory_mb,
             slots: SlotLimits::default(),
             cluster: None,
+            key_refresh: crate::keys::REFRESH_EVERY,
         }
     }
 }
@@ -163,6 +174,8 @@ impl Host {
             memory_mb: config.memory_mb,
             deno_dir: config.deno_dir.clone(),
             warm_pool: config.warm_pool,
+            warm_pool_refill: config.warm_pool_refill,
+            extra_read: config.extra_read.clone(),
             slots: config.slots,
             ..RuntimeConfig::default()
         };
@@ -229,6 +242,12 @@ impl Host {
                 tracing::error!(error = %e, "the vals listener failed");
             }
         });
+        tasks.spawn(crate::keys::refresh(
+            store.clone(),
+            state.keys.clone(),
+            config.key_refresh,
+            shutdown.subscribe(),
+        ));
         if let Some(cluster) = &cluster {
             cluster.spawn(&mut tasks, &shutdown, config.cron);
         } else if config.cron {

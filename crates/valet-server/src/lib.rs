@@ -5,6 +5,7 @@
 
 pub mod cluster;
 mod host;
+mod keys;
 pub mod mailer;
 mod runner;
 

@@ -253,7 +253,7 @@ fn meta(row: &Row) -> Result<BlobMeta, StoreError> {
     Ok(BlobMeta {
         key: String::from_utf8_lossy(&key).into_owned(),
         size: size as u64,
-        last_modified: time::iso(modified),
+        last_modified: modified,
     })
 }
 

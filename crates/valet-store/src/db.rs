@@ -18,6 +18,7 @@ use crate::blob_objects::BlobObjects;
 use crate::blobs::BlobStore;
 use crate::pg;
 use crate::sql::Sql;
+use crate::token_cache::TokenCache;
 use crate::user_sqlite::UserDatabases;
 use crate::{StoreError, schema, schema_pg};
 
@@ -72,6 +73,10 @@ struct Inner {
     /// URL, or beside PostgreSQL. `None`: files indexed in SQLite.
     objects: Option<BlobObjects>,
     user_dbs: UserDatabases,
+    /// Token records cached in memory. SQLite: emptied by the writer's
+    /// update hook on any change to `api_tokens`. PostgreSQL: never filled,
+    /// since another node's revocation would not empty it.
+    tokens: Arc<TokenCache>,
 }
 
 /// The connections of one backend.
@@ -116,6 +121,14 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_mode", "wal")?;
     conn.pragma_update(None, "synchronous", "normal")?;
     conn.pragma_update(None, "foreign_keys", "on")?;
+    // Closing the last connection would checkpoint the WAL and fsync it,
+    // which is most of a short-lived `valet run`'s exit; the WAL is
+    // checkpointed while writing (every 1000 pages) and on the next open
+    // instead. Durability is the same: the WAL is the database.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
     Ok(conn)
 }
 
@@ -204,10 +217,21 @@ impl Store {
         let data_dir = &options.data_dir;
         std::fs::create_dir_all(data_dir)?;
         restrict_permissions(data_dir);
+        let tokens = Arc::new(TokenCache::default());
         let backend = match &options.database {
             None => {
                 let lite = Lite::open(&data_dir.join(DB_FILE))?;
-                schema::run(&mut *lite.writer()?)?;
+                let mut writer = lite.writer()?;
+                schema::run(&mut writer)?;
+                let hook = tokens.clone();
+                writer.update_hook(Some(
+                    move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
+                        if table == "api_tokens" {
+                            hook.clear();
+                        }
+                    },
+                ));
+                drop(writer);
                 Backend::Sqlite(lite)
             }
             Some(url) => {
@@ -222,12 +246,21 @@ impl Store {
             }
         };
         let audit = AuditSink::start(backend.sibling()?)?;
-        let blobs = BlobStore::new(data_dir.join("blobs"))?;
         let objects = match (&options.blob_store, &backend) {
             (Some(url), _) => Some(BlobObjects::s3(url)?),
             (None, Backend::Postgres(_)) => Some(BlobObjects::local(&data_dir.join("objects"))?),
             (None, Backend::Sqlite(_)) => None,
         };
+        let (blobs, alone) = BlobStore::new(data_dir.join("blobs"))?;
+        if alone {
+            // No other process has the data dir open, so no write is in
+            // flight: whatever the index does not point to is left over
+            // from a crash. (Blobs as objects have no files here to sweep.)
+            if let (Backend::Sqlite(lite), None) = (&backend, &objects) {
+                blobs.sweep_orphans(&*lite.writer()?)?;
+            }
+            blobs.share()?;
+        }
         let user_dbs = UserDatabases::new(data_dir.join("sqlite"))?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -238,8 +271,14 @@ impl Store {
                 blobs,
                 objects,
                 user_dbs,
+                tokens,
             }),
         })
+    }
+
+    /// API token records cached in memory (see [`TokenCache`]).
+    pub fn token_cache(&self) -> &TokenCache {
+        &self.inner.tokens
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -335,6 +374,28 @@ impl Store {
         f: impl FnOnce(&Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.lite()?.reading(f)
+    }
+
+    /// `PRAGMA integrity_check` of the control-plane database plus the
+    /// disagreements between the blob index and the files. Empty when all
+    /// is well.
+    pub fn integrity_problems(&self) -> Result<Vec<String>, StoreError> {
+        if self.is_shared() {
+            // PostgreSQL checks its own pages; the objects have no index
+            // of files on this node to disagree with.
+            return Ok(Vec::new());
+        }
+        let mut problems: Vec<String> = self.read(|c| {
+            let mut stmt = c.prepare("PRAGMA integrity_check")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            Ok(rows
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .filter(|row| row != "ok")
+                .collect())
+        })?;
+        problems.extend(self.blob_index_problems()?);
+        Ok(problems)
     }
 
     /// Runs blocking store work on tokio's blocking pool.

@@ -3,15 +3,19 @@
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("database error: {0}")]
-    Postgres(#[from] postgres::Error),
+    Postgres(postgres::Error),
     /// The database did not answer in time (every connection busy, or
     /// it is down); worth retrying.
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("file system error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// The disk under the data dir has no room left (ENOSPC, or SQLite's
+    /// `SQLITE_FULL`). Nothing of the write was kept; reads still work.
+    #[error("the disk holding valet's data is full: {0}")]
+    DiskFull(String),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -32,6 +36,31 @@ pub enum StoreError {
     Join(String),
 }
 
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> StoreError {
+        if e.kind() == std::io::ErrorKind::StorageFull
+            || e.kind() == std::io::ErrorKind::QuotaExceeded
+        {
+            StoreError::DiskFull(e.to_string())
+        } else {
+            StoreError::Io(e)
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        match &e {
+            // The control-plane database has no `max_page_count`, so FULL
+            // there is always the disk.
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+                StoreError::DiskFull(e.to_string())
+            }
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
 impl From<valet_core::ScopeError> for StoreError {
     fn from(e: valet_core::ScopeError) -> StoreError {
         StoreError::Corrupt(e.to_string())
@@ -49,5 +78,34 @@ impl StoreError {
             StoreError::Postgres(e) => e.code().is_some_and(|c| c.code().starts_with("23")),
             _ => false,
         }
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> StoreError {
+        match e.code() {
+            Some(code) if *code == postgres::error::SqlState::DISK_FULL => {
+                StoreError::DiskFull(e.to_string())
+            }
+            _ => StoreError::Postgres(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_space_is_disk_full_not_an_internal_error() {
+        let enospc = std::io::Error::from_raw_os_error(28);
+        assert!(matches!(StoreError::from(enospc), StoreError::DiskFull(_)));
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        assert!(matches!(StoreError::from(full), StoreError::DiskFull(_)));
+        let other = std::io::Error::from_raw_os_error(13);
+        assert!(matches!(StoreError::from(other), StoreError::Io(_)));
     }
 }

@@ -4,7 +4,22 @@
 use valet_core::{KeyRing, SigningKey};
 
 use crate::sql::args;
+use crate::vals::MAX_TIMEOUT_MS;
 use crate::{Store, StoreError, time};
+
+/// How long a retired key keeps verifying after a rotation: the longest a
+/// run may last (its token's `exp`), plus time for every running server to
+/// read the new ring back (`valet serve` does every 30 s) and slack.
+pub const ROTATION_OVERLAP_MS: i64 = MAX_TIMEOUT_MS + 5 * 60_000;
+
+/// One signing key as `valet keys list` shows it.
+#[derive(Debug, Clone)]
+pub struct SigningKeyInfo {
+    pub kid: String,
+    pub created_at: i64,
+    /// `None` for the current key; otherwise when it stops verifying.
+    pub retire_at: Option<i64>,
+}
 
 impl Store {
     /// The key ring: the current key (created on first use) plus retired
@@ -62,7 +77,27 @@ impl Store {
         Ok(ring)
     }
 
-    /// Makes a new current key; the old one verifies for `overlap_ms` more.
+    /// The keys that still verify, newest first.
+    pub fn signing_keys(&self) -> Result<Vec<SigningKeyInfo>, StoreError> {
+        let now = time::now_ms();
+        self.db_read(|sql| {
+            sql.query_map(
+                "SELECT kid, created_at, retire_at FROM signing_keys
+                 WHERE retire_at IS NULL OR retire_at > ?1 ORDER BY created_at DESC, retire_at IS NULL DESC",
+                args![now],
+                |r| {
+                    Ok(SigningKeyInfo {
+                        kid: r.get(0)?,
+                        created_at: r.get(1)?,
+                        retire_at: r.get(2)?,
+                    })
+                },
+            )
+        })
+    }
+
+    /// Makes a new current key; the old one verifies for `overlap_ms` more
+    /// ([`ROTATION_OVERLAP_MS`] outside tests).
     pub fn rotate_signing_key(&self, overlap_ms: i64) -> Result<KeyRing, StoreError> {
         let now = time::now_ms();
         let key = SigningKey::generate().map_err(|e| StoreError::Invalid(e.to_string()))?;

@@ -27,6 +27,7 @@ mod sql;
 #[cfg(test)]
 mod testing;
 pub mod time;
+mod token_cache;
 mod tokens;
 mod user_sqlite;
 mod users;
@@ -37,6 +38,7 @@ pub use blobs::{BlobKey, BlobMeta, BlobStore};
 pub use cluster::{ClaimedRun, ClusterEvent, DeadNode};
 pub use db::{Store, StoreOptions};
 pub use error::StoreError;
+pub use keys::{ROTATION_OVERLAP_MS, SigningKeyInfo};
 pub use leaks::{LeakOutcome, report_leak};
 pub use outbox::{
     DEFAULT_EMAIL_FROM, EmailDraft, EmailError, EmailMessage, EmailQuota, OutboxEntry,
@@ -51,12 +53,13 @@ pub mod outbox_types {
 pub use runs::{NewRun, Outcome, RunRecord};
 pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use sessions::Session;
-pub use tokens::{MigrationState, TokenRecord};
+pub use token_cache::TokenCache;
+pub use tokens::{MigrationState, TokenChange, TokenRecord};
 pub use user_sqlite::{
-    BatchMode, HeldSqliteGrants, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement,
+    BatchMode, HeldSqliteGrants, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement, SqlValue,
     SqliteGrants, StatementAccess, UserDatabases,
 };
-pub use users::User;
+pub use users::{Tier, User};
 pub use vals::{NewVal, Val, ValKind, ValPatch};
 
 /// A fresh id with a readable prefix: `tok_0193…`. UUIDv7, so ids sort by

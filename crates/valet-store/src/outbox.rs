@@ -27,6 +27,11 @@ pub const MAX_RECIPIENTS: usize = 50;
 pub const MAX_HEADERS: usize = 32;
 
 /// An attachment as the std library sends it.
+///
+/// Serde here (and on [`EmailDraft`] and [`EmailMessage`]) is the store's
+/// own format: a queued message is kept as JSON in the outbox's `message`
+/// column and read back through [`EmailMessage::new`]. The API's request
+/// and response shapes are written in valet-api (`routes/email.rs`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Attachment {
     pub filename: String,
@@ -39,7 +44,8 @@ pub struct Attachment {
 }
 
 /// The parts of a message before they are checked. Addresses are
-/// `local@domain` or `"Name" <local@domain>`.
+/// `local@domain` or `"Name" <local@domain>`. Serialized only as the
+/// outbox's stored form (see [`Attachment`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct EmailDraft {
     pub from: String,
@@ -64,8 +70,8 @@ pub struct EmailDraft {
 
 /// A checked message: every address is a plain mailbox, no header-bound
 /// field holds a CR, LF or NUL, custom headers come from the allowlist,
-/// and attachments are base64. Read back from the outbox through the same
-/// check.
+/// and attachments are base64. Stored in the outbox as the JSON of its
+/// draft and read back through the same check.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(try_from = "EmailDraft", into = "EmailDraft")]
 pub struct EmailMessage {
@@ -342,8 +348,7 @@ impl std::fmt::Display for QuotaExceeded {
 
 const DAY_MS: i64 = 86_400_000;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutboxStatus {
     Queued,
     Sent,
@@ -351,6 +356,15 @@ pub enum OutboxStatus {
 }
 
 impl OutboxStatus {
+    /// The word stored in the `status` column (and shown by the API).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxStatus::Queued => "queued",
+            OutboxStatus::Sent => "sent",
+            OutboxStatus::Failed => "failed",
+        }
+    }
+
     fn parse(s: &str) -> OutboxStatus {
         match s {
             "sent" => OutboxStatus::Sent,
@@ -360,21 +374,24 @@ impl OutboxStatus {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A queued message and how its delivery stands. Times are unix
+/// milliseconds.
+#[derive(Debug, Clone)]
 pub struct OutboxEntry {
     pub id: i64,
-    #[serde(skip)]
     pub user_id: String,
     pub status: OutboxStatus,
     pub attempts: i64,
     pub last_error: Option<String>,
-    pub created_at: String,
-    pub sent_at: Option<String>,
+    pub created_at: i64,
+    pub sent_at: Option<i64>,
     pub message: EmailMessage,
 }
 
-/// Delivery attempts before a message is marked failed.
-pub const MAX_ATTEMPTS: i64 = 5;
+/// Delivery attempts before a message is marked failed. With the backoff
+/// (2 s doubling up to 17 min) that is about four and a half hours: a
+/// relay that is down for an afternoon loses nothing.
+pub const MAX_ATTEMPTS: i64 = 24;
 
 /// How long a node that took a message for delivery holds it before
 /// another node may try it (when the first died mid-delivery, say).
@@ -400,8 +417,8 @@ fn entry_from_row(row: &Row) -> Result<Checked, StoreError> {
         status: OutboxStatus::parse(&status),
         attempts: row.get(3)?,
         last_error: row.get(4)?,
-        created_at: time::iso(created),
-        sent_at: sent.map(time::iso),
+        created_at: created,
+        sent_at: sent,
         message,
     }))
 }

@@ -1,6 +1,5 @@
 //! Run records: one row per run, with its outcome and its (bounded) logs.
 
-use serde::Serialize;
 use valet_core::grant::ValRead;
 use valet_core::{Granted, ScopeSet};
 
@@ -8,8 +7,7 @@ use crate::sql::{Row, args};
 use crate::{Store, StoreError, time};
 
 /// How a run ended (docs/CONTRACTS.md, "Outcomes"), or that it has not yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Running,
     Succeeded,
@@ -21,6 +19,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The word stored in the `status` column (and shown by the API).
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Running => "running",
@@ -57,22 +56,21 @@ pub struct NewRun<'a> {
     pub deadline: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A run as stored. Times are unix milliseconds.
+#[derive(Debug, Clone)]
 pub struct RunRecord {
     pub id: String,
-    #[serde(skip)]
     pub user_id: String,
     pub val_id: Option<String>,
     pub trigger: String,
     pub scopes: ScopeSet,
     pub outcome: Outcome,
-    pub started_at: String,
-    pub ended_at: Option<String>,
+    pub started_at: i64,
+    pub ended_at: Option<i64>,
     pub duration_ms: Option<i64>,
     pub exit_detail: Option<String>,
     pub logs: String,
     /// The node that ran it, in a cluster.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
 }
 
@@ -90,8 +88,8 @@ fn from_row(row: &Row) -> Result<RunRecord, StoreError> {
         trigger: row.get(3)?,
         scopes: ScopeSet::parse(&scopes).unwrap_or_default(),
         outcome: Outcome::parse(&status),
-        started_at: time::iso(started),
-        ended_at: ended.map(time::iso),
+        started_at: started,
+        ended_at: ended,
         duration_ms: ended.map(|e| e - started),
         exit_detail: row.get(8)?,
         logs: row.get(9)?,

@@ -149,7 +149,12 @@ const MIGRATIONS: &[&str] = &[
     UPDATE outbox SET bytes = length(CAST(message AS BLOB));
     CREATE INDEX outbox_user_day ON outbox(user_id, created_at);
     "#,
-    // 5: which node ran a run (always this one on SQLite; kept so that
+    // 5: the file each blob row points to. NULL: a blob written before,
+    // whose file is named by the SHA-256 of its key.
+    r#"
+    ALTER TABLE blobs ADD COLUMN file TEXT;
+    "#,
+    // 6: which node ran a run (always this one on SQLite; kept so that
     // both control planes share their statements).
     r#"
     ALTER TABLE runs ADD COLUMN node_id TEXT;

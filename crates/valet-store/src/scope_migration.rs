@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
 use valet_core::ScopeSet;
 
 use crate::outbox::{DEFAULT_EMAIL_FROM, enqueue_in, system_message};
@@ -47,7 +46,7 @@ impl Default for MigrationOptions {
 }
 
 /// One token the migration held back, for the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct HeldToken {
     pub id: String,
     pub user_id: String,
@@ -56,7 +55,9 @@ pub struct HeldToken {
     pub last_use: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+/// What a migration run did (or, dry, would do). `valet migrate scopes
+/// --json` writes it out (valet-cli, `cmd/migrate.rs`).
+#[derive(Debug, Clone, Default)]
 pub struct MigrationSummary {
     pub dry_run: bool,
     /// Live legacy tokens moved to the safe defaults by this run.

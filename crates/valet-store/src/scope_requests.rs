@@ -1,15 +1,13 @@
 //! Scope requests, the iOS-style opt-in: a run refused for a missing scope
 //! leaves a request on its val, which the owner can allow or deny.
 
-use serde::Serialize;
 use valet_core::grant::{ValScope, ValWrite};
 use valet_core::{Granted, GrantedSet, Scope};
 
 use crate::sql::args;
 use crate::{Store, StoreError, time};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScopeRequestState {
     Pending,
     Allowed,
@@ -17,6 +15,15 @@ pub enum ScopeRequestState {
 }
 
 impl ScopeRequestState {
+    /// The word stored in the `state` column (and shown by the API).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeRequestState::Pending => "pending",
+            ScopeRequestState::Allowed => "allowed",
+            ScopeRequestState::Denied => "denied",
+        }
+    }
+
     fn parse(s: &str) -> ScopeRequestState {
         match s {
             "allowed" => ScopeRequestState::Allowed,
@@ -26,12 +33,13 @@ impl ScopeRequestState {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A scope request as stored. Times are unix milliseconds.
+#[derive(Debug, Clone)]
 pub struct ScopeRequest {
     pub scope: Scope,
     pub state: ScopeRequestState,
-    pub first_at: String,
-    pub last_at: String,
+    pub first_at: i64,
+    pub last_at: i64,
     pub count: i64,
     pub sample_route: String,
 }
@@ -81,8 +89,8 @@ impl Store {
                 out.push(ScopeRequest {
                     scope: scope.parse()?,
                     state: ScopeRequestState::parse(&state),
-                    first_at: time::iso(r.get(2)?),
-                    last_at: time::iso(r.get(3)?),
+                    first_at: r.get(2)?,
+                    last_at: r.get(3)?,
                     count: r.get(4)?,
                     sample_route: r.get(5)?,
                 });
@@ -105,8 +113,19 @@ impl Store {
         if allow && (cover.user_id() != grant.user_id() || !cover.scopes().contains(scope)) {
             return Err(StoreError::ScopeNotHeld(scope));
         }
-        let val = self.val_of_user(grant, val_id)?;
+        let user_id = grant.user_id();
         self.db_write(|sql| {
+            // The val's scopes are read inside the transaction that writes
+            // them, so a concurrent edit of the val is not lost.
+            let lock = sql.for_update();
+            let scopes: String = sql
+                .query_opt(
+                    &format!("SELECT scopes FROM vals WHERE id = ?1 AND user_id = ?2{lock}"),
+                    args![val_id, user_id],
+                )?
+                .ok_or_else(|| StoreError::NotFound(format!("val '{val_id}'")))?
+                .get(0)?;
+            let scopes = valet_core::ScopeSet::parse(&scopes)?;
             let n = sql.execute(
                 "UPDATE scope_requests SET state = ?1 WHERE val_id = ?2 AND scope = ?3",
                 args![
@@ -123,7 +142,7 @@ impl Store {
             if allow {
                 sql.execute(
                     "UPDATE vals SET scopes = ?1, updated_at = ?2 WHERE id = ?3",
-                    args![val.scopes.with(scope).to_claim(), time::now_ms(), val_id],
+                    args![scopes.with(scope).to_claim(), time::now_ms(), val_id],
                 )?;
             }
             Ok(())

@@ -198,6 +198,17 @@ impl<'a> Sql<'a> {
         }
     }
 
+    /// What ends a `SELECT` of rows the transaction is about to update:
+    /// `FOR UPDATE` on PostgreSQL (whose transactions read committed
+    /// rows); nothing on SQLite, whose write transactions are immediate
+    /// and so already exclusive.
+    pub(crate) fn for_update(&self) -> &'static str {
+        match self.dialect() {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => " FOR UPDATE",
+        }
+    }
+
     /// Runs a statement; returns the rows it changed.
     pub(crate) fn execute(&mut self, sql: &str, args: &[&dyn Arg]) -> Result<u64, StoreError> {
         match &mut self.exec {

@@ -68,6 +68,13 @@ impl TokenRecord {
     }
 }
 
+/// A change to a token; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct TokenChange {
+    pub name: Option<String>,
+    pub scopes: Option<ScopeSet>,
+}
+
 pub(crate) const COLUMNS: &str = "id, user_id, name, hash, hint, scopes, created_at, last_used_at, \
      expires_at, revoked_at, revoked_reason, leak_url, migration_state, migration_note";
 
@@ -191,6 +198,15 @@ impl Store {
             // so equality is never decided by a short-circuiting memcmp.
             Ok(record.filter(|r| r.hash.ct_eq(hash)))
         })
+        .inspect(|record| {
+            // Beside PostgreSQL another node may revoke the token, and
+            // nothing here would hear of it: no caching there.
+            if let Some(record) = record
+                && !self.is_shared()
+            {
+                self.token_cache().put(record);
+            }
+        })
     }
 
     /// A token of the grant's user; another user's token is "not found".
@@ -224,46 +240,72 @@ impl Store {
         })
     }
 
+    /// Renames a token and/or replaces its scopes, in one transaction.
+    /// A revoked token cannot be changed, whoever asks (the API, the pages'
+    /// scope form and "accept the safe defaults", the CLI): that is a
+    /// conflict, and nothing is written.
+    pub fn update_token(
+        &self,
+        grant: &Granted<UserWrite>,
+        id: &str,
+        change: TokenChange,
+    ) -> Result<TokenRecord, StoreError> {
+        if let Some(name) = &change.name {
+            validate_token_name(name)?;
+        }
+        let user_id = grant.user_id();
+        self.db_write(|sql| {
+            let current = |sql: &mut crate::sql::Sql<'_>, lock: &str| {
+                sql.query_opt(
+                    &format!(
+                        "SELECT {COLUMNS} FROM api_tokens WHERE id = ?1 AND user_id = ?2{lock}"
+                    ),
+                    args![id, user_id],
+                )?
+                .as_ref()
+                .map(from_row)
+                .transpose()?
+                .ok_or_else(|| StoreError::NotFound(format!("token '{id}'")))
+            };
+            let lock = sql.for_update();
+            if current(sql, lock)?.is_revoked() {
+                return Err(StoreError::Conflict(format!(
+                    "token '{id}' is revoked: a revoked token cannot be changed"
+                )));
+            }
+            if let Some(name) = &change.name {
+                sql.execute(
+                    "UPDATE api_tokens SET name = ?1 WHERE id = ?2 AND user_id = ?3",
+                    args![name, id, user_id],
+                )?;
+            }
+            if let Some(scopes) = change.scopes {
+                sql.execute(
+                    "UPDATE api_tokens SET scopes = ?1,
+                         migration_state = CASE WHEN migration_state = 'held' THEN 'finished' ELSE migration_state END
+                     WHERE id = ?2 AND user_id = ?3",
+                    args![scopes.to_claim(), id, user_id],
+                )?;
+            }
+            current(sql, "")
+        })
+    }
+
+    /// Replaces a token's scopes (see [`Store::update_token`]).
     pub fn set_token_scopes(
         &self,
         grant: &Granted<UserWrite>,
         id: &str,
         scopes: ScopeSet,
     ) -> Result<TokenRecord, StoreError> {
-        let user_id = grant.user_id();
-        self.db_write(|sql| {
-            let n = sql.execute(
-                "UPDATE api_tokens SET scopes = ?1,
-                     migration_state = CASE WHEN migration_state = 'held' THEN 'finished' ELSE migration_state END
-                 WHERE id = ?2 AND user_id = ?3",
-                args![scopes.to_claim(), id, user_id],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("token '{id}'")));
-            }
-            Ok(())
-        })?;
-        self.token_of_user(grant, id)
-    }
-
-    pub fn rename_token(
-        &self,
-        grant: &Granted<UserWrite>,
-        id: &str,
-        name: &str,
-    ) -> Result<(), StoreError> {
-        let user_id = grant.user_id();
-        validate_token_name(name)?;
-        self.db_write(|sql| {
-            let n = sql.execute(
-                "UPDATE api_tokens SET name = ?1 WHERE id = ?2 AND user_id = ?3",
-                args![name, id, user_id],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("token '{id}'")));
-            }
-            Ok(())
-        })
+        self.update_token(
+            grant,
+            id,
+            TokenChange {
+                scopes: Some(scopes),
+                ..TokenChange::default()
+            },
+        )
     }
 
     /// Revokes a token of `user_id`. Revoking twice keeps the first reason.
@@ -422,6 +464,68 @@ mod tests {
                     .revoked_at
                     .is_none()
             );
+        }
+    }
+
+    #[test]
+    fn a_revoked_token_cannot_be_changed() {
+        for backend in Backends::all() {
+            let (store, user) = store(&backend);
+            let (record, _) = store
+                .create_token(&write(&user), "old", TokenScopes::Legacy, None)
+                .expect("create");
+            let renamed = store
+                .update_token(
+                    &write(&user),
+                    &record.id,
+                    TokenChange {
+                        name: Some("renamed".into()),
+                        scopes: Some(ScopeSet::default_val()),
+                    },
+                )
+                .expect("a live token changes");
+            assert_eq!(renamed.name, "renamed");
+            assert_eq!(renamed.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
+            store
+                .revoke_token(&write(&user), &record.id, "by its owner")
+                .expect("revoke");
+            let changes = [
+                TokenChange {
+                    name: Some("revived".into()),
+                    scopes: None,
+                },
+                TokenChange {
+                    name: None,
+                    scopes: Some(ScopeSet::all()),
+                },
+                TokenChange::default(),
+            ];
+            for change in changes {
+                let err = store
+                    .update_token(&write(&user), &record.id, change.clone())
+                    .expect_err("revoked");
+                assert!(
+                    matches!(&err, StoreError::Conflict(m) if m.contains("a revoked token cannot be changed")),
+                    "{change:?}: {err}"
+                );
+            }
+            assert!(matches!(
+                store.set_token_scopes(&write(&user), &record.id, ScopeSet::default_val()),
+                Err(StoreError::Conflict(_))
+            ));
+            let after = store
+                .token_of_user(&write(&user), &record.id)
+                .expect("read");
+            assert_eq!(after.name, "renamed");
+            assert_eq!(after.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
+            // Another user's token is still "not found", not "revoked".
+            let bob = store
+                .create_user("bob", "bob@example.com", None)
+                .expect("bob");
+            assert!(matches!(
+                store.update_token(&write(&bob.id), &record.id, TokenChange::default()),
+                Err(StoreError::NotFound(_))
+            ));
         }
     }
 

@@ -18,11 +18,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags};
-use serde::{Deserialize, Serialize};
 use valet_core::Granted;
 use valet_core::grant::{SqliteRead, SqliteWrite};
 
@@ -88,26 +86,31 @@ pub enum StatementAccess {
     Write,
 }
 
+/// A value bound to a statement or read from a row, in SQLite's own five
+/// storage classes. (valet-api maps it to and from the std library's JSON.)
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
 /// Arguments of a statement, positional (`?`) or named (`:name`).
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(untagged)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum SqlArgs {
     #[default]
     None,
-    Positional(Vec<serde_json::Value>),
-    Named(BTreeMap<String, serde_json::Value>),
+    Positional(Vec<SqlValue>),
+    Named(BTreeMap<String, SqlValue>),
 }
 
-/// A statement as the std library sends it: a bare string or `{sql, args}`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// A statement: SQL alone, or SQL with arguments.
+#[derive(Debug, Clone, PartialEq)]
 pub enum SqlStatement {
     Text(String),
-    WithArgs {
-        sql: String,
-        #[serde(default)]
-        args: SqlArgs,
-    },
+    WithArgs { sql: String, args: SqlArgs },
 }
 
 impl SqlStatement {
@@ -120,16 +123,16 @@ impl SqlStatement {
     }
 }
 
-/// The libsql result shape the hosted std returns.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// What one statement returned: the parts of the libsql result the hosted
+/// std reads (valet-api writes it in that shape).
+#[derive(Debug, Clone, PartialEq)]
 pub struct SqlResult {
     pub columns: Vec<String>,
-    #[serde(rename = "columnTypes")]
+    /// Declared types, `""` for an expression or an untyped column.
     pub column_types: Vec<String>,
-    pub rows: Vec<Vec<serde_json::Value>>,
-    #[serde(rename = "rowsAffected")]
+    pub rows: Vec<Vec<SqlValue>>,
     pub rows_affected: u64,
-    #[serde(rename = "lastInsertRowid")]
+    /// `None` for a read-only statement.
     pub last_insert_rowid: Option<i64>,
 }
 
@@ -222,8 +225,7 @@ fn too_many_bytes(limits: SqlLimits) -> SqlError {
 }
 
 /// Batch transaction modes of the libsql client.
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum BatchMode {
     #[default]
     Write,
@@ -362,6 +364,38 @@ impl UserDatabases {
         statements: &[SqlStatement],
         mode: BatchMode,
     ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
+        let owner = grants.owner().to_owned();
+        match self.execute_in_transaction(grants, statements, mode) {
+            // SQLite says FULL both at `max_page_count` and when the disk
+            // is out of room; only the first is the user's to fix.
+            Err(SqlError::Full(limit)) if self.disk_is_the_limit(&owner, limit) => {
+                Err(SqlError::Store(StoreError::DiskFull(
+                    "no room left to grow the database".into(),
+                )))
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the disk has less room than the user's database may still
+    /// grow by: then the disk, not the size limit, stopped the write.
+    fn disk_is_the_limit(&self, user_id: &str, limit: u64) -> bool {
+        let Ok(path) = self.path(user_id) else {
+            return false;
+        };
+        let used = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match rustix::fs::statvfs(&self.root) {
+            Ok(fs) => fs.f_bavail.saturating_mul(fs.f_frsize) < limit.saturating_sub(used),
+            Err(_) => false,
+        }
+    }
+
+    fn execute_in_transaction(
+        &self,
+        grants: &mut dyn SqliteGrants,
+        statements: &[SqlStatement],
+        mode: BatchMode,
+    ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
         if statements.is_empty() {
             return Err(SqlError::Invalid("no statements given".into()));
         }
@@ -466,29 +500,14 @@ fn map_sql_error(e: rusqlite::Error, limits: SqlLimits) -> SqlError {
     }
 }
 
-fn json_to_value(v: &serde_json::Value) -> Result<Value, SqlError> {
-    Ok(match v {
-        serde_json::Value::Null => Value::Null,
-        serde_json::Value::Bool(b) => Value::Integer(i64::from(*b)),
-        serde_json::Value::Number(n) => match n.as_i64() {
-            Some(i) => Value::Integer(i),
-            None => Value::Real(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        serde_json::Value::String(s) => Value::Text(s.clone()),
-        serde_json::Value::Object(o) if o.len() == 1 && o.contains_key("base64") => {
-            let text = o.get("base64").and_then(|b| b.as_str()).unwrap_or_default();
-            Value::Blob(
-                base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .map_err(|e| SqlError::Invalid(format!("bad base64 blob argument: {e}")))?,
-            )
-        }
-        other => {
-            return Err(SqlError::Invalid(format!(
-                "unsupported argument {other}: use null, a number, a string, a boolean or {{\"base64\": ...}}"
-            )));
-        }
-    })
+fn to_sqlite(v: &SqlValue) -> Value {
+    match v {
+        SqlValue::Null => Value::Null,
+        SqlValue::Integer(i) => Value::Integer(*i),
+        SqlValue::Real(f) => Value::Real(*f),
+        SqlValue::Text(t) => Value::Text(t.clone()),
+        SqlValue::Blob(b) => Value::Blob(b.clone()),
+    }
 }
 
 /// About what a value costs as JSON, counted before it is converted.
@@ -502,17 +521,13 @@ fn json_cost(v: ValueRef<'_>) -> usize {
         }
 }
 
-fn value_to_json(v: ValueRef<'_>) -> serde_json::Value {
+fn from_sqlite(v: ValueRef<'_>) -> SqlValue {
     match v {
-        ValueRef::Null => serde_json::Value::Null,
-        ValueRef::Integer(i) => i.into(),
-        ValueRef::Real(f) => {
-            serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into)
-        }
-        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
-        ValueRef::Blob(b) => {
-            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) })
-        }
+        ValueRef::Null => SqlValue::Null,
+        ValueRef::Integer(i) => SqlValue::Integer(i),
+        ValueRef::Real(f) => SqlValue::Real(f),
+        ValueRef::Text(t) => SqlValue::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => SqlValue::Blob(b.to_vec()),
     }
 }
 
@@ -536,8 +551,7 @@ fn run_one(
                 )));
             }
             for (i, v) in values.iter().enumerate() {
-                stmt.raw_bind_parameter(i + 1, json_to_value(v)?)
-                    .map_err(err)?;
+                stmt.raw_bind_parameter(i + 1, to_sqlite(v)).map_err(err)?;
             }
         }
         SqlArgs::Named(map) => {
@@ -555,8 +569,7 @@ fn run_one(
                         "statement has no parameter named '{name}'"
                     )));
                 };
-                stmt.raw_bind_parameter(index, json_to_value(v)?)
-                    .map_err(err)?;
+                stmt.raw_bind_parameter(index, to_sqlite(v)).map_err(err)?;
             }
         }
     }
@@ -577,7 +590,7 @@ fn run_one(
             for i in 0..columns.len() {
                 let value = row.get_ref(i).map_err(err)?;
                 budget.take_bytes(json_cost(value))?;
-                out.push(value_to_json(value));
+                out.push(from_sqlite(value));
             }
             rows_out.push(out);
         }
@@ -841,7 +854,7 @@ mod tests {
             BatchMode::Read,
         )
         .expect("count");
-        assert_eq!(r[0].rows[0][0], 0);
+        assert_eq!(r[0].rows[0][0], SqlValue::Integer(0));
     }
 
     #[test]
@@ -854,22 +867,29 @@ mod tests {
             BatchMode::Write,
         )
         .expect("create");
-        let insert: SqlStatement = serde_json::from_value(serde_json::json!({
-            "sql": "INSERT INTO t VALUES (?, ?, ?, ?, ?)",
-            "args": [1, 2.5, "x", {"base64": "AAE="}, null]
-        }))
-        .expect("json");
+        let row = vec![
+            SqlValue::Integer(1),
+            SqlValue::Real(2.5),
+            SqlValue::Text("x".into()),
+            SqlValue::Blob(vec![0, 1]),
+            SqlValue::Null,
+        ];
+        let insert = SqlStatement::WithArgs {
+            sql: "INSERT INTO t VALUES (?, ?, ?, ?, ?)".into(),
+            args: SqlArgs::Positional(row.clone()),
+        };
         let (r, _) = run(&dbs, rw("u1"), &[insert], BatchMode::Write).expect("insert");
         assert_eq!(r[0].rows_affected, 1);
         assert_eq!(r[0].last_insert_rowid, Some(1));
-        let named: SqlStatement = serde_json::from_value(serde_json::json!({
-            "sql": "SELECT i, r, s, b, n FROM t WHERE s = :s", "args": {"s": "x"}
-        }))
-        .expect("json");
+        let named = SqlStatement::WithArgs {
+            sql: "SELECT i, r, s, b, n FROM t WHERE s = :s".into(),
+            args: SqlArgs::Named([("s".to_owned(), SqlValue::Text("x".into()))].into()),
+        };
         let (r, _) = run(&dbs, rw("u1"), &[named], BatchMode::Read).expect("select");
+        assert_eq!(r[0].rows[0], row);
         assert_eq!(
-            serde_json::to_value(&r[0].rows[0]).expect("json"),
-            serde_json::json!([1, 2.5, "x", {"base64": "AAE="}, null])
+            r[0].column_types,
+            ["INTEGER", "REAL", "TEXT", "BLOB", ""].map(String::from)
         );
     }
 

@@ -2,15 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
 use valet_core::grant::{ValRead, ValScope, ValWrite};
-use valet_core::{Granted, GrantedSet, ScopeSet};
+use valet_core::{Granted, GrantedSet, Schedule, ScopeSet};
 
 use crate::sql::{Row, args};
 use crate::{Store, StoreError, new_id, time};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValKind {
     Http,
     Script,
@@ -18,6 +16,7 @@ pub enum ValKind {
 }
 
 impl ValKind {
+    /// The word stored in the `kind` column (and shown by the API).
     pub fn as_str(self) -> &'static str {
         match self {
             ValKind::Http => "http",
@@ -48,7 +47,8 @@ pub struct Val {
     pub scopes: ScopeSet,
     pub env: BTreeMap<String, String>,
     pub timeout_ms: i64,
-    pub schedule: Option<String>,
+    /// When a cron val runs; a cron val always has one.
+    pub schedule: Option<Schedule>,
     pub created_at: i64,
     pub updated_at: i64,
     pub last_run_at: Option<i64>,
@@ -62,7 +62,7 @@ pub struct NewVal {
     pub scopes: ScopeSet,
     pub env: BTreeMap<String, String>,
     pub timeout_ms: i64,
-    pub schedule: Option<String>,
+    pub schedule: Option<Schedule>,
 }
 
 /// A partial update; `None` leaves a field as it is.
@@ -74,7 +74,8 @@ pub struct ValPatch {
     pub scopes: Option<ScopeSet>,
     pub env: Option<BTreeMap<String, String>>,
     pub timeout_ms: Option<i64>,
-    pub schedule: Option<Option<String>>,
+    /// `Some(None)` removes the schedule.
+    pub schedule: Option<Option<Schedule>>,
 }
 
 impl ValPatch {
@@ -83,6 +84,30 @@ impl ValPatch {
     /// is called).
     pub fn changes_what_runs(&self) -> bool {
         self.code.is_some() || self.env.is_some() || self.kind.is_some()
+    }
+
+    fn apply(self, val: &mut Val) {
+        if let Some(name) = self.name {
+            val.name = name;
+        }
+        if let Some(kind) = self.kind {
+            val.kind = kind;
+        }
+        if let Some(code) = self.code {
+            val.code = code;
+        }
+        if let Some(scopes) = self.scopes {
+            val.scopes = scopes;
+        }
+        if let Some(env) = self.env {
+            val.env = env;
+        }
+        if let Some(timeout) = self.timeout_ms {
+            val.timeout_ms = timeout;
+        }
+        if let Some(schedule) = self.schedule {
+            val.schedule = schedule;
+        }
     }
 }
 
@@ -157,6 +182,16 @@ fn validate_timeout(ms: i64) -> Result<(), StoreError> {
     }
 }
 
+/// A cron val needs a schedule (other kinds may keep one; it is unused).
+fn validate_schedule(kind: ValKind, schedule: Option<&Schedule>) -> Result<(), StoreError> {
+    if kind == ValKind::Cron && schedule.is_none() {
+        return Err(StoreError::Invalid(
+            "a cron val needs a schedule (use cron syntax, e.g. '*/5 * * * *')".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_code(code: &str) -> Result<(), StoreError> {
     if code.len() > MAX_CODE_BYTES {
         return Err(StoreError::Invalid(format!(
@@ -168,12 +203,29 @@ fn validate_code(code: &str) -> Result<(), StoreError> {
 
 const COLUMNS: &str = "id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at, last_run_at";
 
+/// A stored schedule, parsed once as the row is read. One that no longer
+/// parses (kept by an older valet with a laxer parser) reads as none, so
+/// the val stays readable and the scheduler skips it until a new schedule
+/// is saved.
+fn schedule_column(id: &str, text: Option<String>) -> Option<Schedule> {
+    let text = text?;
+    match Schedule::parse(&text) {
+        Ok(schedule) => Some(schedule),
+        Err(e) => {
+            tracing::warn!(val_id = id, error = %e, "ignoring a stored schedule that does not parse");
+            None
+        }
+    }
+}
+
 fn from_row(row: &Row) -> Result<Val, StoreError> {
+    let id: String = row.get(0)?;
     let kind: String = row.get(3)?;
     let scopes: String = row.get(5)?;
     let env: String = row.get(6)?;
+    let schedule = schedule_column(&id, row.get(8)?);
     Ok(Val {
-        id: row.get(0)?,
+        id,
         user_id: row.get(1)?,
         name: row.get(2)?,
         kind: ValKind::parse(&kind).map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -182,7 +234,7 @@ fn from_row(row: &Row) -> Result<Val, StoreError> {
         env: serde_json::from_str(&env)
             .map_err(|e| StoreError::Corrupt(format!("a val's env: {e}")))?,
         timeout_ms: row.get(7)?,
-        schedule: row.get(8)?,
+        schedule,
         created_at: row.get(9)?,
         updated_at: row.get(10)?,
         last_run_at: row.get(11)?,
@@ -209,6 +261,7 @@ impl Store {
         validate_env(&new.env)?;
         validate_timeout(new.timeout_ms)?;
         validate_code(&new.code)?;
+        validate_schedule(new.kind, new.schedule.as_ref())?;
         let now = time::now_ms();
         let val = Val {
             id: new_id("val"),
@@ -230,7 +283,7 @@ impl Store {
             let n = sql.execute(
                 "INSERT INTO vals (id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) ON CONFLICT(user_id, name) DO NOTHING",
-                args![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, now],
+                args![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule.as_ref().map(Schedule::as_str), now],
             )?;
             if n == 0 {
                 return Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)));
@@ -311,7 +364,10 @@ impl Store {
     /// Changes a val. `cover` proves what the caller holds: new scopes need
     /// all of them, and a change to what the val's runs execute (code, env,
     /// type) needs every scope the runs hold, so no one changes code that
-    /// runs with more power than they have.
+    /// runs with more power than they have. The read and the write are one
+    /// immediate transaction, so a concurrent edit (another patch, an
+    /// allowed scope request) is never overwritten with a stale copy, and
+    /// the cover is checked against the val as it is when written.
     pub fn update_val(
         &self,
         grant: &Granted<ValWrite>,
@@ -320,68 +376,52 @@ impl Store {
         patch: ValPatch,
     ) -> Result<Val, StoreError> {
         let user_id = grant.user_id();
-        let mut val = self.val_of_user(grant, id)?;
-        let previous_scopes = val.scopes;
-        if let Some(scopes) = patch.scopes {
-            check_cover(user_id, cover, scopes)?;
+        if let Some(name) = &patch.name {
+            validate_val_name(name)?;
         }
-        if patch.changes_what_runs() {
-            check_cover(user_id, cover, val.scopes)?;
+        if let Some(code) = &patch.code {
+            validate_code(code)?;
         }
-        if let Some(name) = patch.name {
-            validate_val_name(&name)?;
-            val.name = name;
-        }
-        if let Some(kind) = patch.kind {
-            val.kind = kind;
-        }
-        if let Some(code) = patch.code {
-            validate_code(&code)?;
-            val.code = code;
-        }
-        if let Some(scopes) = patch.scopes {
-            val.scopes = scopes;
-        }
-        if let Some(env) = patch.env {
-            validate_env(&env)?;
-            val.env = env;
+        if let Some(env) = &patch.env {
+            validate_env(env)?;
         }
         if let Some(timeout) = patch.timeout_ms {
             validate_timeout(timeout)?;
-            val.timeout_ms = timeout;
         }
-        if let Some(schedule) = patch.schedule {
-            val.schedule = schedule;
+        if let Some(scopes) = patch.scopes {
+            check_cover(user_id, cover, scopes)?;
         }
-        val.updated_at = time::now_ms();
-        let previous_scopes = previous_scopes.to_claim();
-        let env =
-            serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let updated = self.db_write(|sql| {
-            sql.execute(
-                "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
-                     schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10 AND scopes = ?11",
-                args![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule, val.updated_at, id, user_id, previous_scopes],
-            )
-        });
-        match updated {
-            // The row changed (or went) since it was read: its scopes
-            // may now exceed the cover, so refuse rather than guess.
-            Ok(0) => {
-                return Err(StoreError::Conflict(format!(
-                    "val '{id}' changed while it was being updated; try again"
-                )));
+        let changes_what_runs = patch.changes_what_runs();
+        self.db_write(|sql| {
+            let lock = sql.for_update();
+            let mut val = maybe(sql.query_opt(
+                &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2{lock}"),
+                args![id, user_id],
+            )?)?
+            .ok_or_else(|| StoreError::NotFound(format!("val '{id}'")))?;
+            if changes_what_runs {
+                check_cover(user_id, cover, val.scopes)?;
             }
-            Ok(_) => {}
-            Err(e) if e.is_constraint_violation() => {
-                return Err(StoreError::Conflict(format!(
+            patch.apply(&mut val);
+            validate_schedule(val.kind, val.schedule.as_ref())?;
+            val.updated_at = time::now_ms();
+            let env =
+                serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let n = sql.execute(
+                "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
+                     schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10",
+                args![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule.as_ref().map(Schedule::as_str), val.updated_at, id, user_id],
+            );
+            match n {
+                Ok(0) => Err(StoreError::NotFound(format!("val '{id}'"))),
+                Ok(_) => Ok(val),
+                Err(e) if e.is_constraint_violation() => Err(StoreError::Conflict(format!(
                     "a val named '{}' already exists",
                     val.name
-                )));
+                ))),
+                Err(e) => Err(e),
             }
-            Err(e) => return Err(e),
-        }
-        Ok(val)
+        })
     }
 
     pub fn delete_val(&self, grant: &Granted<ValWrite>, id: &str) -> Result<(), StoreError> {
@@ -396,5 +436,192 @@ impl Store {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use valet_core::{Granted, GrantedSet, Schedule, Scope, ScopeSet};
+
+    use super::*;
+
+    fn new_val(name: &str, kind: ValKind, schedule: Option<&str>) -> NewVal {
+        NewVal {
+            name: name.into(),
+            kind,
+            code: String::new(),
+            scopes: ScopeSet::EMPTY,
+            env: BTreeMap::new(),
+            timeout_ms: 1000,
+            schedule: schedule.map(|s| Schedule::parse(s).expect("schedule")),
+        }
+    }
+
+    /// Issue #11, item 8: the schedule is stored as a parsed `Schedule`,
+    /// and "a cron val needs a schedule" is the store's rule, whoever
+    /// creates or changes the val.
+    #[test]
+    fn a_cron_val_always_has_a_schedule() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        let write = Granted::<ValWrite>::for_operator(&user.id);
+        let cover = GrantedSet::for_operator(&user.id, ScopeSet::all());
+        let needs = |e: StoreError| e.to_string().contains("a cron val needs a schedule");
+        let err = store
+            .create_val(&write, &cover, new_val("c", ValKind::Cron, None))
+            .expect_err("no schedule");
+        assert!(needs(err));
+        let cron = store
+            .create_val(
+                &write,
+                &cover,
+                new_val("c", ValKind::Cron, Some("*/5 * * * *")),
+            )
+            .expect("cron");
+        assert_eq!(
+            cron.schedule.as_ref().map(Schedule::as_str),
+            Some("*/5 * * * *")
+        );
+        let clear = ValPatch {
+            schedule: Some(None),
+            ..ValPatch::default()
+        };
+        let err = store
+            .update_val(&write, &cover, &cron.id, clear.clone())
+            .expect_err("cleared");
+        assert!(needs(err));
+        let script = store
+            .create_val(&write, &cover, new_val("s", ValKind::Script, None))
+            .expect("script");
+        let to_cron = ValPatch {
+            kind: Some(ValKind::Cron),
+            ..ValPatch::default()
+        };
+        assert!(needs(
+            store
+                .update_val(&write, &cover, &script.id, to_cron)
+                .expect_err("cron without a schedule")
+        ));
+        // Clearing it with a change of type at once is fine.
+        let changed = store
+            .update_val(
+                &write,
+                &cover,
+                &cron.id,
+                ValPatch {
+                    kind: Some(ValKind::Script),
+                    ..clear
+                },
+            )
+            .expect("script without a schedule");
+        assert!(changed.schedule.is_none());
+    }
+
+    /// A schedule stored by an older, laxer parser reads as none: the val
+    /// stays readable, and the scheduler skips it.
+    #[test]
+    fn a_stored_schedule_that_no_longer_parses_reads_as_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        let write = Granted::<ValWrite>::for_operator(&user.id);
+        let cover = GrantedSet::for_operator(&user.id, ScopeSet::all());
+        let val = store
+            .create_val(
+                &write,
+                &cover,
+                new_val("c", ValKind::Cron, Some("* * * * *")),
+            )
+            .expect("cron");
+        store
+            .write(|c| {
+                c.execute(
+                    "UPDATE vals SET schedule = '*/0 * * * *' WHERE id = ?1",
+                    [&val.id],
+                )?;
+                Ok(())
+            })
+            .expect("old row");
+        let back = store
+            .val_of_user(&Granted::<ValRead>::for_operator(&user.id), &val.id)
+            .expect("readable");
+        assert!(back.schedule.is_none());
+        assert!(
+            store.cron_vals().expect("cron vals")[0].schedule.is_none(),
+            "listed without a schedule, so the scheduler skips it"
+        );
+    }
+
+    /// Issue #11, item 9: two concurrent edits never silently lose one.
+    #[test]
+    fn concurrent_edits_of_one_val_are_not_lost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let user = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        let write = || Granted::<ValWrite>::for_operator(&user.id);
+        let cover = || GrantedSet::for_operator(&user.id, ScopeSet::all());
+        for round in 0..8 {
+            let v = store
+                .create_val(
+                    &write(),
+                    &cover(),
+                    NewVal {
+                        name: format!("v{round}"),
+                        kind: ValKind::Script,
+                        code: String::new(),
+                        scopes: ScopeSet::EMPTY,
+                        env: BTreeMap::new(),
+                        timeout_ms: 1000,
+                        schedule: None,
+                    },
+                )
+                .expect("val");
+            let patcher = |patch: fn(i64) -> ValPatch| {
+                let (store, user_id, id) = (store.clone(), user.id.clone(), v.id.clone());
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        store
+                            .update_val(
+                                &Granted::for_operator(&user_id),
+                                &GrantedSet::for_operator(&user_id, ScopeSet::all()),
+                                &id,
+                                patch(i),
+                            )
+                            .expect("patch");
+                    }
+                })
+            };
+            let editor = patcher(|i| ValPatch {
+                code: Some(format!("// edit {i}")),
+                ..ValPatch::default()
+            });
+            let timer = patcher(|i| ValPatch {
+                timeout_ms: Some(1000 + i),
+                ..ValPatch::default()
+            });
+            for scope in Scope::ALL {
+                store
+                    .record_scope_request(&v.id, scope, "/v1/test")
+                    .expect("request");
+                store
+                    .decide_scope_request(&write(), &cover(), &v.id, scope, true)
+                    .expect("allow");
+            }
+            editor.join().expect("editor");
+            timer.join().expect("timer");
+            let after = store
+                .val_of_user(&Granted::<ValRead>::for_operator(&user.id), &v.id)
+                .expect("val");
+            assert_eq!(after.scopes, ScopeSet::all(), "an allowed scope was lost");
+            assert_eq!(after.code, "// edit 39");
+            assert_eq!(after.timeout_ms, 1039);
+        }
     }
 }

@@ -219,41 +219,32 @@ pub async fn update_scopes(
         Ok(s) => s,
         Err(e) => return render(&state, &user, None, Some(e)).await,
     };
+    set_scopes(&state, &user, id, scopes).await
+}
+
+/// Moves a held legacy token to the safe defaults.
+pub async fn accept_defaults(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    CheckedForm { user, .. }: CheckedForm,
+) -> Response {
+    set_scopes(&state, &user, id, ScopeSet::default_val()).await
+}
+
+/// Gives a token new scopes; the store refuses a revoked token, and the
+/// page says so.
+async fn set_scopes(state: &AppState, user: &PageUser, id: String, scopes: ScopeSet) -> Response {
     let grant = user.grant::<UserWrite>();
     let result = state
         .store
-        .call(move |s| {
-            let t = s.token_of_user(&grant, &id)?;
-            if t.is_revoked() {
-                return Err(valet_store::StoreError::Conflict(
-                    "a revoked token cannot be changed".into(),
-                ));
-            }
-            s.set_token_scopes(&grant, &id, scopes)
-        })
+        .call(move |s| s.set_token_scopes(&grant, &id, scopes))
         .await;
     match result {
         Ok(_) => Redirect::to("/settings/tokens").into_response(),
         Err(valet_store::StoreError::NotFound(_)) => {
             (StatusCode::NOT_FOUND, "no such token").into_response()
         }
-        Err(e) => render(&state, &user, None, Some(e.to_string())).await,
-    }
-}
-
-pub async fn accept_defaults(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    CheckedForm { user, .. }: CheckedForm,
-) -> Response {
-    let grant = user.grant::<UserWrite>();
-    match state
-        .store
-        .call(move |s| s.set_token_scopes(&grant, &id, ScopeSet::default_val()))
-        .await
-    {
-        Ok(_) => Redirect::to("/settings/tokens").into_response(),
-        Err(_) => (StatusCode::NOT_FOUND, "no such token").into_response(),
+        Err(e) => render(state, user, None, Some(e.to_string())).await,
     }
 }
 

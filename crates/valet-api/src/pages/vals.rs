@@ -106,7 +106,7 @@ async fn render(state: &AppState, user: &PageUser, key: String, error: Option<St
                 h2 { "Permission requests" }
                 @for r in &pending {
                     div.notice data-scope=(r.scope.to_string()) {
-                        p { "This val asked for " code { (r.scope.to_string()) } " — refused " (r.count) " time(s), last at " (r.last_at.replace('T', " ").chars().take(19).collect::<String>()) " on " code { (r.sample_route) } "."
+                        p { "This val asked for " code { (r.scope.to_string()) } " — refused " (r.count) " time(s), last at " (seconds(r.last_at)) " on " code { (r.sample_route) } "."
                             @if r.scope.is_risky() { " " span.risky { "⚠ lets this val change code or credentials." } } }
                         form method="post" action=(format!("{base}/scope-requests/{}/allow", r.scope)) class="inline" {
                             input type="hidden" name="csrf" value=(csrf);
@@ -167,7 +167,7 @@ async fn render(state: &AppState, user: &PageUser, key: String, error: Option<St
                 input #timeout type="number" name="timeout_s" min="1" max="900" value=(v.timeout_ms / 1000);
                 @if v.kind == ValKind::Cron {
                     label for="schedule" { "Schedule (cron)" }
-                    input #schedule type="text" name="schedule" value=(v.schedule.clone().unwrap_or_default());
+                    input #schedule type="text" name="schedule" value=(v.schedule.as_ref().map(Schedule::as_str).unwrap_or_default());
                 }
             }
             p { button.primary type="submit" { "Save settings" } }
@@ -177,7 +177,7 @@ async fn render(state: &AppState, user: &PageUser, key: String, error: Option<St
             @if d.runs.is_empty() { p.muted { "No runs yet." } }
             @for r in &d.runs {
                 details {
-                    summary { (r.started_at.replace('T', " ").chars().take(19).collect::<String>()) " — "
+                    summary { (seconds(r.started_at)) " — "
                         strong.run-outcome { (r.outcome.as_str()) } " (" (r.trigger) ")"
                         @if let Some(ms) = r.duration_ms { " " (ms) " ms" } }
                     pre { (r.logs) }
@@ -199,6 +199,15 @@ async fn render(state: &AppState, user: &PageUser, key: String, error: Option<St
         ),
     )
         .into_response()
+}
+
+/// `2026-11-29 05:46:58`: a time to the second, in UTC.
+fn seconds(ms: i64) -> String {
+    valet_store::time::iso(ms)
+        .replace('T', " ")
+        .chars()
+        .take(19)
+        .collect()
 }
 
 fn mask(value: &str) -> String {
@@ -259,9 +268,10 @@ pub async fn update(
                 StoreError::Invalid("the timeout must be a whole number of seconds".into())
             })? * 1000;
             let schedule = if val.kind == ValKind::Cron {
-                let text = field(&fields, "schedule").trim().to_owned();
-                Schedule::parse(&text).map_err(|e| StoreError::Invalid(e.to_string()))?;
-                Some(Some(text))
+                let text = field(&fields, "schedule").trim();
+                let schedule =
+                    Schedule::parse(text).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                Some(Some(schedule))
             } else {
                 None
             };

@@ -6,17 +6,39 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use valet_core::grant::{BlobRead, BlobWrite};
-use valet_store::{BlobKey, BlobMeta};
+use valet_store::{BlobKey, BlobMeta, time};
 
 use super::blocking;
 use crate::{ApiError, AppState, Caller};
 
+/// The list's one parameter. Anything else (`?nope=1`, `?prefix[]=a`, a
+/// repeated `prefix`) is a 400, never a broader list.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     #[serde(default)]
     prefix: String,
+}
+
+/// A blob in a list, as the hosted std reads it.
+#[derive(Serialize)]
+struct BlobJson<'a> {
+    key: &'a str,
+    size: u64,
+    #[serde(rename = "lastModified")]
+    last_modified: String,
+}
+
+impl<'a> From<&'a BlobMeta> for BlobJson<'a> {
+    fn from(blob: &'a BlobMeta) -> BlobJson<'a> {
+        BlobJson {
+            key: &blob.key,
+            size: blob.size,
+            last_modified: time::iso(blob.last_modified),
+        }
+    }
 }
 
 fn key(raw: &str) -> Result<BlobKey, ApiError> {
@@ -27,11 +49,10 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Vec<BlobMeta>>, ApiError> {
+) -> Result<Response, ApiError> {
     let grant = caller.require::<BlobRead>()?;
-    Ok(Json(
-        blocking(&state, move |s| s.blob_list(&grant, &q.prefix)).await?,
-    ))
+    let blobs = blocking(&state, move |s| s.blob_list(&grant, &q.prefix)).await?;
+    Ok(Json(blobs.iter().map(BlobJson::from).collect::<Vec<_>>()).into_response())
 }
 
 pub async fn get(

@@ -3,6 +3,9 @@
 //! line breaks in header-bound fields and any custom header that could
 //! replace valet's own (From, Sender, the recipients, Message-ID,
 //! Content-*). Each user's mail is held to a daily quota.
+//!
+//! The JSON of a message and of an outbox entry is written here; the
+//! store keeps its own (stored) form of a message.
 
 use std::collections::BTreeMap;
 
@@ -10,10 +13,11 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use valet_core::grant::{EmailRead, EmailWrite};
-use valet_store::outbox_types::Attachment;
-use valet_store::{EmailDraft, EmailError, EmailMessage, OutboxEntry};
+use valet_store::outbox_types::Attachment as StoredAttachment;
+use valet_store::{EmailDraft, EmailError, EmailMessage, OutboxEntry, time};
 
 use super::blocking;
 use crate::{ApiError, AppState, Caller};
@@ -38,6 +42,96 @@ impl Addresses {
         match self {
             Addresses::One(a) => vec![a],
             Addresses::Many(v) => v,
+        }
+    }
+}
+
+/// An attachment as the std library sends it, and as the outbox shows it.
+/// (Named like the store's attachment because serde quotes the name to a
+/// client whose attachment is not an object.)
+#[derive(Deserialize, Serialize)]
+struct Attachment {
+    filename: String,
+    /// Base64 content.
+    content: String,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disposition: Option<String>,
+}
+
+impl From<Attachment> for StoredAttachment {
+    fn from(a: Attachment) -> StoredAttachment {
+        StoredAttachment {
+            filename: a.filename,
+            content: a.content,
+            content_type: a.content_type,
+            disposition: a.disposition,
+        }
+    }
+}
+
+impl From<&StoredAttachment> for Attachment {
+    fn from(a: &StoredAttachment) -> Attachment {
+        Attachment {
+            filename: a.filename.clone(),
+            content: a.content.clone(),
+            content_type: a.content_type.clone(),
+            disposition: a.disposition.clone(),
+        }
+    }
+}
+
+/// A queued message as `GET /v1/email[/{id}]` shows it.
+#[derive(Serialize)]
+struct MessageJson<'a> {
+    from: &'a str,
+    to: &'a [String],
+    cc: &'a [String],
+    bcc: &'a [String],
+    #[serde(rename = "replyTo")]
+    reply_to: &'a [String],
+    subject: &'a str,
+    text: Option<&'a str>,
+    html: Option<&'a str>,
+    headers: &'a BTreeMap<String, String>,
+    attachments: Vec<Attachment>,
+}
+
+/// An outbox entry: the message and how its delivery stands.
+#[derive(Serialize)]
+struct OutboxJson<'a> {
+    id: i64,
+    status: &'static str,
+    attempts: i64,
+    last_error: Option<&'a str>,
+    created_at: String,
+    sent_at: Option<String>,
+    message: MessageJson<'a>,
+}
+
+impl<'a> From<&'a OutboxEntry> for OutboxJson<'a> {
+    fn from(e: &'a OutboxEntry) -> OutboxJson<'a> {
+        let m = &e.message;
+        OutboxJson {
+            id: e.id,
+            status: e.status.as_str(),
+            attempts: e.attempts,
+            last_error: e.last_error.as_deref(),
+            created_at: time::iso(e.created_at),
+            sent_at: e.sent_at.map(time::iso),
+            message: MessageJson {
+                from: m.from(),
+                to: m.to(),
+                cc: m.cc(),
+                bcc: m.bcc(),
+                reply_to: m.reply_to(),
+                subject: m.subject(),
+                text: m.text(),
+                html: m.html(),
+                headers: m.headers(),
+                attachments: m.attachments().iter().map(Attachment::from).collect(),
+            },
         }
     }
 }
@@ -162,7 +256,7 @@ pub async fn send(
     let recipients: Vec<&String> = to.iter().chain(&cc).chain(&bcc).collect();
     // Free accounts may only email themselves, so a leaked key cannot turn
     // valet into a spam relay.
-    if user.tier != "pro"
+    if !user.tier.may_email_anyone()
         && recipients
             .iter()
             .any(|r| !bare(r).eq_ignore_ascii_case(&user.email))
@@ -218,7 +312,11 @@ pub async fn send(
         text: body.text,
         html: body.html,
         headers: body.headers,
-        attachments: body.attachments,
+        attachments: body
+            .attachments
+            .into_iter()
+            .map(StoredAttachment::from)
+            .collect(),
     })
     .map_err(refused)?;
     let quota = state.config.email_quota;
@@ -229,24 +327,20 @@ pub async fn send(
     ))
 }
 
-pub async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Vec<OutboxEntry>>, ApiError> {
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     let grant = caller.require::<EmailRead>()?;
-    Ok(Json(
-        blocking(&state, move |s| s.list_emails(&grant, 100)).await?,
-    ))
+    let entries = blocking(&state, move |s| s.list_emails(&grant, 100)).await?;
+    Ok(Json(entries.iter().map(OutboxJson::from).collect::<Vec<_>>()).into_response())
 }
 
 pub async fn status(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<i64>,
-) -> Result<Json<OutboxEntry>, ApiError> {
+) -> Result<Response, ApiError> {
     let grant = caller.require::<EmailRead>()?;
-    blocking(&state, move |s| s.email_of_user(&grant, id))
+    let entry = blocking(&state, move |s| s.email_of_user(&grant, id))
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("email {id}")))
+        .ok_or_else(|| ApiError::not_found(format!("email {id}")))?;
+    Ok(Json(OutboxJson::from(&entry)).into_response())
 }

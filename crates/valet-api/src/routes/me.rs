@@ -24,7 +24,7 @@ pub async fn me(
         "type": "user",
         "username": user.username,
         "email": user.email,
-        "tier": user.tier,
+        "tier": user.tier.as_str(),
         "bio": null,
         "profileImageUrl": null,
         "url": public_link(&state, "/vals"),

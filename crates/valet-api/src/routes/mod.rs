@@ -11,9 +11,12 @@ mod vals;
 mod vals_v2;
 mod well_known;
 
-/// The JSON shape of a token, shared with the CLI's `--json`.
-pub mod tokens_json {
-    pub use super::tokens::token_json;
+/// JSON shapes the CLI's `--json` and the conformance runner share with
+/// the API.
+pub mod shared_json {
+    pub use super::runs::FinishedRunJson;
+    pub use super::sqlite::sql_rows_json;
+    pub use super::tokens::{MigrationSummaryJson, token_json};
 }
 
 use std::time::Duration;
@@ -33,7 +36,6 @@ use crate::{ApiError, AppState, error};
 fn v1(max_body: usize) -> Router<AppState> {
     Router::new()
         .route("/v1/me", get(me::me))
-        .route("/v1/blob", get(blob::list))
         .route(
             "/v1/blob/{*key}",
             get(blob::get).post(blob::set).delete(blob::delete),
@@ -54,10 +56,7 @@ fn v1(max_body: usize) -> Router<AppState> {
             "/v1/vals/{id}/scope-requests/{scope}/{decision}",
             post(vals::decide_scope_request),
         )
-        .route("/v2/vals", get(vals_v2::list).post(vals_v2::create))
-        // Deleting is the same act in both versions.
         .route("/v2/vals/{id}", get(vals_v2::get).delete(vals::delete))
-        .route("/v2/me/vals", get(vals_v2::list_mine))
         .route("/v1/runs/{id}", get(runs::get))
         .route("/v1/tokens", get(tokens::list).post(tokens::create))
         .route(
@@ -66,6 +65,13 @@ fn v1(max_body: usize) -> Router<AppState> {
                 .patch(tokens::update)
                 .delete(tokens::revoke),
         )
+        // The routes above take no query string: a parameter there is
+        // refused, not ignored. Routes that take one are added below and
+        // parse it strictly.
+        .route_layer(middleware::from_fn(refuse_query))
+        .route("/v1/blob", get(blob::list))
+        .route("/v2/vals", get(vals_v2::list).post(vals_v2::create))
+        .route("/v2/me/vals", get(vals_v2::list_mine))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(lenient_json))
         .layer(DefaultBodyLimit::max(max_body))
@@ -137,6 +143,17 @@ async fn not_found() -> ApiError {
         "not_found",
         "no such route; docs/CONTRACTS.md lists the API",
     )
+}
+
+/// A 400 for a query string on a route that takes none.
+async fn refuse_query(request: Request, next: middleware::Next) -> axum::response::Response {
+    match request.uri().query() {
+        Some(query) if !query.is_empty() => {
+            ApiError::bad_request("this route takes no query parameters; remove the query string")
+                .into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 async fn method_not_allowed() -> ApiError {

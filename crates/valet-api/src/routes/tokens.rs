@@ -5,10 +5,10 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use valet_core::grant::{UserRead, UserWrite};
 use valet_core::{ScopeSet, TokenScopes};
-use valet_store::{TokenRecord, time};
+use valet_store::{HeldToken, MigrationSummary, TokenChange, TokenRecord, time};
 
 use super::blocking;
 use crate::{ApiError, AppState, Caller};
@@ -28,6 +28,57 @@ pub fn token_json(t: &TokenRecord) -> serde_json::Value {
         "leak_url": t.leak_url,
         "migration_state": t.migration_state.map(|m| m.as_str()),
     })
+}
+
+/// What a run of the scope migration did, as `valet migrate scopes
+/// --json` prints it.
+#[derive(Serialize)]
+pub struct MigrationSummaryJson<'a> {
+    dry_run: bool,
+    migrated: u64,
+    held: u64,
+    previously_held: u64,
+    already_scoped: u64,
+    skipped_revoked: u64,
+    skipped_expired: u64,
+    owners_emailed: u64,
+    batches: u64,
+    interrupted: bool,
+    held_tokens: Vec<HeldTokenJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct HeldTokenJson<'a> {
+    id: &'a str,
+    user_id: &'a str,
+    name: &'a str,
+    reason: &'a str,
+    last_use: &'a str,
+}
+
+impl<'a> From<&'a MigrationSummary> for MigrationSummaryJson<'a> {
+    fn from(s: &'a MigrationSummary) -> MigrationSummaryJson<'a> {
+        let held = |t: &'a HeldToken| HeldTokenJson {
+            id: &t.id,
+            user_id: &t.user_id,
+            name: &t.name,
+            reason: &t.reason,
+            last_use: &t.last_use,
+        };
+        MigrationSummaryJson {
+            dry_run: s.dry_run,
+            migrated: s.migrated,
+            held: s.held,
+            previously_held: s.previously_held,
+            already_scoped: s.already_scoped,
+            skipped_revoked: s.skipped_revoked,
+            skipped_expired: s.skipped_expired,
+            owners_emailed: s.owners_emailed,
+            batches: s.batches,
+            interrupted: s.interrupted,
+            held_tokens: s.held_tokens.iter().map(held).collect(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -107,22 +158,12 @@ pub async fn update(
     if let Some(scopes) = body.scopes {
         caller.require_all(scopes)?;
     }
-    let token = blocking(&state, move |s| {
-        let current = s.token_of_user(&grant, &id)?;
-        if current.is_revoked() {
-            return Err(valet_store::StoreError::Conflict(
-                "a revoked token cannot be changed".into(),
-            ));
-        }
-        if let Some(name) = body.name {
-            s.rename_token(&grant, &id, &name)?;
-        }
-        match body.scopes {
-            Some(scopes) => s.set_token_scopes(&grant, &id, scopes),
-            None => s.token_of_user(&grant, &id),
-        }
-    })
-    .await?;
+    // The store refuses to change a revoked token (409 `conflict`).
+    let change = TokenChange {
+        name: body.name,
+        scopes: body.scopes,
+    };
+    let token = blocking(&state, move |s| s.update_token(&grant, &id, change)).await?;
     Ok(Json(token_json(&token)))
 }
 

@@ -1,4 +1,5 @@
-//! `/v1/vals`: a user's vals, and the scope requests their runs left.
+//! `/v1/vals`: a user's vals, and the scope requests their runs left. The
+//! JSON of a val and of a scope request is written here.
 
 use std::collections::BTreeMap;
 
@@ -6,10 +7,11 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use valet_core::grant::{ValRead, ValWrite};
 use valet_core::{Schedule, Scope, ScopeSet};
-use valet_store::{NewVal, ScopeRequest, Val, ValKind, ValPatch};
+use valet_store::{NewVal, ScopeRequest, Val, ValKind, ValPatch, time};
 
 use super::blocking;
 use crate::{ApiError, AppState, Caller};
@@ -23,16 +25,59 @@ pub fn val_json(val: &Val) -> serde_json::Value {
     serde_json::json!({
         "id": val.id,
         "name": val.name,
-        "type": val.kind,
+        "type": val.kind.as_str(),
         "code": val.code,
         "scopes": val.scopes,
         "env": env,
         "timeout_ms": val.timeout_ms,
-        "schedule": val.schedule,
-        "created_at": valet_store::time::iso(val.created_at),
-        "updated_at": valet_store::time::iso(val.updated_at),
-        "last_run_at": val.last_run_at.map(valet_store::time::iso),
+        "schedule": val.schedule.as_ref().map(Schedule::as_str),
+        "created_at": time::iso(val.created_at),
+        "updated_at": time::iso(val.updated_at),
+        "last_run_at": val.last_run_at.map(time::iso),
     })
+}
+
+/// A scope request as `GET /v1/vals/{id}/scope-requests` lists it.
+#[derive(Serialize)]
+struct ScopeRequestJson<'a> {
+    scope: Scope,
+    state: &'static str,
+    first_at: String,
+    last_at: String,
+    count: i64,
+    sample_route: &'a str,
+}
+
+impl<'a> From<&'a ScopeRequest> for ScopeRequestJson<'a> {
+    fn from(r: &'a ScopeRequest) -> ScopeRequestJson<'a> {
+        ScopeRequestJson {
+            scope: r.scope,
+            state: r.state.as_str(),
+            first_at: time::iso(r.first_at),
+            last_at: time::iso(r.last_at),
+            count: r.count,
+            sample_route: &r.sample_route,
+        }
+    }
+}
+
+/// A val's `type` in a request body.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum KindJson {
+    Http,
+    Script,
+    Cron,
+}
+
+impl From<KindJson> for ValKind {
+    fn from(kind: KindJson) -> ValKind {
+        match kind {
+            KindJson::Http => ValKind::Http,
+            KindJson::Script => ValKind::Script,
+            KindJson::Cron => ValKind::Cron,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -40,7 +85,7 @@ pub fn val_json(val: &Val) -> serde_json::Value {
 pub struct CreateBody {
     name: String,
     #[serde(rename = "type")]
-    kind: ValKind,
+    kind: KindJson,
     code: String,
     scopes: Option<ScopeSet>,
     #[serde(default)]
@@ -54,7 +99,7 @@ pub struct CreateBody {
 pub struct UpdateBody {
     name: Option<String>,
     #[serde(rename = "type")]
-    kind: Option<ValKind>,
+    kind: Option<KindJson>,
     code: Option<String>,
     scopes: Option<ScopeSet>,
     env: Option<BTreeMap<String, String>>,
@@ -73,18 +118,13 @@ mod double_option {
     }
 }
 
-fn check_schedule(kind: ValKind, schedule: Option<&str>) -> Result<(), ApiError> {
-    match (kind, schedule) {
-        (ValKind::Cron, None) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            "a cron val needs a schedule",
-        )),
-        (_, Some(s)) => Schedule::parse(s)
-            .map(|_| ())
-            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())),
-        _ => Ok(()),
-    }
+/// A schedule from a request body; a bad one is a 422 with
+/// [`Schedule::parse`]'s message. (That a cron val needs one is the
+/// store's rule.)
+fn schedule(text: Option<String>) -> Result<Option<Schedule>, ApiError> {
+    text.map(|t| Schedule::parse(&t))
+        .transpose()
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string()))
 }
 
 pub async fn list(
@@ -116,15 +156,14 @@ pub async fn create(
     let scopes = body.scopes.unwrap_or_else(ScopeSet::default_val);
     // A val's runs act for the caller: they may not get more than it holds.
     let cover = caller.require_all(scopes)?;
-    check_schedule(body.kind, body.schedule.as_deref())?;
     let new = NewVal {
         name: body.name,
-        kind: body.kind,
+        kind: body.kind.into(),
         code: body.code,
         scopes,
         env: body.env,
         timeout_ms: body.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
-        schedule: body.schedule,
+        schedule: schedule(body.schedule)?,
     };
     let val = blocking(&state, move |s| s.create_val(&grant, &cover, new)).await?;
     Ok((StatusCode::CREATED, Json(val_json(&val))))
@@ -140,14 +179,14 @@ pub async fn update(
     let body = super::json_body(body)?;
     let lookup = (grant.clone(), id.clone());
     let current = blocking(&state, move |s| s.val_of_user(&lookup.0, &lookup.1)).await?;
-    let patch = ValPatch {
+    let mut patch = ValPatch {
         name: body.name,
-        kind: body.kind,
+        kind: body.kind.map(ValKind::from),
         code: body.code,
         scopes: body.scopes,
         env: body.env,
         timeout_ms: body.timeout_ms,
-        schedule: body.schedule,
+        schedule: None,
     };
     // New scopes are handed to the val's runs: the caller must hold them.
     // New code (or env, or type) runs with the scopes the val's runs hold:
@@ -158,12 +197,7 @@ pub async fn update(
         needed = needed.union(current.scopes);
     }
     let cover = caller.require_all(needed)?;
-    let kind = patch.kind.unwrap_or(current.kind);
-    let schedule = match &patch.schedule {
-        Some(s) => s.clone(),
-        None => current.schedule.clone(),
-    };
-    check_schedule(kind, schedule.as_deref())?;
+    patch.schedule = body.schedule.map(schedule).transpose()?;
     let val = blocking(&state, move |s| s.update_val(&grant, &cover, &id, patch)).await?;
     Ok(Json(val_json(&val)))
 }
@@ -182,14 +216,20 @@ pub async fn scope_requests(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Vec<ScopeRequest>>, ApiError> {
+) -> Result<Response, ApiError> {
     let grant = caller.require::<ValRead>()?;
     let requests = blocking(&state, move |s| {
         let val = s.val_of_user(&grant, &id)?;
         s.scope_requests(&grant, &val.id)
     })
     .await?;
-    Ok(Json(requests))
+    Ok(Json(
+        requests
+            .iter()
+            .map(ScopeRequestJson::from)
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
 }
 
 pub async fn decide_scope_request(

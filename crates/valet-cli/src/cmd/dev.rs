@@ -47,6 +47,10 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     };
     let mut config = HostConfig::new("127.0.0.1:0".parse()?);
     config.cron = false;
+    // Each request is a run of the file's current code in a fresh process;
+    // two are kept started ahead, able to read the file's directory.
+    config.warm_pool = 2;
+    config.extra_read = vec![super::run::file_dir(&args.file)?];
     config.egress_allow = super::parse_egress(&args.egress_allow)?;
     let host = Host::start(store, config).await?;
     let addr = SocketAddr::from(([127, 0, 0, 1], args.port));

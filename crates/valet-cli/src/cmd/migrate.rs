@@ -93,7 +93,8 @@ pub fn run(store: Store, Command::Scopes(args): Command) -> anyhow::Result<ExitC
         bar.finish_and_clear();
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        let json = valet_api::MigrationSummaryJson::from(&summary);
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         for held in &summary.held_tokens {
             println!(

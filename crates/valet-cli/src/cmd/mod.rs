@@ -2,6 +2,7 @@
 
 pub mod conformance;
 pub mod dev;
+pub mod keys;
 pub mod migrate;
 pub mod run;
 pub mod serve;
@@ -29,6 +30,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::User(c) => user::run(open()?, c),
         Command::Token(c) => token::run(open()?, c),
         Command::Val(c) => val::run(open()?, c),
+        Command::Keys(c) => keys::run(open()?, c),
         Command::Run(args) => run::run(open()?, args).await,
         Command::Dev(args) => dev::run(open()?, args).await,
         Command::Migrate(c) => migrate::run(open()?, c),

@@ -36,13 +36,20 @@ pub struct Args {
     json: bool,
 }
 
+/// The directory of the file a run loads, where its relative imports are.
+pub fn file_dir(file: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let file = std::fs::canonicalize(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    Ok(file.parent().map(PathBuf::from).unwrap_or_default())
+}
+
 /// The local user, created on first use.
 pub fn local_user(store: &Store, name: &str) -> anyhow::Result<User> {
     if let Some(user) = store.user_by_name(name)? {
         return Ok(user);
     }
     let user = store.create_user(name, &format!("{name}@valet.localhost"), None)?;
-    store.set_tier(&user.id, "pro")?;
+    store.set_tier(&user.id, valet_store::Tier::Pro)?;
     Ok(user)
 }
 
@@ -63,6 +70,12 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let mut config = HostConfig::new("127.0.0.1:0".parse()?);
     config.cron = false;
     config.smtp = args.smtp;
+    // The run's process starts with valet, while the store opens: it may
+    // read the file's directory (relative imports), and no second one is
+    // started after it.
+    config.warm_pool = 1;
+    config.warm_pool_refill = false;
+    config.extra_read = vec![file_dir(&args.file)?];
     config.egress_allow = super::parse_egress(&args.egress_allow)?;
     let user = local_user(&store, &args.user)?;
     let host = Host::start(store, config).await?;
@@ -83,7 +96,14 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     host.shutdown().await;
     let output = output?;
     if args.json {
-        println!("{}", serde_json::to_string(&output)?);
+        let json = valet_api::FinishedRunJson {
+            run_id: &output.run_id,
+            outcome: output.outcome,
+            detail: Some(&output.detail),
+            logs: &output.logs,
+            duration_ms: output.duration_ms,
+        };
+        println!("{}", serde_json::to_string(&json)?);
     } else {
         print!("{}", output.logs);
         eprintln!(

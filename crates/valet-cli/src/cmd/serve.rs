@@ -9,8 +9,18 @@ use valet_store::Store;
 
 #[derive(ClapArgs)]
 pub struct Args {
+    /// Where the API and the pages listen.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Where http vals answer, at /{user}/{val}: an origin of their own,
+    /// never the pages'. Browsers send cookies across ports of one host,
+    /// so in production give vals their own domain (--vals-domain).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    vals_listen: SocketAddr,
+    /// Serve http vals on <user>-<val>.<DOMAIN> (point a wildcard DNS name
+    /// at --vals-listen).
+    #[arg(long)]
+    vals_domain: Option<String>,
     /// SMTP relay for outgoing email, e.g. smtp://127.0.0.1:2525. Without
     /// one, email stays in the outbox.
     #[arg(long, env = "VALET_SMTP")]
@@ -51,10 +61,40 @@ pub struct Args {
     /// With --database: queued runs this node runs at once.
     #[arg(long, default_value_t = 8)]
     node_runs: usize,
+    /// Whole-process memory cap per run, in MiB (V8 reserves about 500 MiB
+    /// of it at start).
+    #[arg(long, default_value_t = 1024)]
+    memory_mb: u64,
+    /// Runs at once on this machine.
+    #[arg(long, default_value_t = 64)]
+    max_runs: usize,
+    /// Runs of one user at once.
+    #[arg(long, default_value_t = 16)]
+    max_runs_per_user: usize,
+    /// Requests to one http val at once.
+    #[arg(long, default_value_t = 8)]
+    max_runs_per_val: usize,
+    /// Runs that may wait per user (and per val) beyond those limits;
+    /// more are refused at once with 503 and Retry-After.
+    #[arg(long, default_value_t = 64)]
+    run_queue: usize,
+    /// How long a waiting run waits for a slot, e.g. 10s.
+    #[arg(long, default_value = "10s")]
+    run_queue_wait: String,
 }
 
 pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     let mut config = HostConfig::new(args.listen);
+    config.vals_listen = args.vals_listen;
+    config.api.vals_domain = args.vals_domain;
+    config.memory_mb = args.memory_mb;
+    config.slots = valet_runtime::SlotLimits {
+        total: args.max_runs,
+        per_user: args.max_runs_per_user,
+        per_val: args.max_runs_per_val,
+        queue: args.run_queue,
+        wait: super::parse_duration(&args.run_queue_wait)?,
+    };
     config.recover_lost_runs = true;
     if store.is_shared() {
         let lease = super::parse_duration(&args.node_lease)?;
@@ -85,6 +125,18 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     }
     let host = Host::start(store, config).await?;
     eprintln!("valet is serving on http://{}", host.addr);
+    eprintln!(
+        "http vals answer on http://{}/{{user}}/{{val}}",
+        host.vals_addr
+    );
+    let layer = host.supervisor.os_layer();
+    if layer.landlock_abi.is_none() && layer.uid.is_none() {
+        eprintln!(
+            "WARNING: runs are confined by Deno's permissions alone ({layer}): a bug in Deno would expose this machine; use a kernel with Landlock (Linux 5.13+) or run valet as root so runs get a uid of their own"
+        );
+    } else {
+        eprintln!("runs are confined by Deno's permissions and the OS layer: {layer}");
+    }
     if let Some(cluster) = &host.cluster {
         eprintln!("node {} of the cluster", cluster.node_id());
     }

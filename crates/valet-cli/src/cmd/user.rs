@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use valet_store::Store;
+use valet_store::{Store, Tier};
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -14,7 +14,7 @@ pub enum Command {
         email: String,
         /// `free` (may only email itself) or `pro`.
         #[arg(long, default_value = "free")]
-        tier: String,
+        tier: Tier,
         /// Read a password for the web pages from standard input.
         #[arg(long)]
         password_stdin: bool,
@@ -31,17 +31,14 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
             tier,
             password_stdin,
         } => {
-            if tier != "free" && tier != "pro" {
-                anyhow::bail!("invalid --tier '{tier}': use free or pro");
-            }
             let hash = if password_stdin {
                 Some(read_password()?)
             } else {
                 None
             };
             let user = store.create_user(&name, &email, hash.as_deref())?;
-            if tier != "free" {
-                store.set_tier(&user.id, &tier)?;
+            if tier != Tier::Free {
+                store.set_tier(&user.id, tier)?;
             }
             eprintln!("created user {} ({})", user.username, user.id);
             println!("{}", user.id);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
+use valet_core::Schedule;
 use valet_store::{NewVal, Store, ValKind};
 
 #[derive(Subcommand)]
@@ -28,9 +29,9 @@ pub enum Command {
         env: Vec<String>,
         #[arg(long, default_value = "30s")]
         timeout: String,
-        /// Cron schedule (cron vals), e.g. "*/5 * * * *".
-        #[arg(long)]
-        schedule: Option<String>,
+        /// Cron schedule (cron vals need one), e.g. "*/5 * * * *".
+        #[arg(long, value_parser = Schedule::parse)]
+        schedule: Option<Schedule>,
     },
 }
 
@@ -50,11 +51,6 @@ pub fn run(store: Store, command: Command) -> anyhow::Result<ExitCode> {
             let scopes = super::parse_scopes(scopes.as_deref())?;
             let env = super::parse_env(&env)?;
             let timeout = super::parse_duration(&timeout)?;
-            if let Some(s) = &schedule {
-                valet_core::Schedule::parse(s)?;
-            } else if kind == ValKind::Cron {
-                anyhow::bail!("a cron val needs --schedule, e.g. --schedule '*/5 * * * *'");
-            }
             let code = std::fs::read_to_string(&file)
                 .with_context(|| format!("could not read {}", file.display()))?;
             let user = store.require_user(&user)?;
