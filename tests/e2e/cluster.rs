@@ -47,6 +47,7 @@ impl Node {
             .arg(dir.path().join("data"))
             .args(["--database", database, "serve", "--listen"])
             .arg(format!("127.0.0.1:{port}"))
+            .args(["--vals-listen", "127.0.0.1:0"])
             .args(["--node-lease", lease, "--node-runs", &runs.to_string()])
             .args(["--warm-pool", "1"])
             .args(args)
@@ -248,12 +249,17 @@ async fn a_killed_node_loses_its_runs_and_the_others_keep_serving() {
     let sleeper = cluster.val(
         "sleeper",
         ValKind::Script,
-        "await new Promise((r) => setTimeout(r, 12000)); console.log('woke');",
+        // Long enough that all six are running at once even on a loaded
+        // machine (each starts a Deno process), well under the timeout.
+        "await new Promise((r) => setTimeout(r, 40000)); console.log('woke');",
         None,
     );
     let quick = cluster.val("quick", ValKind::Script, "console.log('quick');", None);
-    // Two run slots per node and six long runs: two on each node.
-    let mut nodes = start_nodes(&cluster, 3, "3s", 2).await;
+    // Three run slots per node and six long runs: the killed node holds
+    // some, and the survivors keep a free slot for a new run. The lease is
+    // long enough that a survivor starved of CPU for a few seconds is not
+    // taken for dead (that would lose its runs too).
+    let mut nodes = start_nodes(&cluster, 3, "8s", 3).await;
     let client = reqwest::Client::new();
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..6 {
@@ -286,7 +292,10 @@ async fn a_killed_node_loses_its_runs_and_the_others_keep_serving() {
         .filter(|r| r.node.as_deref() == Some(victim_id.as_str()))
         .map(|r| r.id.clone())
         .collect();
-    assert_eq!(victim_runs.len(), 2, "two runs per node");
+    assert!(
+        (1..=3).contains(&victim_runs.len()),
+        "a node runs one to three of them: {running:?}"
+    );
     // Which process is that node? The one whose log names it.
     let victim = nodes
         .iter()
@@ -295,7 +304,7 @@ async fn a_killed_node_loses_its_runs_and_the_others_keep_serving() {
     let killed_at = Instant::now();
     nodes[victim].kill();
 
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let lost_after = loop {
         let runs = cluster.runs(&sleeper);
         let lost: HashSet<String> = runs
@@ -320,7 +329,7 @@ async fn a_killed_node_loses_its_runs_and_the_others_keep_serving() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    eprintln!("runs of the killed node marked lost {lost_after:?} after SIGKILL (lease 3 s)");
+    eprintln!("runs of the killed node marked lost {lost_after:?} after SIGKILL (lease 8 s)");
 
     // The survivors keep serving: the API answers, their runs finish, and
     // a new run goes through.
@@ -349,12 +358,22 @@ async fn a_killed_node_loses_its_runs_and_the_others_keep_serving() {
         };
         assert_eq!(out["outcome"], want, "{out}");
     }
-    let runs = cluster.runs(&sleeper);
+    // Runs asked for through the killed node had no caller left to wait
+    // for them; the survivors that claimed them still finish them.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let runs = loop {
+        let runs = cluster.runs(&sleeper);
+        if runs.iter().all(|r| r.outcome != Outcome::Running) {
+            break runs;
+        }
+        assert!(Instant::now() < deadline, "runs never ended: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(
         runs.iter()
             .filter(|r| r.outcome == Outcome::Succeeded)
             .count(),
-        4,
+        6 - victim_runs.len(),
         "{runs:?}"
     );
 }
