@@ -560,68 +560,69 @@ mod tests {
     /// Issue #11, item 9: two concurrent edits never silently lose one.
     #[test]
     fn concurrent_edits_of_one_val_are_not_lost() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let user = store
-            .create_user("ada", "ada@example.com", None)
-            .expect("user");
-        let write = || Granted::<ValWrite>::for_operator(&user.id);
-        let cover = || GrantedSet::for_operator(&user.id, ScopeSet::all());
-        for round in 0..8 {
-            let v = store
-                .create_val(
-                    &write(),
-                    &cover(),
-                    NewVal {
-                        name: format!("v{round}"),
-                        kind: ValKind::Script,
-                        code: String::new(),
-                        scopes: ScopeSet::EMPTY,
-                        env: BTreeMap::new(),
-                        timeout_ms: 1000,
-                        schedule: None,
-                    },
-                )
-                .expect("val");
-            let patcher = |patch: fn(i64) -> ValPatch| {
-                let (store, user_id, id) = (store.clone(), user.id.clone(), v.id.clone());
-                std::thread::spawn(move || {
-                    for i in 0..40 {
-                        store
-                            .update_val(
-                                &Granted::for_operator(&user_id),
-                                &GrantedSet::for_operator(&user_id, ScopeSet::all()),
-                                &id,
-                                patch(i),
-                            )
-                            .expect("patch");
-                    }
-                })
-            };
-            let editor = patcher(|i| ValPatch {
-                code: Some(format!("// edit {i}")),
-                ..ValPatch::default()
-            });
-            let timer = patcher(|i| ValPatch {
-                timeout_ms: Some(1000 + i),
-                ..ValPatch::default()
-            });
-            for scope in Scope::ALL {
-                store
-                    .record_scope_request(&v.id, scope, "/v1/test")
-                    .expect("request");
-                store
-                    .decide_scope_request(&write(), &cover(), &v.id, scope, true)
-                    .expect("allow");
+        for backend in crate::testing::Backends::all() {
+            let store = backend.open();
+            let user = store
+                .create_user("ada", "ada@example.com", None)
+                .expect("user");
+            let write = || Granted::<ValWrite>::for_operator(&user.id);
+            let cover = || GrantedSet::for_operator(&user.id, ScopeSet::all());
+            for round in 0..8 {
+                let v = store
+                    .create_val(
+                        &write(),
+                        &cover(),
+                        NewVal {
+                            name: format!("v{round}"),
+                            kind: ValKind::Script,
+                            code: String::new(),
+                            scopes: ScopeSet::EMPTY,
+                            env: BTreeMap::new(),
+                            timeout_ms: 1000,
+                            schedule: None,
+                        },
+                    )
+                    .expect("val");
+                let patcher = |patch: fn(i64) -> ValPatch| {
+                    let (store, user_id, id) = (store.clone(), user.id.clone(), v.id.clone());
+                    std::thread::spawn(move || {
+                        for i in 0..40 {
+                            store
+                                .update_val(
+                                    &Granted::for_operator(&user_id),
+                                    &GrantedSet::for_operator(&user_id, ScopeSet::all()),
+                                    &id,
+                                    patch(i),
+                                )
+                                .expect("patch");
+                        }
+                    })
+                };
+                let editor = patcher(|i| ValPatch {
+                    code: Some(format!("// edit {i}")),
+                    ..ValPatch::default()
+                });
+                let timer = patcher(|i| ValPatch {
+                    timeout_ms: Some(1000 + i),
+                    ..ValPatch::default()
+                });
+                for scope in Scope::ALL {
+                    store
+                        .record_scope_request(&v.id, scope, "/v1/test")
+                        .expect("request");
+                    store
+                        .decide_scope_request(&write(), &cover(), &v.id, scope, true)
+                        .expect("allow");
+                }
+                editor.join().expect("editor");
+                timer.join().expect("timer");
+                let after = store
+                    .val_of_user(&Granted::<ValRead>::for_operator(&user.id), &v.id)
+                    .expect("val");
+                assert_eq!(after.scopes, ScopeSet::all(), "an allowed scope was lost");
+                assert_eq!(after.code, "// edit 39");
+                assert_eq!(after.timeout_ms, 1039);
             }
-            editor.join().expect("editor");
-            timer.join().expect("timer");
-            let after = store
-                .val_of_user(&Granted::<ValRead>::for_operator(&user.id), &v.id)
-                .expect("val");
-            assert_eq!(after.scopes, ScopeSet::all(), "an allowed scope was lost");
-            assert_eq!(after.code, "// edit 39");
-            assert_eq!(after.timeout_ms, 1039);
         }
     }
 }
