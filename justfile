@@ -4,7 +4,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 deno := "tools/deno/node_modules/@deno/linux-x64-glibc/deno"
 
-# The Python environment that runs the e2e tests' SMTP server (aiosmtpd).
+# The Python environment that runs the e2e tests' SMTP server (aiosmtpd) and
+# S3-compatible server (moto).
 test_venv := justfile_directory() / "target/test-venv"
 
 # tests/e2e/support.rs starts aiosmtpd with this Python.
@@ -36,12 +37,12 @@ test: setup test-deps
     ./target/debug/valet conformance fixtures
 
 # What the tests need beyond Rust and npm, each installed only when missing:
-# aiosmtpd (pinned, hash-checked) in target/test-venv, Debian's chromium, and
-# the browser tests' npm packages. As root it installs Debian's packages;
+# aiosmtpd (pinned, hash-checked) in target/test-venv, Debian's chromium and
+# postgresql, and the browser tests' npm packages. As root it installs Debian's packages;
 # otherwise it names the package to install and stops.
 
 # Install what the tests need beyond Rust and npm (skips what is there).
-test-deps: _test-venv _chromium _browser-packages
+test-deps: _test-venv _chromium _postgresql _browser-packages
 
 # A venv with tools/test-deps/requirements.txt; remade when that file changes.
 _test-venv:
@@ -51,7 +52,7 @@ _test-venv:
     req=tools/test-deps/requirements.txt
     want="$(sha256sum "$req" | cut -d' ' -f1)"
     if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" = "$want" ] \
-        && "$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null; then
+        && "$venv/bin/python" -c 'import aiosmtpd, moto.server, flask_cors' 2>/dev/null; then
         exit 0
     fi
     # Debian's python3 makes venvs only with its python3-venv package.
@@ -91,6 +92,28 @@ _chromium:
     echo "test-deps: installing Debian's chromium" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+# Debian's PostgreSQL server binaries for the cluster tests, which start their
+# own server (crates/valet-testkit) from initdb and postgres on PATH or in
+# /usr/lib/postgresql/N/bin (or $VALET_TEST_PG_BIN).
+_postgresql:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -n "${VALET_TEST_PG_BIN:-}" ]; then
+        [ -x "$VALET_TEST_PG_BIN/initdb" ] && exit 0
+        echo "error: VALET_TEST_PG_BIN=$VALET_TEST_PG_BIN has no initdb" >&2
+        exit 1
+    fi
+    command -v initdb >/dev/null 2>&1 && exit 0
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && exit 0
+    if [ "$(id -u)" != 0 ]; then
+        echo "error: the cluster tests need PostgreSQL's server binaries; install Debian's" \
+            "postgresql package (sudo apt-get install postgresql), then run 'just test' again" >&2
+        exit 1
+    fi
+    echo "test-deps: installing Debian's postgresql" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
 
 # playwright-core for the browser tests, from their lockfile.
 _browser-packages:

@@ -42,7 +42,7 @@ impl Server {
 
     pub async fn start_with(options: Options) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open store");
+        let store = open_store(dir.path());
         let mut config = HostConfig::new("127.0.0.1:0".parse().expect("addr"));
         config.cron = true;
         config.smtp = options.smtp;
@@ -125,6 +125,22 @@ impl Server {
             host.shutdown().await;
         }
     }
+}
+
+/// The store of a test server: SQLite in `dir`, or, with
+/// `VALET_TEST_DATABASE=postgres`, a fresh database on the test
+/// PostgreSQL (so the single-node suites run on both backends).
+pub fn open_store(dir: &Path) -> Store {
+    let database = match std::env::var("VALET_TEST_DATABASE").as_deref() {
+        Ok("postgres") => Some(valet_testkit::database()),
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("VALET_TEST_DATABASE={other}: use sqlite or postgres"),
+    };
+    Store::open_with(&valet_store::StoreOptions {
+        database,
+        ..valet_store::StoreOptions::local(dir)
+    })
+    .expect("open store")
 }
 
 /// Starts requests on a base URL; `get`, `post`, ... are shorthands of

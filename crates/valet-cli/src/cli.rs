@@ -23,6 +23,15 @@ pub struct Cli {
         default_value = "./.valet"
     )]
     pub data_dir: PathBuf,
+    /// The shared control plane of a cluster: postgres://user:password@host:port/dbname.
+    /// Without it, the control plane is SQLite in the data dir.
+    #[arg(long, global = true, env = "VALET_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Blobs on S3-compatible storage: s3://bucket[/prefix] (endpoint, region and
+    /// credentials from AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY; AWS_ALLOW_HTTP=true for a plain-http endpoint).
+    #[arg(long, global = true, env = "VALET_BLOB_STORE")]
+    pub blob_store: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -344,8 +344,18 @@ impl Supervisor {
         spec: &RunSpec,
         channel: &ChannelId,
     ) -> Result<OpenRun, RuntimeError> {
+        self.open_run_as(new_id("run"), spec, channel)
+    }
+
+    /// As [`Supervisor::open_run`], under a run id chosen before (a run
+    /// claimed from a cluster's queue, whose row the claim made).
+    fn open_run_as(
+        &self,
+        run_id: String,
+        spec: &RunSpec,
+        channel: &ChannelId,
+    ) -> Result<OpenRun, RuntimeError> {
         let inner = &self.inner;
-        let run_id = new_id("run");
         let started_ms = time::now_ms();
         let start_s = (started_ms / 1000) as u64;
         let timeout_s = spec.timeout.as_secs_f64().ceil() as u64;
@@ -412,6 +422,16 @@ impl Supervisor {
         spec: &RunSpec,
         permit: SlotPermit,
     ) -> Result<Active, RuntimeError> {
+        self.begin_as(new_id("run"), spec, permit).await
+    }
+
+    /// As [`Supervisor::begin`], under a run id chosen before.
+    async fn begin_as(
+        &self,
+        run_id: String,
+        spec: &RunSpec,
+        permit: SlotPermit,
+    ) -> Result<Active, RuntimeError> {
         let started = self.process_for(spec).await?;
 
         let OpenRun {
@@ -419,7 +439,7 @@ impl Supervisor {
             key,
             guard,
             row,
-        } = self.open_run(spec, &started.channel)?;
+        } = self.open_run_as(run_id, spec, &started.channel)?;
         self.record(row).await?;
 
         let val_url = match &spec.source {
@@ -498,13 +518,20 @@ impl Supervisor {
 
     /// Runs a script or cron val (or a file) to completion.
     pub async fn run(&self, spec: RunSpec) -> Result<RunOutput, RuntimeError> {
+        self.run_as(new_id("run"), spec).await
+    }
+
+    /// Runs a script or cron val to completion under `run_id`, an id given
+    /// to it before it started (a cluster's queued run, whose record the
+    /// claim made).
+    pub async fn run_as(&self, run_id: String, spec: RunSpec) -> Result<RunOutput, RuntimeError> {
         let permit = self
             .inner
             .slots
             .acquire(&spec.user_id, None)
             .await
             .map_err(RuntimeError::Busy)?;
-        let mut active = self.begin(&spec, permit).await?;
+        let mut active = self.begin_as(run_id, &spec, permit).await?;
         // The run ends when its work has settled (the bootstrap says so
         // once Deno's event loop is empty) or its process exits, whichever
         // comes first.

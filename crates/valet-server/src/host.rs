@@ -20,6 +20,7 @@ use valet_runtime::{
 };
 
 use crate::SupervisorRunner;
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::mailer::{self, SmtpRelay};
 
 #[derive(Debug, Clone)]
@@ -47,6 +48,10 @@ pub struct HostConfig {
     /// Whole-process memory cap per run, in MiB.
     pub memory_mb: u64,
     pub slots: SlotLimits,
+    /// Join the cluster of a shared store as a node (`valet serve`): run
+    /// queued runs, fire cron, heartbeat. `None`: a process of its own
+    /// (`valet run`, `valet dev`, tests), which runs its runs itself.
+    pub cluster: Option<ClusterConfig>,
     /// How often the signing keys are read back from the store, so a
     /// `valet keys rotate` reaches a running server (SIGHUP: at once).
     pub key_refresh: Duration,
@@ -69,6 +74,7 @@ impl HostConfig {
             extra_read: Vec::new(),
             memory_mb: RuntimeConfig::default().memory_mb,
             slots: SlotLimits::default(),
+            cluster: None,
             key_refresh: crate::keys::REFRESH_EVERY,
         }
     }
@@ -114,6 +120,8 @@ pub struct Host {
     /// the cycle supervisor -> channel -> API -> supervisor.
     channel_app: watch::Sender<Option<axum::Router>>,
     tasks: JoinSet<()>,
+    /// This process as a node of a cluster, when the store is shared.
+    pub cluster: Option<Cluster>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +154,9 @@ impl Host {
             addr: config.listen,
             source,
         })?;
-        if config.recover_lost_runs {
+        // On a shared store, other nodes' runs are `running` too: lost runs
+        // are found by their nodes' leases instead.
+        if config.recover_lost_runs && !store.is_shared() {
             let lost = store.call(|s| s.mark_lost_runs()).await?;
             if lost > 0 {
                 tracing::warn!(lost, "marked runs of a previous supervisor as lost");
@@ -173,7 +183,17 @@ impl Host {
         let channel = Arc::new(Channel { app });
         let supervisor =
             Supervisor::new(store.clone(), state.keys.clone(), live, channel, runtime)?;
-        let state = state.with_runner(Arc::new(SupervisorRunner(supervisor.clone())));
+        let cluster = match &config.cluster {
+            Some(node) if store.is_shared() => {
+                Some(Cluster::join(store.clone(), supervisor.clone(), node.clone()).await?)
+            }
+            _ => None,
+        };
+        let runner: Arc<dyn valet_api::Runner> = match &cluster {
+            Some(cluster) => Arc::new(cluster.runner()),
+            None => Arc::new(SupervisorRunner(supervisor.clone())),
+        };
+        let state = state.with_runner(runner);
         channel_app.send_replace(Some(valet_api::channel_app(state.clone())));
         let layer = supervisor.os_layer();
         if layer.landlock_abi.is_none() {
@@ -228,7 +248,9 @@ impl Host {
             config.key_refresh,
             shutdown.subscribe(),
         ));
-        if config.cron {
+        if let Some(cluster) = &cluster {
+            cluster.spawn(&mut tasks, &shutdown, config.cron);
+        } else if config.cron {
             let scheduler = Scheduler::new(store.clone(), supervisor.clone());
             tasks.spawn(scheduler.run(Duration::from_secs(1), shutdown.subscribe()));
         }
@@ -246,6 +268,7 @@ impl Host {
             shutdown,
             channel_app,
             tasks,
+            cluster,
         })
     }
 
@@ -256,6 +279,9 @@ impl Host {
         self.supervisor.drain(Duration::from_secs(30)).await;
         self.channel_app.send_replace(None);
         while self.tasks.join_next().await.is_some() {}
+        if let Some(cluster) = &self.cluster {
+            cluster.leave().await;
+        }
         self.store.flush_audit();
     }
 }

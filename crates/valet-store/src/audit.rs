@@ -8,9 +8,10 @@
 use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, params};
 use valet_core::Scope;
 
+use crate::db::Backend;
+use crate::sql::{Sql, args};
 use crate::{Store, StoreError};
 
 /// Who made an authorised call.
@@ -60,13 +61,14 @@ pub struct AuditSink {
 const MAX_BATCH: usize = 512;
 
 impl AuditSink {
-    pub(crate) fn start(conn: Connection) -> Result<AuditSink, StoreError> {
+    /// Starts the writer thread on `backend`, connections of its own.
+    pub(crate) fn start(backend: Backend) -> Result<AuditSink, StoreError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let worker_failures = failures.clone();
         let worker = std::thread::Builder::new()
             .name("valet-audit".into())
-            .spawn(move || writer_loop(conn, rx, worker_failures))?;
+            .spawn(move || writer_loop(backend, rx, worker_failures))?;
         Ok(AuditSink {
             tx: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
@@ -118,7 +120,7 @@ impl Drop for AuditSink {
 }
 
 fn writer_loop(
-    mut conn: Connection,
+    backend: Backend,
     rx: Receiver<Message>,
     failures: Arc<std::sync::atomic::AtomicU64>,
 ) {
@@ -138,7 +140,7 @@ fn writer_loop(
             };
         }
         if !batch.is_empty()
-            && let Err(e) = write_batch(&mut conn, &batch)
+            && let Err(e) = backend.transact(|sql| write_batch(sql, &batch))
         {
             failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(error = %e, events = batch.len(), "could not write audit events");
@@ -149,34 +151,31 @@ fn writer_loop(
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &[AuditEvent]) -> Result<(), StoreError> {
-    let tx = conn.transaction()?;
-    {
-        let mut insert = tx.prepare_cached(
+fn write_batch(sql: &mut Sql<'_>, batch: &[AuditEvent]) -> Result<(), StoreError> {
+    for event in batch {
+        let (token_id, run_id) = match &event.principal {
+            Principal::Token { token_id, .. } => (Some(token_id.as_str()), None),
+            Principal::Run { run_id, .. } => (None, Some(run_id.as_str())),
+        };
+        sql.execute(
             "INSERT INTO audit (user_id, token_id, run_id, scope, route, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        let mut touch = tx.prepare_cached(
-            "UPDATE api_tokens SET last_used_at = MAX(COALESCE(last_used_at, 0), ?1) WHERE id = ?2",
-        )?;
-        for event in batch {
-            let (token_id, run_id) = match &event.principal {
-                Principal::Token { token_id, .. } => (Some(token_id.as_str()), None),
-                Principal::Run { run_id, .. } => (None, Some(run_id.as_str())),
-            };
-            insert.execute(params![
+            args![
                 event.principal.user_id(),
                 token_id,
                 run_id,
                 event.scope.to_string(),
                 event.route,
                 event.at
-            ])?;
-            if let Some(token_id) = token_id {
-                touch.execute(params![event.at, token_id])?;
-            }
+            ],
+        )?;
+        if let Some(token_id) = token_id {
+            sql.execute(
+                "UPDATE api_tokens SET last_used_at = ?1
+                 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at < ?1)",
+                args![event.at, token_id],
+            )?;
         }
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -187,14 +186,16 @@ impl Store {
         run_ids: &[String],
     ) -> Result<valet_core::ScopeSet, StoreError> {
         self.flush_audit();
-        self.read(|c| {
-            let mut stmt =
-                c.prepare_cached("SELECT DISTINCT scope FROM audit WHERE run_id = ?1")?;
+        self.db_read(|sql| {
             let mut set = valet_core::ScopeSet::EMPTY;
             for run_id in run_ids {
-                let scopes = stmt.query_map([run_id], |r| r.get::<_, String>(0))?;
+                let scopes = sql.query_map(
+                    "SELECT DISTINCT scope FROM audit WHERE run_id = ?1",
+                    args![run_id],
+                    |r| r.get::<String>(0),
+                )?;
                 for scope in scopes {
-                    set = set.with(scope?.parse()?);
+                    set = set.with(scope.parse()?);
                 }
             }
             Ok(set)
@@ -204,11 +205,13 @@ impl Store {
     /// Inserts audit rows directly, for seeding a store in tests and
     /// benchmarks. Real requests go through [`AuditSink::record`].
     pub fn insert_audit_rows(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
-        self.write(|c| write_batch(c, events))
+        self.db_write(|sql| write_batch(sql, events))
     }
 
     pub fn audit_count(&self) -> Result<u64, StoreError> {
         self.flush_audit();
-        self.read(|c| Ok(c.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?))
+        let count: i64 =
+            self.db_read(|sql| sql.query_one("SELECT COUNT(*) FROM audit", args![])?.get(0))?;
+        Ok(count as u64)
     }
 }

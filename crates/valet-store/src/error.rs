@@ -4,6 +4,12 @@
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(postgres::Error),
+    /// The database did not answer in time (every connection busy, or
+    /// it is down); worth retrying.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     #[error("file system error: {0}")]
     Io(std::io::Error),
     /// The disk under the data dir has no room left (ENOSPC, or SQLite's
@@ -58,6 +64,31 @@ impl From<rusqlite::Error> for StoreError {
 impl From<valet_core::ScopeError> for StoreError {
     fn from(e: valet_core::ScopeError) -> StoreError {
         StoreError::Corrupt(e.to_string())
+    }
+}
+
+impl StoreError {
+    /// Whether the database refused a row for breaking a uniqueness (or
+    /// other) constraint.
+    pub(crate) fn is_constraint_violation(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            StoreError::Postgres(e) => e.code().is_some_and(|c| c.code().starts_with("23")),
+            _ => false,
+        }
+    }
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> StoreError {
+        match e.code() {
+            Some(code) if *code == postgres::error::SqlState::DISK_FULL => {
+                StoreError::DiskFull(e.to_string())
+            }
+            _ => StoreError::Postgres(e),
+        }
     }
 }
 

@@ -1,9 +1,9 @@
 //! Signing keys of run tokens, persisted so that a restart keeps verifying
 //! the tokens of runs that are still going.
 
-use rusqlite::params;
 use valet_core::{KeyRing, SigningKey};
 
+use crate::sql::args;
 use crate::vals::MAX_TIMEOUT_MS;
 use crate::{Store, StoreError, time};
 
@@ -26,25 +26,28 @@ impl Store {
     /// keys whose overlap has not run out.
     pub fn key_ring(&self) -> Result<KeyRing, StoreError> {
         let now = time::now_ms();
-        let keys: Vec<(Vec<u8>, Vec<u8>, Option<i64>)> = self.write(|c| {
-            let has_current: bool = c.query_row(
-                "SELECT EXISTS (SELECT 1 FROM signing_keys WHERE retire_at IS NULL)",
-                [],
-                |r| r.get(0),
-            )?;
+        let keys: Vec<(Vec<u8>, Vec<u8>, Option<i64>)> = self.db_write(|sql| {
+            // Nodes starting together must not each make a current key.
+            sql.lock("valet signing keys")?;
+            let has_current: bool = sql
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM signing_keys WHERE retire_at IS NULL)",
+                    args![],
+                )?
+                .get(0)?;
             if !has_current {
                 let key = SigningKey::generate().map_err(|e| StoreError::Invalid(e.to_string()))?;
-                c.execute(
+                sql.execute(
                     "INSERT INTO signing_keys (kid, secret, public, created_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![key.kid(), &key.secret_bytes()[..], &key.public_bytes()[..], now],
+                    args![key.kid(), &key.secret_bytes()[..], &key.public_bytes()[..], now],
                 )?;
             }
-            let mut stmt = c.prepare(
+            sql.query_map(
                 "SELECT secret, public, retire_at FROM signing_keys
                  WHERE retire_at IS NULL OR retire_at > ?1 ORDER BY created_at DESC",
-            )?;
-            let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            Ok(rows.collect::<Result<_, _>>()?)
+                args![now],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
         })?;
         let mut ring: Option<KeyRing> = None;
         let mut previous = Vec::new();
@@ -77,19 +80,19 @@ impl Store {
     /// The keys that still verify, newest first.
     pub fn signing_keys(&self) -> Result<Vec<SigningKeyInfo>, StoreError> {
         let now = time::now_ms();
-        self.read(|c| {
-            let mut stmt = c.prepare(
+        self.db_read(|sql| {
+            sql.query_map(
                 "SELECT kid, created_at, retire_at FROM signing_keys
                  WHERE retire_at IS NULL OR retire_at > ?1 ORDER BY created_at DESC, retire_at IS NULL DESC",
-            )?;
-            let rows = stmt.query_map([now], |r| {
-                Ok(SigningKeyInfo {
-                    kid: r.get(0)?,
-                    created_at: r.get(1)?,
-                    retire_at: r.get(2)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+                args![now],
+                |r| {
+                    Ok(SigningKeyInfo {
+                        kid: r.get(0)?,
+                        created_at: r.get(1)?,
+                        retire_at: r.get(2)?,
+                    })
+                },
+            )
         })
     }
 
@@ -98,17 +101,16 @@ impl Store {
     pub fn rotate_signing_key(&self, overlap_ms: i64) -> Result<KeyRing, StoreError> {
         let now = time::now_ms();
         let key = SigningKey::generate().map_err(|e| StoreError::Invalid(e.to_string()))?;
-        self.write(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
+        self.db_write(|sql| {
+            sql.lock("valet signing keys")?;
+            sql.execute(
                 "UPDATE signing_keys SET retire_at = ?1 WHERE retire_at IS NULL",
-                [now + overlap_ms],
+                args![now + overlap_ms],
             )?;
-            tx.execute(
+            sql.execute(
                 "INSERT INTO signing_keys (kid, secret, public, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![key.kid(), &key.secret_bytes()[..], &key.public_bytes()[..], now],
+                args![key.kid(), &key.secret_bytes()[..], &key.public_bytes()[..], now],
             )?;
-            tx.commit()?;
             Ok(())
         })?;
         self.key_ring()
@@ -121,17 +123,32 @@ mod tests {
 
     #[test]
     fn key_ring_is_persisted_and_rotates_with_overlap() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let first = store.key_ring().expect("ring");
-        let again = Store::open(dir.path())
-            .expect("reopen")
-            .key_ring()
-            .expect("ring");
-        assert_eq!(first.current().kid(), again.current().kid());
-        let rotated = store.rotate_signing_key(60_000).expect("rotate");
-        assert_ne!(rotated.current().kid(), first.current().kid());
-        let now = (time::now_ms() / 1000) as u64;
-        assert_eq!(rotated.jwks(now)["keys"].as_array().map(Vec::len), Some(2));
+        for backend in crate::testing::Backends::all() {
+            let store = backend.open();
+            let first = store.key_ring().expect("ring");
+            let again = backend.open().key_ring().expect("ring");
+            assert_eq!(first.current().kid(), again.current().kid(), "{backend:?}");
+            let rotated = store.rotate_signing_key(60_000).expect("rotate");
+            assert_ne!(rotated.current().kid(), first.current().kid());
+            let now = (time::now_ms() / 1000) as u64;
+            assert_eq!(rotated.jwks(now)["keys"].as_array().map(Vec::len), Some(2));
+        }
+    }
+
+    #[test]
+    fn nodes_starting_together_share_one_current_key() {
+        let backend = crate::testing::Backends::postgres();
+        let stores: Vec<Store> = (0..4).map(|_| backend.open()).collect();
+        let kids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = stores
+                .iter()
+                .map(|store| s.spawn(|| store.key_ring().expect("ring").current().kid().to_owned()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        assert!(kids.windows(2).all(|w| w[0] == w[1]), "{kids:?}");
     }
 }

@@ -1,23 +1,31 @@
 //! valet's persistence: the control-plane database (users, vals, tokens,
-//! runs, audit, signing keys, scope requests, outbox), the per-user blob
-//! store and the per-user SQLite databases.
+//! runs, audit, signing keys, scope requests, outbox) on SQLite or on a
+//! PostgreSQL that several nodes share, the per-user blob store and the
+//! per-user SQLite databases.
 //!
 //! Everything here is synchronous. Async callers go through
 //! [`Store::call`], which runs the closure on tokio's blocking pool, so a
 //! disk write never stalls an async worker.
 
 mod audit;
+mod blob_objects;
 mod blobs;
+mod cluster;
 mod db;
 mod error;
 mod keys;
 mod leaks;
 mod outbox;
+mod pg;
 mod runs;
 mod schema;
+mod schema_pg;
 mod scope_migration;
 mod scope_requests;
 mod sessions;
+mod sql;
+#[cfg(test)]
+mod testing;
 pub mod time;
 mod token_cache;
 mod tokens;
@@ -27,7 +35,8 @@ mod vals;
 
 pub use audit::{AuditEvent, AuditSink, Principal};
 pub use blobs::{BlobKey, BlobMeta, BlobStore};
-pub use db::Store;
+pub use cluster::{ClaimedRun, ClusterEvent, DeadNode};
+pub use db::{Store, StoreOptions};
 pub use error::StoreError;
 pub use keys::{ROTATION_OVERLAP_MS, SigningKeyInfo};
 pub use leaks::{LeakOutcome, report_leak};

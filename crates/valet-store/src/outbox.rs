@@ -10,11 +10,11 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use valet_core::Granted;
 use valet_core::grant::{EmailRead, EmailWrite};
 
+use crate::sql::{Dialect, Row, Sql, args};
 use crate::{Store, StoreError, time};
 
 /// The address valet's own mail comes from unless configured otherwise.
@@ -393,11 +393,15 @@ pub struct OutboxEntry {
 /// relay that is down for an afternoon loses nothing.
 pub const MAX_ATTEMPTS: i64 = 24;
 
+/// How long a node that took a message for delivery holds it before
+/// another node may try it (when the first died mid-delivery, say).
+const CLAIM_MS: i64 = 120_000;
+
 /// A row, with its message checked: `Err` carries the id and why a stored
 /// message no longer passes (written by an older valet, say).
-type Row = Result<OutboxEntry, (i64, String)>;
+type Checked = Result<OutboxEntry, (i64, String)>;
 
-fn entry_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+fn entry_from_row(row: &Row) -> Result<Checked, StoreError> {
     let id: i64 = row.get(0)?;
     let message: String = row.get(6)?;
     let message: EmailMessage = match serde_json::from_str(&message) {
@@ -437,15 +441,16 @@ impl Store {
         let user_id = grant.user_id();
         let now = time::now_ms();
         let day_start = now - now.rem_euclid(DAY_MS);
-        // The writer lock orders the check and the insert, so two sends at
-        // once cannot both take the last message of the day.
-        self.write(|c| {
-            let (count, bytes): (i64, i64) = c.query_row(
-                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox
+        // The lock orders the check and the insert, so two sends at once
+        // (on any node) cannot both take the last message of the day.
+        self.db_write(|sql| {
+            sql.lock(&format!("valet email quota {user_id}"))?;
+            let row = sql.query_one(
+                "SELECT COUNT(*), CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM outbox
                  WHERE user_id = ?1 AND created_at >= ?2 AND system = 0",
-                params![user_id, day_start],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                args![user_id, day_start],
             )?;
+            let (count, bytes): (i64, i64) = (row.get(0)?, row.get(1)?);
             let over = if count as u64 >= quota.messages_per_day {
                 Some(format!("{} messages per day", quota.messages_per_day))
             } else if bytes as u64 + json.len() as u64 > quota.bytes_per_day {
@@ -464,7 +469,7 @@ impl Store {
                     resets_at_ms: day_start + DAY_MS,
                 }));
             }
-            enqueue_in(c, user_id, &json, false)
+            enqueue_in(sql, user_id, &json, false)
         })
     }
 
@@ -476,41 +481,56 @@ impl Store {
         message: &EmailMessage,
     ) -> Result<i64, StoreError> {
         let json = to_json(message)?;
-        self.write(|c| enqueue_in(c, grant.user_id(), &json, true))
+        self.db_write(|sql| enqueue_in(sql, grant.user_id(), &json, true))
     }
 
-    /// Messages due for a delivery attempt. A stored message that no
-    /// longer passes the checks is marked failed rather than sent.
+    /// Takes messages due for a delivery attempt: each is held for this
+    /// caller (for [`CLAIM_MS`]) in the same transaction that reads it, so
+    /// when several nodes deliver, each message goes to exactly one. A
+    /// stored message that no longer passes the checks is marked failed
+    /// rather than sent.
     pub fn due_emails(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows: Vec<Row> = self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?1
-                 ORDER BY id LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![time::now_ms(), limit as i64], entry_from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })?;
-        let mut due = Vec::with_capacity(rows.len());
-        for row in rows {
-            match row {
-                Ok(entry) => due.push(entry),
-                Err((id, why)) => self.write(|c| {
-                    c.execute(
-                        "UPDATE outbox SET status = 'failed', last_error = ?1 WHERE id = ?2",
-                        params![format!("refused: {why}"), id],
-                    )?;
-                    Ok(())
-                })?,
+        let now = time::now_ms();
+        self.db_write(|sql| {
+            let skip_locked = match sql.dialect() {
+                Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+                Dialect::Sqlite => "",
+            };
+            let rows: Vec<Checked> = sql.query_map(
+                &format!(
+                    "SELECT {COLUMNS} FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?1
+                     ORDER BY id LIMIT ?2{skip_locked}"
+                ),
+                args![now, limit as i64],
+                entry_from_row,
+            )?;
+            let mut due = Vec::with_capacity(rows.len());
+            for row in rows {
+                match row {
+                    Ok(entry) => {
+                        sql.execute(
+                            "UPDATE outbox SET next_attempt_at = ?1 WHERE id = ?2",
+                            args![now + CLAIM_MS, entry.id],
+                        )?;
+                        due.push(entry);
+                    }
+                    Err((id, why)) => {
+                        sql.execute(
+                            "UPDATE outbox SET status = 'failed', last_error = ?1 WHERE id = ?2",
+                            args![format!("refused: {why}"), id],
+                        )?;
+                    }
+                }
             }
-        }
-        Ok(due)
+            Ok(due)
+        })
     }
 
     pub fn mark_email_sent(&self, id: i64) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "UPDATE outbox SET status = 'sent', attempts = attempts + 1, sent_at = ?1, last_error = NULL WHERE id = ?2",
-                params![time::now_ms(), id],
+                args![time::now_ms(), id],
             )?;
             Ok(())
         })
@@ -519,14 +539,18 @@ impl Store {
     /// Records a failed attempt; backs off exponentially and gives up after
     /// [`MAX_ATTEMPTS`].
     pub fn mark_email_attempt_failed(&self, id: i64, error: &str) -> Result<(), StoreError> {
-        self.write(|c| {
-            let attempts: i64 = c.query_row("SELECT attempts FROM outbox WHERE id = ?1", [id], |r| r.get(0))?;
+        self.db_write(|sql| {
+            sql.lock(&format!("valet outbox {id}"))?;
+            let attempts: i64 = sql
+                .query_opt("SELECT attempts FROM outbox WHERE id = ?1", args![id])?
+                .ok_or_else(|| StoreError::NotFound(format!("email {id}")))?
+                .get(0)?;
             let attempts = attempts + 1;
             let status = if attempts >= MAX_ATTEMPTS { "failed" } else { "queued" };
             let backoff = 1000i64 << attempts.min(10);
-            c.execute(
+            sql.execute(
                 "UPDATE outbox SET status = ?1, attempts = ?2, last_error = ?3, next_attempt_at = ?4 WHERE id = ?5",
-                params![status, attempts, error, time::now_ms() + backoff, id],
+                args![status, attempts, error, time::now_ms() + backoff, id],
             )?;
             Ok(())
         })
@@ -539,12 +563,14 @@ impl Store {
         grant: &Granted<EmailRead>,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
-        let rows: Vec<Row> = self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM outbox WHERE user_id = ?1 ORDER BY id DESC LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![grant.user_id(), limit as i64], entry_from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        let rows: Vec<Checked> = self.db_read(|sql| {
+            sql.query_map(
+                &format!(
+                    "SELECT {COLUMNS} FROM outbox WHERE user_id = ?1 ORDER BY id DESC LIMIT ?2"
+                ),
+                args![grant.user_id(), limit as i64],
+                entry_from_row,
+            )
         })?;
         Ok(rows.into_iter().filter_map(Result::ok).collect())
     }
@@ -554,13 +580,14 @@ impl Store {
         grant: &Granted<EmailRead>,
         id: i64,
     ) -> Result<Option<OutboxEntry>, StoreError> {
-        let row: Option<Row> = self.read(|c| {
-            Ok(c.query_row(
+        let row: Option<Checked> = self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM outbox WHERE user_id = ?1 AND id = ?2"),
-                params![grant.user_id(), id],
-                entry_from_row,
-            )
-            .optional()?)
+                args![grant.user_id(), id],
+            )?
+            .as_ref()
+            .map(entry_from_row)
+            .transpose()
         })?;
         row.transpose()
             .map_err(|(id, why)| StoreError::Corrupt(format!("email {id}: {why}")))
@@ -568,18 +595,18 @@ impl Store {
 }
 
 pub(crate) fn enqueue_in(
-    c: &rusqlite::Connection,
+    sql: &mut Sql<'_>,
     user_id: &str,
     json: &str,
     system: bool,
 ) -> Result<i64, StoreError> {
     let now = time::now_ms();
-    c.execute(
+    sql.query_one(
         "INSERT INTO outbox (user_id, message, next_attempt_at, created_at, bytes, system)
-         VALUES (?1, ?2, ?3, ?3, ?4, ?5)",
-        params![user_id, json, now, json.len() as i64, system],
-    )?;
-    Ok(c.last_insert_rowid())
+         VALUES (?1, ?2, ?3, ?3, ?4, ?5) RETURNING id",
+        args![user_id, json, now, json.len() as i64, system],
+    )?
+    .get(0)
 }
 
 #[cfg(test)]
@@ -690,8 +717,12 @@ mod tests {
 
     #[test]
     fn the_daily_quota_counts_messages_and_bytes_but_not_system_mail() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+        for backend in crate::testing::Backends::all() {
+            daily_quota(&backend.open());
+        }
+    }
+
+    fn daily_quota(store: &Store) {
         let user = store
             .create_user("ada", "ada@example.com", None)
             .expect("user");
@@ -742,29 +773,77 @@ mod tests {
 
     #[test]
     fn a_stored_message_that_no_longer_passes_is_failed_not_sent() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let forged =
-            r#"{"from":"x@valet.localhost","to":["a@b.io"],"headers":{"From":"ceo@paypal.com"}}"#;
+        for backend in crate::testing::Backends::all() {
+            let store = backend.open();
+            let forged = r#"{"from":"x@valet.localhost","to":["a@b.io"],"headers":{"From":"ceo@paypal.com"}}"#;
+            let good = to_json(&EmailMessage::new(draft()).expect("valid")).expect("json");
+            let (bad_id, _) = store
+                .db_write(|sql| {
+                    Ok((
+                        enqueue_in(sql, "usr_1", forged, false)?,
+                        enqueue_in(sql, "usr_1", &good, false)?,
+                    ))
+                })
+                .expect("seed");
+            let due = store.due_emails(10).expect("due");
+            assert_eq!(due.len(), 1, "only the valid message is due");
+            let failed: (String, String) = store
+                .db_read(|sql| {
+                    let row = sql.query_one(
+                        "SELECT status, last_error FROM outbox WHERE id = ?1",
+                        args![bad_id],
+                    )?;
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .expect("row");
+            assert_eq!(failed.0, "failed");
+            assert!(failed.1.contains("'From'"), "{}", failed.1);
+        }
+    }
+
+    #[test]
+    fn each_due_message_is_taken_by_one_node() {
+        let backend = crate::testing::Backends::postgres();
+        let store = backend.open();
         let good = to_json(&EmailMessage::new(draft()).expect("valid")).expect("json");
         store
-            .write(|c| {
-                enqueue_in(c, "usr_1", forged, false)?;
-                enqueue_in(c, "usr_1", &good, false)
+            .db_write(|sql| {
+                for _ in 0..40 {
+                    enqueue_in(sql, "usr_1", &good, false)?;
+                }
+                Ok(())
             })
             .expect("seed");
-        let due = store.due_emails(10).expect("due");
-        assert_eq!(due.len(), 1, "only the valid message is due");
-        let failed: (String, String) = store
-            .read(|c| {
-                Ok(c.query_row(
-                    "SELECT status, last_error FROM outbox WHERE id = 1",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )?)
-            })
-            .expect("row");
-        assert_eq!(failed.0, "failed");
-        assert!(failed.1.contains("'From'"), "{}", failed.1);
+        let nodes: Vec<Store> = (0..4).map(|_| backend.open()).collect();
+        let mut taken: Vec<i64> = std::thread::scope(|s| {
+            let handles: Vec<_> = nodes
+                .iter()
+                .map(|node| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let batch = node.due_emails(3).expect("due");
+                            if batch.is_empty() {
+                                return mine;
+                            }
+                            mine.extend(batch.iter().map(|e| e.id));
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        taken.sort_unstable();
+        let before = taken.len();
+        taken.dedup();
+        assert_eq!(before, 40, "every message taken once: {taken:?}");
+        assert_eq!(taken.len(), 40);
+        assert!(
+            store.due_emails(10).expect("due").is_empty(),
+            "none left due"
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! Run records: one row per run, with its outcome and its (bounded) logs.
 
-use rusqlite::{OptionalExtension, params};
 use valet_core::grant::ValRead;
 use valet_core::{Granted, ScopeSet};
 
+use crate::sql::{Row, args};
 use crate::{Store, StoreError, time};
 
 /// How a run ended (docs/CONTRACTS.md, "Outcomes"), or that it has not yet.
@@ -70,12 +70,13 @@ pub struct RunRecord {
     pub duration_ms: Option<i64>,
     pub exit_detail: Option<String>,
     pub logs: String,
+    /// The node that ran it, in a cluster.
+    pub node: Option<String>,
 }
 
-const COLUMNS: &str =
-    "id, user_id, val_id, trigger, scopes, status, started_at, ended_at, exit_detail, logs";
+const COLUMNS: &str = "id, user_id, val_id, trigger, scopes, status, started_at, ended_at, exit_detail, logs, node_id";
 
-fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+fn from_row(row: &Row) -> Result<RunRecord, StoreError> {
     let scopes: String = row.get(4)?;
     let status: String = row.get(5)?;
     let started: i64 = row.get(6)?;
@@ -92,24 +93,34 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
         duration_ms: ended.map(|e| e - started),
         exit_detail: row.get(8)?,
         logs: row.get(9)?,
+        node: row.get(10)?,
     })
 }
 
 impl Store {
+    /// Records a run as started. A run claimed from the cluster's queue
+    /// has its record already (made by the claim): it gets the times and
+    /// scopes of its actual start.
     pub fn insert_run(&self, run: &NewRun<'_>) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
-                "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7)",
-                params![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline],
+        let node_id = self.node_id();
+        self.db_write(|sql| {
+            sql.execute(
+                "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline, node_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET scopes = excluded.scopes,
+                     started_at = excluded.started_at, deadline = excluded.deadline",
+                args![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline, node_id],
             )?;
             if let Some(val_id) = run.val_id {
-                c.execute("UPDATE vals SET last_run_at = ?1 WHERE id = ?2", params![run.started_at, val_id])?;
+                sql.execute("UPDATE vals SET last_run_at = ?1 WHERE id = ?2", args![run.started_at, val_id])?;
             }
             Ok(())
         })
     }
 
+    /// Records how a run ended. A run already marked `lost` (its node's
+    /// lease ran out while it ran) stays lost: the cluster has told its
+    /// waiters so, and a lost run is never run again.
     pub fn finish_run(
         &self,
         id: &str,
@@ -117,35 +128,51 @@ impl Store {
         detail: &str,
         logs: &str,
     ) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
-                "UPDATE runs SET status = ?1, ended_at = ?2, exit_detail = ?3, logs = ?4 WHERE id = ?5",
-                params![outcome.as_str(), time::now_ms(), detail, logs, id],
+        self.db_write(|sql| {
+            sql.execute(
+                "UPDATE runs SET status = ?1, ended_at = ?2, exit_detail = ?3, logs = ?4
+                 WHERE id = ?5 AND status = 'running'",
+                args![outcome.as_str(), time::now_ms(), detail, logs, id],
             )?;
-            Ok(())
+            crate::cluster::notify(sql, crate::cluster::DONE, id)
+        })
+    }
+
+    /// A run by id, for the node waiting on it (no caller: the waiter
+    /// queued it for a caller already checked).
+    pub fn run_by_id(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        self.db_read(|sql| {
+            sql.query_opt(
+                &format!("SELECT {COLUMNS} FROM runs WHERE id = ?1"),
+                args![id],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()
         })
     }
 
     /// Runs left `running` by a supervisor that died: marks them `lost`.
     pub fn mark_lost_runs(&self) -> Result<usize, StoreError> {
-        self.write(|c| {
-            Ok(c.execute(
+        self.db_write(|sql| {
+            Ok(sql.execute(
                 "UPDATE runs SET status = 'lost', ended_at = ?1, exit_detail = 'the supervisor stopped during the run'
                  WHERE status = 'running'",
-                [time::now_ms()],
-            )?)
+                args![time::now_ms()],
+            )? as usize)
         })
     }
 
     /// A run of the grant's user; anyone else's is "not found".
     pub fn run_of_user(&self, grant: &Granted<ValRead>, id: &str) -> Result<RunRecord, StoreError> {
-        self.read(|c| {
-            c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM runs WHERE id = ?1 AND user_id = ?2"),
-                params![id, grant.user_id()],
-                from_row,
-            )
-            .optional()?
+                args![id, grant.user_id()],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()?
             .ok_or_else(|| StoreError::NotFound(format!("run '{id}'")))
         })
     }
@@ -157,13 +184,15 @@ impl Store {
         val_id: &str,
         limit: usize,
     ) -> Result<Vec<RunRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM runs WHERE val_id = ?1 AND user_id = ?3
-                 ORDER BY started_at DESC, id DESC LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![val_id, limit as i64, grant.user_id()], from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        self.db_read(|sql| {
+            sql.query_map(
+                &format!(
+                    "SELECT {COLUMNS} FROM runs WHERE val_id = ?1 AND user_id = ?3
+                     ORDER BY started_at DESC, id DESC LIMIT ?2"
+                ),
+                args![val_id, limit as i64, grant.user_id()],
+                from_row,
+            )
         })
     }
 }

@@ -154,6 +154,11 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE blobs ADD COLUMN file TEXT;
     "#,
+    // 6: which node ran a run (always this one on SQLite; kept so that
+    // both control planes share their statements).
+    r#"
+    ALTER TABLE runs ADD COLUMN node_id TEXT;
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.

@@ -11,10 +11,10 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{Connection, OptionalExtension, params};
 use valet_core::ScopeSet;
 
 use crate::outbox::{DEFAULT_EMAIL_FROM, enqueue_in, system_message};
+use crate::sql::{Sql, args};
 use crate::{Store, StoreError, time};
 
 /// What the migration does and how.
@@ -130,17 +130,17 @@ struct Candidate {
 
 /// The last use of a risky scope by `token_id` since `since`, if any.
 fn risky_use(
-    c: &Connection,
+    sql: &mut Sql<'_>,
     token_id: &str,
     since: i64,
 ) -> Result<Option<(String, i64)>, StoreError> {
-    let mut stmt = c.prepare_cached(
+    sql.query_opt(
         "SELECT scope, at FROM audit WHERE token_id = ?1 AND scope IN ('val:write', 'user:write') AND at >= ?2
          ORDER BY at DESC LIMIT 1",
-    )?;
-    Ok(stmt
-        .query_row(params![token_id, since], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?)
+        args![token_id, since],
+    )?
+    .map(|r| Ok((r.get(0)?, r.get(1)?)))
+    .transpose()
 }
 
 impl Store {
@@ -157,15 +157,15 @@ impl Store {
             dry_run: options.dry_run,
             ..Default::default()
         };
-        let (total, already_scoped, previously_held) = self.read(|c| {
-            Ok(c.query_row(
+        let (total, already_scoped, previously_held) = self.db_read(|sql| {
+            let r = sql.query_one(
                 "SELECT
                     (SELECT COUNT(*) FROM api_tokens WHERE scopes IS NULL AND migration_state IS NULL),
                     (SELECT COUNT(*) FROM api_tokens WHERE scopes IS NOT NULL),
                     (SELECT COUNT(*) FROM api_tokens WHERE scopes IS NULL AND migration_state = 'held')",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
-            )?)
+                args![],
+            )?;
+            Ok((r.get::<i64>(0)? as u64, r.get::<i64>(1)? as u64, r.get::<i64>(2)? as u64))
         })?;
         summary.already_scoped = already_scoped;
         summary.previously_held = previously_held;
@@ -181,13 +181,12 @@ impl Store {
                 return Ok(summary);
             }
             let dry_run = options.dry_run;
-            let mut batch = |tx: &Connection| -> Result<Option<i64>, StoreError> {
-                let candidates: Vec<Candidate> = {
-                    let mut stmt = tx.prepare_cached(
-                        "SELECT seq, id, user_id, name, expires_at, revoked_at FROM api_tokens
-                         WHERE scopes IS NULL AND migration_state IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
-                    )?;
-                    let rows = stmt.query_map(params![cursor, options.batch_size as i64], |r| {
+            let mut batch = |tx: &mut Sql<'_>| -> Result<Option<i64>, StoreError> {
+                let candidates: Vec<Candidate> = tx.query_map(
+                    "SELECT seq, id, user_id, name, expires_at, revoked_at FROM api_tokens
+                     WHERE scopes IS NULL AND migration_state IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
+                    args![cursor, options.batch_size as i64],
+                    |r| {
                         Ok(Candidate {
                             seq: r.get(0)?,
                             id: r.get(1)?,
@@ -196,9 +195,8 @@ impl Store {
                             expires_at: r.get(4)?,
                             revoked_at: r.get(5)?,
                         })
-                    })?;
-                    rows.collect::<Result<_, _>>()?
-                };
+                    },
+                )?;
                 let Some(last) = candidates.last().map(|c| c.seq) else {
                     return Ok(None);
                 };
@@ -223,7 +221,7 @@ impl Store {
                         if !dry_run {
                             tx.execute(
                                 "UPDATE api_tokens SET migration_state = 'held', migration_note = ?1 WHERE id = ?2",
-                                params![format!("{reason}; last use {}", time::iso(at)), t.id],
+                                args![format!("{reason}; last use {}", time::iso(at)), t.id],
                             )?;
                         }
                     } else {
@@ -232,7 +230,7 @@ impl Store {
                             tx.execute(
                                 "UPDATE api_tokens SET scopes = ?1, old_scopes = 'legacy', migration_state = 'migrated',
                                      migration_note = 'moved to the safe defaults' WHERE id = ?2",
-                                params![defaults, t.id],
+                                args![defaults, t.id],
                             )?;
                         }
                     }
@@ -242,14 +240,9 @@ impl Store {
             };
             // A dry run only reads; a real batch is one transaction.
             let next = if dry_run {
-                self.read(&mut batch)?
+                self.db_read(&mut batch)?
             } else {
-                self.write(|c| {
-                    let tx = c.transaction()?;
-                    let next = batch(&tx)?;
-                    tx.commit()?;
-                    Ok(next)
-                })?
+                self.db_write(&mut batch)?
             };
             let Some(last) = next else { break };
             cursor = last;
@@ -270,13 +263,13 @@ impl Store {
         finished: bool,
     ) -> Result<u64, StoreError> {
         let state = if finished { "finished" } else { "held" };
-        let pending: Vec<(String, String, String, String)> = self.read(|c| {
-            let mut stmt = c.prepare(
+        let pending: Vec<(String, String, String, String)> = self.db_read(|sql| {
+            sql.query_map(
                 "SELECT t.user_id, t.id, t.name, COALESCE(t.migration_note, '') FROM api_tokens t
                  WHERE t.migration_state = ?1 AND t.migration_emailed_at IS NULL ORDER BY t.user_id, t.seq",
-            )?;
-            let rows = stmt.query_map([state], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            Ok(rows.collect::<Result<_, _>>()?)
+                args![state],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
         })?;
         let mut by_owner: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
         for (user, id, name, note) in pending {
@@ -326,16 +319,14 @@ impl Store {
                 .map_err(|e| StoreError::Invalid(format!("the migration email: {e}")))?;
             let json =
                 serde_json::to_string(&message).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            self.write(|c| {
-                let tx = c.transaction()?;
-                enqueue_in(&tx, &user_id, &json, true)?;
+            self.db_write(|sql| {
+                enqueue_in(sql, &user_id, &json, true)?;
                 for (id, _, _) in &tokens {
-                    tx.execute(
+                    sql.execute(
                         "UPDATE api_tokens SET migration_emailed_at = ?1 WHERE id = ?2",
-                        params![time::now_ms(), id],
+                        args![time::now_ms(), id],
                     )?;
                 }
-                tx.commit()?;
                 Ok(())
             })?;
             emailed += 1;
@@ -345,12 +336,12 @@ impl Store {
 
     /// Undoes the migration of one token: it becomes legacy again.
     pub fn revert_migration(&self, token_id: &str) -> Result<(), StoreError> {
-        self.write(|c| {
-            let n = c.execute(
+        self.db_write(|sql| {
+            let n = sql.execute(
                 "UPDATE api_tokens SET scopes = NULL, old_scopes = NULL, migration_state = NULL,
                      migration_note = NULL, migration_emailed_at = NULL
                  WHERE id = ?1 AND old_scopes = 'legacy' AND migration_state IN ('migrated', 'finished')",
-                [token_id],
+                args![token_id],
             )?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("migrated token '{token_id}'")));
@@ -363,13 +354,13 @@ impl Store {
     /// the defaults, and their owners get a second email.
     pub fn finish_held(&self, options: &MigrationOptions) -> Result<u64, StoreError> {
         let defaults = ScopeSet::default_val().to_claim();
-        let moved = self.write(|c| {
-            Ok(c.execute(
+        let moved = self.db_write(|sql| {
+            sql.execute(
                 "UPDATE api_tokens SET scopes = ?1, old_scopes = 'legacy', migration_state = 'finished',
                      migration_note = 'moved to the safe defaults after the grace period', migration_emailed_at = NULL
                  WHERE scopes IS NULL AND migration_state = 'held' AND revoked_at IS NULL",
-                [defaults],
-            )? as u64)
+                args![defaults],
+            )
         })?;
         self.email_held_owners(options, true)?;
         Ok(moved)
@@ -399,8 +390,12 @@ mod tests {
 
     #[test]
     fn held_and_migrated_and_revert() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+        for backend in crate::testing::Backends::all() {
+            held_migrated_reverted(&backend.open());
+        }
+    }
+
+    fn held_migrated_reverted(store: &Store) {
         let user = store
             .create_user("ada", "ada@example.com", None)
             .expect("user");

@@ -1,10 +1,10 @@
 //! Scope requests, the iOS-style opt-in: a run refused for a missing scope
 //! leaves a request on its val, which the owner can allow or deny.
 
-use rusqlite::{OptionalExtension, params};
 use valet_core::grant::{ValScope, ValWrite};
 use valet_core::{Granted, GrantedSet, Scope};
 
+use crate::sql::args;
 use crate::{Store, StoreError, time};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,13 +54,15 @@ impl Store {
         route: &str,
     ) -> Result<(), StoreError> {
         let now = time::now_ms();
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "INSERT INTO scope_requests (val_id, scope, first_at, last_at, count, sample_route)
                  VALUES (?1, ?2, ?3, ?3, 1, ?4)
-                 ON CONFLICT(val_id, scope) DO UPDATE SET last_at = excluded.last_at, count = count + 1,
-                     state = CASE WHEN state = 'allowed' THEN 'pending' ELSE state END",
-                params![val_id, scope.to_string(), now, route],
+                 ON CONFLICT(val_id, scope) DO UPDATE SET last_at = excluded.last_at,
+                     count = scope_requests.count + 1,
+                     state = CASE WHEN scope_requests.state = 'allowed' THEN 'pending'
+                                  ELSE scope_requests.state END",
+                args![val_id, scope.to_string(), now, route],
             )?;
             Ok(())
         })
@@ -73,32 +75,24 @@ impl Store {
         grant: &Granted<S>,
         val_id: &str,
     ) -> Result<Vec<ScopeRequest>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
+        self.db_read(|sql| {
+            let rows = sql.query(
                 "SELECT r.scope, r.state, r.first_at, r.last_at, r.count, r.sample_route
                  FROM scope_requests r JOIN vals v ON v.id = r.val_id
                  WHERE r.val_id = ?1 AND v.user_id = ?2 ORDER BY r.last_at DESC",
+                args![val_id, grant.user_id()],
             )?;
-            let rows = stmt.query_map(params![val_id, grant.user_id()], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?;
             let mut out = Vec::new();
-            for row in rows {
-                let (scope, state, first, last, count, route) = row?;
+            for r in rows {
+                let scope: String = r.get(0)?;
+                let state: String = r.get(1)?;
                 out.push(ScopeRequest {
                     scope: scope.parse()?,
                     state: ScopeRequestState::parse(&state),
-                    first_at: first,
-                    last_at: last,
-                    count,
-                    sample_route: route,
+                    first_at: r.get(2)?,
+                    last_at: r.get(3)?,
+                    count: r.get(4)?,
+                    sample_route: r.get(5)?,
                 });
             }
             Ok(out)
@@ -120,22 +114,21 @@ impl Store {
             return Err(StoreError::ScopeNotHeld(scope));
         }
         let user_id = grant.user_id();
-        self.write(|c| {
+        self.db_write(|sql| {
             // The val's scopes are read inside the transaction that writes
             // them, so a concurrent edit of the val is not lost.
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let scopes: String = tx
-                .query_row(
-                    "SELECT scopes FROM vals WHERE id = ?1 AND user_id = ?2",
-                    params![val_id, user_id],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound(format!("val '{val_id}'")))?;
+            let lock = sql.for_update();
+            let scopes: String = sql
+                .query_opt(
+                    &format!("SELECT scopes FROM vals WHERE id = ?1 AND user_id = ?2{lock}"),
+                    args![val_id, user_id],
+                )?
+                .ok_or_else(|| StoreError::NotFound(format!("val '{val_id}'")))?
+                .get(0)?;
             let scopes = valet_core::ScopeSet::parse(&scopes)?;
-            let n = tx.execute(
+            let n = sql.execute(
                 "UPDATE scope_requests SET state = ?1 WHERE val_id = ?2 AND scope = ?3",
-                params![
+                args![
                     if allow { "allowed" } else { "denied" },
                     val_id,
                     scope.to_string()
@@ -147,12 +140,11 @@ impl Store {
                 )));
             }
             if allow {
-                tx.execute(
+                sql.execute(
                     "UPDATE vals SET scopes = ?1, updated_at = ?2 WHERE id = ?3",
-                    params![scopes.with(scope).to_claim(), time::now_ms(), val_id],
+                    args![scopes.with(scope).to_claim(), time::now_ms(), val_id],
                 )?;
             }
-            tx.commit()?;
             Ok(())
         })
     }

@@ -1,9 +1,9 @@
 //! Browser sessions (stored by hash, so a database leak is not a login)
 //! and server secrets such as the cookie-signing key.
 
-use rusqlite::{OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use crate::sql::args;
 use crate::{Store, StoreError, time};
 
 #[derive(Debug, Clone)]
@@ -26,11 +26,11 @@ impl Store {
         ttl_ms: i64,
     ) -> Result<(), StoreError> {
         let now = time::now_ms();
-        self.write(|c| {
-            c.execute("DELETE FROM sessions WHERE expires_at < ?1", [now])?;
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute("DELETE FROM sessions WHERE expires_at < ?1", args![now])?;
+            sql.execute(
                 "INSERT INTO sessions (id_hash, user_id, csrf, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![hash(id), user_id, csrf, now, now + ttl_ms],
+                args![hash(id), user_id, csrf, now, now + ttl_ms],
             )?;
             Ok(())
         })
@@ -39,42 +39,40 @@ impl Store {
     /// A live session by id.
     pub fn session(&self, id: &str) -> Result<Option<Session>, StoreError> {
         let now = time::now_ms();
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 "SELECT user_id, csrf, expires_at FROM sessions WHERE id_hash = ?1 AND expires_at > ?2",
-                params![hash(id), now],
-                |r| Ok(Session { user_id: r.get(0)?, csrf: r.get(1)?, expires_at: r.get(2)? }),
-            )
-            .optional()?)
+                args![hash(id), now],
+            )?
+            .map(|r| Ok(Session { user_id: r.get(0)?, csrf: r.get(1)?, expires_at: r.get(2)? }))
+            .transpose()
         })
     }
 
     pub fn delete_session(&self, id: &str) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute("DELETE FROM sessions WHERE id_hash = ?1", [hash(id)])?;
+        self.db_write(|sql| {
+            sql.execute("DELETE FROM sessions WHERE id_hash = ?1", args![hash(id)])?;
             Ok(())
         })
     }
 
     /// A 32-byte secret by name, created from the OS RNG on first use.
     pub fn server_secret(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        self.write(|c| {
-            if let Some(v) = c
-                .query_row(
-                    "SELECT value FROM server_secrets WHERE name = ?1",
-                    [name],
-                    |r| r.get::<_, Vec<u8>>(0),
-                )
-                .optional()?
-            {
-                return Ok(v);
+        self.db_write(|sql| {
+            // Nodes starting together must agree on one secret.
+            sql.lock("valet server secrets")?;
+            if let Some(row) = sql.query_opt(
+                "SELECT value FROM server_secrets WHERE name = ?1",
+                args![name],
+            )? {
+                return row.get(0);
             }
             let mut secret = vec![0u8; 32];
             getrandom::fill(&mut secret)
                 .map_err(|e| StoreError::Invalid(format!("no randomness: {e}")))?;
-            c.execute(
+            sql.execute(
                 "INSERT INTO server_secrets (name, value) VALUES (?1, ?2)",
-                params![name, secret],
+                args![name, secret],
             )?;
             Ok(secret)
         })

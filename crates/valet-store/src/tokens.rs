@@ -1,9 +1,9 @@
 //! API tokens as stored: only their SHA-256, never the token itself.
 
-use rusqlite::{OptionalExtension, Row, params};
 use valet_core::grant::{UserRead, UserScope, UserWrite};
 use valet_core::{ApiToken, Granted, ScopeSet, TokenHash, TokenScopes};
 
+use crate::sql::{Row, args};
 use crate::{Store, StoreError, new_id, time};
 
 /// Where a legacy token stands in the scope migration.
@@ -78,17 +78,15 @@ pub struct TokenChange {
 pub(crate) const COLUMNS: &str = "id, user_id, name, hash, hint, scopes, created_at, last_used_at, \
      expires_at, revoked_at, revoked_reason, leak_url, migration_state, migration_note";
 
-pub(crate) fn from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+pub(crate) fn from_row(row: &Row) -> Result<TokenRecord, StoreError> {
     let hash: Vec<u8> = row.get(3)?;
-    let hash: [u8; 32] = hash.try_into().map_err(|_| {
-        rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Blob, "bad hash".into())
-    })?;
+    let hash: [u8; 32] = hash
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("a token hash of the wrong length".into()))?;
     let scopes: Option<String> = row.get(5)?;
     let scopes = match scopes {
         None => TokenScopes::Legacy,
-        Some(text) => TokenScopes::Scoped(ScopeSet::parse(&text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e))
-        })?),
+        Some(text) => TokenScopes::Scoped(ScopeSet::parse(&text)?),
     };
     let state: Option<String> = row.get(12)?;
     Ok(TokenRecord {
@@ -155,11 +153,11 @@ impl Store {
             migration_state: None,
             migration_note: None,
         };
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "INSERT INTO api_tokens (id, user_id, name, hash, hint, scopes, created_at, expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
+                args![
                     record.id,
                     record.user_id,
                     record.name,
@@ -177,28 +175,35 @@ impl Store {
 
     /// Tokens of a user in creation order.
     pub fn list_tokens(&self, grant: &Granted<UserRead>) -> Result<Vec<TokenRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM api_tokens WHERE user_id = ?1 ORDER BY seq"
-            ))?;
-            let rows = stmt.query_map([grant.user_id()], from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        self.db_read(|sql| {
+            sql.query_map(
+                &format!("SELECT {COLUMNS} FROM api_tokens WHERE user_id = ?1 ORDER BY seq"),
+                args![grant.user_id()],
+                from_row,
+            )
         })
     }
 
     pub fn token_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt =
-                c.prepare_cached(&format!("SELECT {COLUMNS} FROM api_tokens WHERE hash = ?1"))?;
-            let record = stmt
-                .query_row([&hash.as_bytes()[..]], from_row)
-                .optional()?;
+        self.db_read(|sql| {
+            let record = sql
+                .query_opt(
+                    &format!("SELECT {COLUMNS} FROM api_tokens WHERE hash = ?1"),
+                    args![&hash.as_bytes()[..]],
+                )?
+                .as_ref()
+                .map(from_row)
+                .transpose()?;
             // The index found the row by hash; compare again in constant time
             // so equality is never decided by a short-circuiting memcmp.
             Ok(record.filter(|r| r.hash.ct_eq(hash)))
         })
         .inspect(|record| {
-            if let Some(record) = record {
+            // Beside PostgreSQL another node may revoke the token, and
+            // nothing here would hear of it: no caching there.
+            if let Some(record) = record
+                && !self.is_shared()
+            {
                 self.token_cache().put(record);
             }
         })
@@ -210,25 +215,27 @@ impl Store {
         grant: &Granted<S>,
         id: &str,
     ) -> Result<TokenRecord, StoreError> {
-        self.read(|c| {
-            c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM api_tokens WHERE id = ?1 AND user_id = ?2"),
-                params![id, grant.user_id()],
-                from_row,
-            )
-            .optional()?
+                args![id, grant.user_id()],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()?
             .ok_or_else(|| StoreError::NotFound(format!("token '{id}'")))
         })
     }
 
     pub fn token_by_id(&self, id: &str) -> Result<TokenRecord, StoreError> {
-        self.read(|c| {
-            c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM api_tokens WHERE id = ?1"),
-                [id],
-                from_row,
-            )
-            .optional()?
+                args![id],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()?
             .ok_or_else(|| StoreError::NotFound(format!("token '{id}'")))
         })
     }
@@ -247,39 +254,40 @@ impl Store {
             validate_token_name(name)?;
         }
         let user_id = grant.user_id();
-        self.write(|c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let current = |tx: &rusqlite::Transaction<'_>| {
-                tx.query_row(
-                    &format!("SELECT {COLUMNS} FROM api_tokens WHERE id = ?1 AND user_id = ?2"),
-                    params![id, user_id],
-                    from_row,
-                )
-                .optional()?
+        self.db_write(|sql| {
+            let current = |sql: &mut crate::sql::Sql<'_>, lock: &str| {
+                sql.query_opt(
+                    &format!(
+                        "SELECT {COLUMNS} FROM api_tokens WHERE id = ?1 AND user_id = ?2{lock}"
+                    ),
+                    args![id, user_id],
+                )?
+                .as_ref()
+                .map(from_row)
+                .transpose()?
                 .ok_or_else(|| StoreError::NotFound(format!("token '{id}'")))
             };
-            if current(&tx)?.is_revoked() {
+            let lock = sql.for_update();
+            if current(sql, lock)?.is_revoked() {
                 return Err(StoreError::Conflict(format!(
                     "token '{id}' is revoked: a revoked token cannot be changed"
                 )));
             }
             if let Some(name) = &change.name {
-                tx.execute(
+                sql.execute(
                     "UPDATE api_tokens SET name = ?1 WHERE id = ?2 AND user_id = ?3",
-                    params![name, id, user_id],
+                    args![name, id, user_id],
                 )?;
             }
             if let Some(scopes) = change.scopes {
-                tx.execute(
+                sql.execute(
                     "UPDATE api_tokens SET scopes = ?1,
                          migration_state = CASE WHEN migration_state = 'held' THEN 'finished' ELSE migration_state END
                      WHERE id = ?2 AND user_id = ?3",
-                    params![scopes.to_claim(), id, user_id],
+                    args![scopes.to_claim(), id, user_id],
                 )?;
             }
-            let updated = current(&tx)?;
-            tx.commit()?;
-            Ok(updated)
+            current(sql, "")
         })
     }
 
@@ -308,12 +316,12 @@ impl Store {
         reason: &str,
     ) -> Result<TokenRecord, StoreError> {
         let user_id = grant.user_id();
-        self.write(|c| {
-            let n = c.execute(
+        self.db_write(|sql| {
+            let n = sql.execute(
                 "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?1),
                      revoked_reason = COALESCE(revoked_reason, ?2)
                  WHERE id = ?3 AND user_id = ?4",
-                params![time::now_ms(), reason, id, user_id],
+                args![time::now_ms(), reason, id, user_id],
             )?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("token '{id}'")));
@@ -330,22 +338,22 @@ impl Store {
         kind: &str,
         detail: &str,
     ) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "INSERT INTO token_events (token_id, kind, detail, at) VALUES (?1, ?2, ?3, ?4)",
-                params![token_id, kind, detail, time::now_ms()],
+                args![token_id, kind, detail, time::now_ms()],
             )?;
             Ok(())
         })
     }
 
     pub fn token_events(&self, token_id: &str) -> Result<Vec<(String, String)>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
+        self.db_read(|sql| {
+            sql.query_map(
                 "SELECT kind, detail FROM token_events WHERE token_id = ?1 ORDER BY id",
-            )?;
-            let rows = stmt.query_map([token_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<Result<_, _>>()?)
+                args![token_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
         })
     }
 
@@ -357,11 +365,11 @@ impl Store {
         hash: &TokenHash,
         url: &str,
     ) -> Result<Option<(TokenRecord, bool)>, StoreError> {
-        let revoked_now = self.write(|c| {
-            let n = c.execute(
+        let revoked_now = self.db_write(|sql| {
+            let n = sql.execute(
                 "UPDATE api_tokens SET revoked_at = ?1, revoked_reason = 'leaked', leak_url = ?2
                  WHERE hash = ?3 AND revoked_at IS NULL",
-                params![time::now_ms(), url, &hash.as_bytes()[..]],
+                args![time::now_ms(), url, &hash.as_bytes()[..]],
             )?;
             Ok(n == 1)
         })?;
@@ -372,173 +380,185 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Backends;
 
     fn write(user: &str) -> Granted<UserWrite> {
         Granted::for_operator(user)
     }
 
-    fn store() -> (tempfile::TempDir, Store, String) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
+    fn store(backend: &Backends) -> (Store, String) {
+        let store = backend.open();
         let user = store
             .create_user("ada", "ada@example.com", None)
             .expect("user");
-        (dir, store, user.id)
+        (store, user.id)
     }
 
     #[test]
     fn tokens_are_stored_as_hashes_and_found_by_hash() {
-        let (_dir, store, user) = store();
-        let (record, token) = store
-            .create_token(
-                &write(&user),
-                "ci",
-                TokenScopes::Scoped(ScopeSet::default_val()),
-                None,
-            )
-            .expect("create");
-        let found = store
-            .token_by_hash(&token.hash())
-            .expect("lookup")
-            .expect("found");
-        assert_eq!(found.id, record.id);
-        assert_eq!(found.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
-        let raw = std::fs::read(store.db_path()).expect("read db");
-        let needle = token.expose().as_bytes();
-        assert!(
-            !raw.windows(needle.len()).any(|w| w == needle),
-            "token in plain text on disk"
-        );
+        for backend in Backends::all() {
+            let (store, user) = store(&backend);
+            let (record, token) = store
+                .create_token(
+                    &write(&user),
+                    "ci",
+                    TokenScopes::Scoped(ScopeSet::default_val()),
+                    None,
+                )
+                .expect("create");
+            let found = store
+                .token_by_hash(&token.hash())
+                .expect("lookup")
+                .expect("found");
+            assert_eq!(found.id, record.id);
+            assert_eq!(found.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
+            if let Backends::Sqlite(_) = backend {
+                let raw = std::fs::read(store.db_path()).expect("read db");
+                let needle = token.expose().as_bytes();
+                assert!(
+                    !raw.windows(needle.len()).any(|w| w == needle),
+                    "token in plain text on disk"
+                );
+            }
+        }
     }
 
     #[test]
     fn legacy_tokens_have_no_scope_list() {
-        let (_dir, store, user) = store();
-        let (_, token) = store
-            .create_token(&write(&user), "old", TokenScopes::Legacy, None)
-            .expect("create");
-        let found = store
-            .token_by_hash(&token.hash())
-            .expect("lookup")
-            .expect("found");
-        assert_eq!(found.scopes, TokenScopes::Legacy);
+        for backend in Backends::all() {
+            let (store, user) = store(&backend);
+            let (_, token) = store
+                .create_token(&write(&user), "old", TokenScopes::Legacy, None)
+                .expect("create");
+            let found = store
+                .token_by_hash(&token.hash())
+                .expect("lookup")
+                .expect("found");
+            assert_eq!(found.scopes, TokenScopes::Legacy);
+        }
     }
 
     #[test]
     fn other_users_tokens_are_not_found() {
-        let (_dir, store, user) = store();
-        let bob = store
-            .create_user("bob", "bob@example.com", None)
-            .expect("bob");
-        let (record, _) = store
-            .create_token(
-                &write(&user),
-                "ci",
-                TokenScopes::Scoped(ScopeSet::EMPTY),
-                None,
-            )
-            .expect("create");
-        assert!(matches!(
-            store.revoke_token(&write(&bob.id), &record.id, "x"),
-            Err(StoreError::NotFound(_))
-        ));
-        assert!(
-            store
-                .token_of_user(&write(&user), &record.id)
-                .expect("own")
-                .revoked_at
-                .is_none()
-        );
+        for backend in Backends::all() {
+            let (store, user) = store(&backend);
+            let bob = store
+                .create_user("bob", "bob@example.com", None)
+                .expect("bob");
+            let (record, _) = store
+                .create_token(
+                    &write(&user),
+                    "ci",
+                    TokenScopes::Scoped(ScopeSet::EMPTY),
+                    None,
+                )
+                .expect("create");
+            assert!(matches!(
+                store.revoke_token(&write(&bob.id), &record.id, "x"),
+                Err(StoreError::NotFound(_))
+            ));
+            assert!(
+                store
+                    .token_of_user(&write(&user), &record.id)
+                    .expect("own")
+                    .revoked_at
+                    .is_none()
+            );
+        }
     }
 
     #[test]
     fn a_revoked_token_cannot_be_changed() {
-        let (_dir, store, user) = store();
-        let (record, _) = store
-            .create_token(&write(&user), "old", TokenScopes::Legacy, None)
-            .expect("create");
-        let renamed = store
-            .update_token(
-                &write(&user),
-                &record.id,
+        for backend in Backends::all() {
+            let (store, user) = store(&backend);
+            let (record, _) = store
+                .create_token(&write(&user), "old", TokenScopes::Legacy, None)
+                .expect("create");
+            let renamed = store
+                .update_token(
+                    &write(&user),
+                    &record.id,
+                    TokenChange {
+                        name: Some("renamed".into()),
+                        scopes: Some(ScopeSet::default_val()),
+                    },
+                )
+                .expect("a live token changes");
+            assert_eq!(renamed.name, "renamed");
+            assert_eq!(renamed.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
+            store
+                .revoke_token(&write(&user), &record.id, "by its owner")
+                .expect("revoke");
+            let changes = [
                 TokenChange {
-                    name: Some("renamed".into()),
-                    scopes: Some(ScopeSet::default_val()),
+                    name: Some("revived".into()),
+                    scopes: None,
                 },
-            )
-            .expect("a live token changes");
-        assert_eq!(renamed.name, "renamed");
-        assert_eq!(renamed.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
-        store
-            .revoke_token(&write(&user), &record.id, "by its owner")
-            .expect("revoke");
-        let changes = [
-            TokenChange {
-                name: Some("revived".into()),
-                scopes: None,
-            },
-            TokenChange {
-                name: None,
-                scopes: Some(ScopeSet::all()),
-            },
-            TokenChange::default(),
-        ];
-        for change in changes {
-            let err = store
-                .update_token(&write(&user), &record.id, change.clone())
-                .expect_err("revoked");
-            assert!(
-                matches!(&err, StoreError::Conflict(m) if m.contains("a revoked token cannot be changed")),
-                "{change:?}: {err}"
-            );
+                TokenChange {
+                    name: None,
+                    scopes: Some(ScopeSet::all()),
+                },
+                TokenChange::default(),
+            ];
+            for change in changes {
+                let err = store
+                    .update_token(&write(&user), &record.id, change.clone())
+                    .expect_err("revoked");
+                assert!(
+                    matches!(&err, StoreError::Conflict(m) if m.contains("a revoked token cannot be changed")),
+                    "{change:?}: {err}"
+                );
+            }
+            assert!(matches!(
+                store.set_token_scopes(&write(&user), &record.id, ScopeSet::default_val()),
+                Err(StoreError::Conflict(_))
+            ));
+            let after = store
+                .token_of_user(&write(&user), &record.id)
+                .expect("read");
+            assert_eq!(after.name, "renamed");
+            assert_eq!(after.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
+            // Another user's token is still "not found", not "revoked".
+            let bob = store
+                .create_user("bob", "bob@example.com", None)
+                .expect("bob");
+            assert!(matches!(
+                store.update_token(&write(&bob.id), &record.id, TokenChange::default()),
+                Err(StoreError::NotFound(_))
+            ));
         }
-        assert!(matches!(
-            store.set_token_scopes(&write(&user), &record.id, ScopeSet::default_val()),
-            Err(StoreError::Conflict(_))
-        ));
-        let after = store
-            .token_of_user(&write(&user), &record.id)
-            .expect("read");
-        assert_eq!(after.name, "renamed");
-        assert_eq!(after.scopes, TokenScopes::Scoped(ScopeSet::default_val()));
-        // Another user's token is still "not found", not "revoked".
-        let bob = store
-            .create_user("bob", "bob@example.com", None)
-            .expect("bob");
-        assert!(matches!(
-            store.update_token(&write(&bob.id), &record.id, TokenChange::default()),
-            Err(StoreError::NotFound(_))
-        ));
     }
 
     #[test]
     fn revoke_leaked_is_idempotent() {
-        let (_dir, store, user) = store();
-        let (_, token) = store
-            .create_token(
-                &write(&user),
-                "ci",
-                TokenScopes::Scoped(ScopeSet::EMPTY),
-                None,
-            )
-            .expect("create");
-        let (first, revoked) = store
-            .revoke_leaked(&token.hash(), "https://x")
-            .expect("r")
-            .expect("some");
-        assert!(revoked);
-        assert_eq!(first.revoked_reason.as_deref(), Some("leaked"));
-        let (_, again) = store
-            .revoke_leaked(&token.hash(), "https://y")
-            .expect("r")
-            .expect("some");
-        assert!(!again);
-        let unknown = ApiToken::generate().expect("rng");
-        assert!(
-            store
-                .revoke_leaked(&unknown.hash(), "u")
+        for backend in Backends::all() {
+            let (store, user) = store(&backend);
+            let (_, token) = store
+                .create_token(
+                    &write(&user),
+                    "ci",
+                    TokenScopes::Scoped(ScopeSet::EMPTY),
+                    None,
+                )
+                .expect("create");
+            let (first, revoked) = store
+                .revoke_leaked(&token.hash(), "https://x")
                 .expect("r")
-                .is_none()
-        );
+                .expect("some");
+            assert!(revoked);
+            assert_eq!(first.revoked_reason.as_deref(), Some("leaked"));
+            let (_, again) = store
+                .revoke_leaked(&token.hash(), "https://y")
+                .expect("r")
+                .expect("some");
+            assert!(!again);
+            let unknown = ApiToken::generate().expect("rng");
+            assert!(
+                store
+                    .revoke_leaked(&unknown.hash(), "u")
+                    .expect("r")
+                    .is_none()
+            );
+        }
     }
 }

@@ -3,8 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rusqlite::{OptionalExtension, Row, params};
-
+use crate::sql::{Row, args};
 use crate::{Store, StoreError, new_id, time};
 
 /// What an account may do beyond the basics: a free account may email
@@ -62,15 +61,15 @@ pub struct User {
 
 const COLUMNS: &str = "id, username, email, tier, password_hash";
 
-fn from_row(row: &Row<'_>) -> rusqlite::Result<User> {
+fn from_row(row: &Row) -> Result<User, StoreError> {
     let tier: String = row.get(3)?;
     Ok(User {
         id: row.get(0)?,
         username: row.get(1)?,
         email: row.get(2)?,
-        tier: tier.parse().map_err(|e: StoreError| {
-            rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
-        })?,
+        tier: tier
+            .parse()
+            .map_err(|e: StoreError| StoreError::Corrupt(format!("users.tier: {e}")))?,
         password_hash: row.get(4)?,
     })
 }
@@ -148,11 +147,11 @@ impl Store {
             tier: Tier::Free,
             password_hash: password_hash.map(str::to_owned),
         };
-        self.write(|c| {
-            let inserted = c.execute(
+        self.db_write(|sql| {
+            let inserted = sql.execute(
                 "INSERT INTO users (id, username, email, tier, password_hash, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(username) DO NOTHING",
-                params![
+                args![
                     user.id,
                     user.username,
                     user.email,
@@ -172,44 +171,46 @@ impl Store {
     }
 
     pub fn set_tier(&self, user_id: &str, tier: Tier) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "UPDATE users SET tier = ?1 WHERE id = ?2",
-                params![tier.as_str(), user_id],
+                args![tier.as_str(), user_id],
             )?;
             Ok(())
         })
     }
 
     pub fn set_password_hash(&self, user_id: &str, hash: &str) -> Result<(), StoreError> {
-        self.write(|c| {
-            c.execute(
+        self.db_write(|sql| {
+            sql.execute(
                 "UPDATE users SET password_hash = ?1 WHERE id = ?2",
-                params![hash, user_id],
+                args![hash, user_id],
             )?;
             Ok(())
         })
     }
 
     pub fn user_by_name(&self, username: &str) -> Result<Option<User>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM users WHERE username = ?1"),
-                [username],
-                from_row,
-            )
-            .optional()?)
+                args![username],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()
         })
     }
 
     pub fn user_by_id(&self, id: &str) -> Result<Option<User>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM users WHERE id = ?1"),
-                [id],
-                from_row,
-            )
-            .optional()?)
+                args![id],
+            )?
+            .as_ref()
+            .map(from_row)
+            .transpose()
         })
     }
 
@@ -258,27 +259,29 @@ mod tests {
         assert_eq!("pro".parse::<Tier>().ok(), Some(Tier::Pro));
         let err = "gold".parse::<Tier>().expect_err("gold");
         assert_eq!(err.to_string(), "invalid tier 'gold': use free or pro");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let user = store
-            .create_user("ada", "ada@example.com", None)
-            .expect("user");
-        assert_eq!(user.tier, Tier::Free);
-        store.set_tier(&user.id, Tier::Pro).expect("tier");
-        let back = store.user_by_id(&user.id).expect("read").expect("found");
-        assert_eq!(back.tier, Tier::Pro);
+        for backend in crate::testing::Backends::all() {
+            let store = backend.open();
+            let user = store
+                .create_user("ada", "ada@example.com", None)
+                .expect("user");
+            assert_eq!(user.tier, Tier::Free);
+            store.set_tier(&user.id, Tier::Pro).expect("tier");
+            let back = store.user_by_id(&user.id).expect("read").expect("found");
+            assert_eq!(back.tier, Tier::Pro);
+        }
     }
 
     #[test]
     fn duplicate_user_is_a_conflict() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        store
-            .create_user("ada", "ada@example.com", None)
-            .expect("first");
-        let err = store
-            .create_user("ada", "ada@example.com", None)
-            .expect_err("second");
-        assert!(err.to_string().contains("already exists"));
+        for backend in crate::testing::Backends::all() {
+            let store = backend.open();
+            store
+                .create_user("ada", "ada@example.com", None)
+                .expect("first");
+            let err = store
+                .create_user("ada", "ada@example.com", None)
+                .expect_err("second");
+            assert!(err.to_string().contains("already exists"), "{backend:?}");
+        }
     }
 }

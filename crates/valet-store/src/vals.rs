@@ -2,10 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, params};
 use valet_core::grant::{ValRead, ValScope, ValWrite};
 use valet_core::{Granted, GrantedSet, Schedule, ScopeSet};
 
+use crate::sql::{Row, args};
 use crate::{Store, StoreError, new_id, time};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,29 +218,32 @@ fn schedule_column(id: &str, text: Option<String>) -> Option<Schedule> {
     }
 }
 
-fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Val> {
+fn from_row(row: &Row) -> Result<Val, StoreError> {
     let id: String = row.get(0)?;
     let kind: String = row.get(3)?;
     let scopes: String = row.get(5)?;
     let env: String = row.get(6)?;
     let schedule = schedule_column(&id, row.get(8)?);
-    let conv = |i, e: Box<dyn std::error::Error + Send + Sync>| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e)
-    };
     Ok(Val {
         id,
         user_id: row.get(1)?,
         name: row.get(2)?,
-        kind: ValKind::parse(&kind).map_err(|e| conv(3, Box::new(e)))?,
+        kind: ValKind::parse(&kind).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         code: row.get(4)?,
-        scopes: ScopeSet::parse(&scopes).map_err(|e| conv(5, Box::new(e)))?,
-        env: serde_json::from_str(&env).map_err(|e| conv(6, Box::new(e)))?,
+        scopes: ScopeSet::parse(&scopes)?,
+        env: serde_json::from_str(&env)
+            .map_err(|e| StoreError::Corrupt(format!("a val's env: {e}")))?,
         timeout_ms: row.get(7)?,
         schedule,
         created_at: row.get(9)?,
         updated_at: row.get(10)?,
         last_run_at: row.get(11)?,
     })
+}
+
+/// The val in `row`, if there is one.
+fn maybe(row: Option<Row>) -> Result<Option<Val>, StoreError> {
+    row.as_ref().map(from_row).transpose()
 }
 
 impl Store {
@@ -276,11 +279,11 @@ impl Store {
         };
         let env =
             serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        self.write(|c| {
-            let n = c.execute(
+        self.db_write(|sql| {
+            let n = sql.execute(
                 "INSERT INTO vals (id, user_id, name, kind, code, scopes, env, timeout_ms, schedule, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10) ON CONFLICT(user_id, name) DO NOTHING",
-                params![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule.as_ref().map(Schedule::as_str), now],
+                args![val.id, val.user_id, val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule.as_ref().map(Schedule::as_str), now],
             )?;
             if n == 0 {
                 return Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)));
@@ -298,13 +301,11 @@ impl Store {
         id: &str,
     ) -> Result<Val, StoreError> {
         let user_id = grant.user_id();
-        self.read(|c| {
-            c.query_row(
+        self.db_read(|sql| {
+            maybe(sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2"),
-                params![id, user_id],
-                from_row,
-            )
-            .optional()?
+                args![id, user_id],
+            )?)?
             .ok_or_else(|| StoreError::NotFound(format!("val '{id}'")))
         })
     }
@@ -312,24 +313,20 @@ impl Store {
     /// A val by its owner and name, for the public http route (which acts
     /// for no caller) and the supervisor.
     pub fn val_by_name(&self, user_id: &str, name: &str) -> Result<Option<Val>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            maybe(sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM vals WHERE user_id = ?1 AND name = ?2"),
-                params![user_id, name],
-                from_row,
-            )
-            .optional()?)
+                args![user_id, name],
+            )?)
         })
     }
 
     pub fn val_by_id(&self, id: &str) -> Result<Option<Val>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row(
+        self.db_read(|sql| {
+            maybe(sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1"),
-                [id],
-                from_row,
-            )
-            .optional()?)
+                args![id],
+            )?)
         })
     }
 
@@ -344,23 +341,23 @@ impl Store {
 
     pub fn list_vals(&self, grant: &Granted<ValRead>) -> Result<Vec<Val>, StoreError> {
         let user_id = grant.user_id();
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM vals WHERE user_id = ?1 ORDER BY name"
-            ))?;
-            let rows = stmt.query_map([user_id], from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        self.db_read(|sql| {
+            sql.query_map(
+                &format!("SELECT {COLUMNS} FROM vals WHERE user_id = ?1 ORDER BY name"),
+                args![user_id],
+                from_row,
+            )
         })
     }
 
     /// Every cron val with a schedule, for the scheduler.
     pub fn cron_vals(&self) -> Result<Vec<Val>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM vals WHERE kind = 'cron' AND schedule IS NOT NULL"
-            ))?;
-            let rows = stmt.query_map([], from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        self.db_read(|sql| {
+            sql.query_map(
+                &format!("SELECT {COLUMNS} FROM vals WHERE kind = 'cron' AND schedule IS NOT NULL"),
+                args![],
+                from_row,
+            )
         })
     }
 
@@ -395,16 +392,13 @@ impl Store {
             check_cover(user_id, cover, scopes)?;
         }
         let changes_what_runs = patch.changes_what_runs();
-        self.write(|c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let mut val = tx
-                .query_row(
-                    &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2"),
-                    params![id, user_id],
-                    from_row,
-                )
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound(format!("val '{id}'")))?;
+        self.db_write(|sql| {
+            let lock = sql.for_update();
+            let mut val = maybe(sql.query_opt(
+                &format!("SELECT {COLUMNS} FROM vals WHERE id = ?1 AND user_id = ?2{lock}"),
+                args![id, user_id],
+            )?)?
+            .ok_or_else(|| StoreError::NotFound(format!("val '{id}'")))?;
             if changes_what_runs {
                 check_cover(user_id, cover, val.scopes)?;
             }
@@ -413,30 +407,29 @@ impl Store {
             val.updated_at = time::now_ms();
             let env =
                 serde_json::to_string(&val.env).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            let n = tx.execute(
+            let n = sql.execute(
                 "UPDATE vals SET name = ?1, kind = ?2, code = ?3, scopes = ?4, env = ?5, timeout_ms = ?6,
                      schedule = ?7, updated_at = ?8 WHERE id = ?9 AND user_id = ?10",
-                params![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule.as_ref().map(Schedule::as_str), val.updated_at, id, user_id],
+                args![val.name, val.kind.as_str(), val.code, val.scopes.to_claim(), env, val.timeout_ms, val.schedule.as_ref().map(Schedule::as_str), val.updated_at, id, user_id],
             );
             match n {
-                Ok(0) => return Err(StoreError::NotFound(format!("val '{id}'"))),
-                Ok(_) => {}
-                Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    return Err(StoreError::Conflict(format!("a val named '{}' already exists", val.name)));
-                }
-                Err(e) => return Err(e.into()),
+                Ok(0) => Err(StoreError::NotFound(format!("val '{id}'"))),
+                Ok(_) => Ok(val),
+                Err(e) if e.is_constraint_violation() => Err(StoreError::Conflict(format!(
+                    "a val named '{}' already exists",
+                    val.name
+                ))),
+                Err(e) => Err(e),
             }
-            tx.commit()?;
-            Ok(val)
         })
     }
 
     pub fn delete_val(&self, grant: &Granted<ValWrite>, id: &str) -> Result<(), StoreError> {
         let user_id = grant.user_id();
-        self.write(|c| {
-            let n = c.execute(
+        self.db_write(|sql| {
+            let n = sql.execute(
                 "DELETE FROM vals WHERE id = ?1 AND user_id = ?2",
-                params![id, user_id],
+                args![id, user_id],
             )?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("val '{id}'")));
@@ -567,68 +560,69 @@ mod tests {
     /// Issue #11, item 9: two concurrent edits never silently lose one.
     #[test]
     fn concurrent_edits_of_one_val_are_not_lost() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open");
-        let user = store
-            .create_user("ada", "ada@example.com", None)
-            .expect("user");
-        let write = || Granted::<ValWrite>::for_operator(&user.id);
-        let cover = || GrantedSet::for_operator(&user.id, ScopeSet::all());
-        for round in 0..8 {
-            let v = store
-                .create_val(
-                    &write(),
-                    &cover(),
-                    NewVal {
-                        name: format!("v{round}"),
-                        kind: ValKind::Script,
-                        code: String::new(),
-                        scopes: ScopeSet::EMPTY,
-                        env: BTreeMap::new(),
-                        timeout_ms: 1000,
-                        schedule: None,
-                    },
-                )
-                .expect("val");
-            let patcher = |patch: fn(i64) -> ValPatch| {
-                let (store, user_id, id) = (store.clone(), user.id.clone(), v.id.clone());
-                std::thread::spawn(move || {
-                    for i in 0..40 {
-                        store
-                            .update_val(
-                                &Granted::for_operator(&user_id),
-                                &GrantedSet::for_operator(&user_id, ScopeSet::all()),
-                                &id,
-                                patch(i),
-                            )
-                            .expect("patch");
-                    }
-                })
-            };
-            let editor = patcher(|i| ValPatch {
-                code: Some(format!("// edit {i}")),
-                ..ValPatch::default()
-            });
-            let timer = patcher(|i| ValPatch {
-                timeout_ms: Some(1000 + i),
-                ..ValPatch::default()
-            });
-            for scope in Scope::ALL {
-                store
-                    .record_scope_request(&v.id, scope, "/v1/test")
-                    .expect("request");
-                store
-                    .decide_scope_request(&write(), &cover(), &v.id, scope, true)
-                    .expect("allow");
+        for backend in crate::testing::Backends::all() {
+            let store = backend.open();
+            let user = store
+                .create_user("ada", "ada@example.com", None)
+                .expect("user");
+            let write = || Granted::<ValWrite>::for_operator(&user.id);
+            let cover = || GrantedSet::for_operator(&user.id, ScopeSet::all());
+            for round in 0..8 {
+                let v = store
+                    .create_val(
+                        &write(),
+                        &cover(),
+                        NewVal {
+                            name: format!("v{round}"),
+                            kind: ValKind::Script,
+                            code: String::new(),
+                            scopes: ScopeSet::EMPTY,
+                            env: BTreeMap::new(),
+                            timeout_ms: 1000,
+                            schedule: None,
+                        },
+                    )
+                    .expect("val");
+                let patcher = |patch: fn(i64) -> ValPatch| {
+                    let (store, user_id, id) = (store.clone(), user.id.clone(), v.id.clone());
+                    std::thread::spawn(move || {
+                        for i in 0..40 {
+                            store
+                                .update_val(
+                                    &Granted::for_operator(&user_id),
+                                    &GrantedSet::for_operator(&user_id, ScopeSet::all()),
+                                    &id,
+                                    patch(i),
+                                )
+                                .expect("patch");
+                        }
+                    })
+                };
+                let editor = patcher(|i| ValPatch {
+                    code: Some(format!("// edit {i}")),
+                    ..ValPatch::default()
+                });
+                let timer = patcher(|i| ValPatch {
+                    timeout_ms: Some(1000 + i),
+                    ..ValPatch::default()
+                });
+                for scope in Scope::ALL {
+                    store
+                        .record_scope_request(&v.id, scope, "/v1/test")
+                        .expect("request");
+                    store
+                        .decide_scope_request(&write(), &cover(), &v.id, scope, true)
+                        .expect("allow");
+                }
+                editor.join().expect("editor");
+                timer.join().expect("timer");
+                let after = store
+                    .val_of_user(&Granted::<ValRead>::for_operator(&user.id), &v.id)
+                    .expect("val");
+                assert_eq!(after.scopes, ScopeSet::all(), "an allowed scope was lost");
+                assert_eq!(after.code, "// edit 39");
+                assert_eq!(after.timeout_ms, 1039);
             }
-            editor.join().expect("editor");
-            timer.join().expect("timer");
-            let after = store
-                .val_of_user(&Granted::<ValRead>::for_operator(&user.id), &v.id)
-                .expect("val");
-            assert_eq!(after.scopes, ScopeSet::all(), "an allowed scope was lost");
-            assert_eq!(after.code, "// edit 39");
-            assert_eq!(after.timeout_ms, 1039);
         }
     }
 }

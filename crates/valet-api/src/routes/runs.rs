@@ -26,6 +26,9 @@ pub struct RunJson<'a> {
     duration_ms: Option<i64>,
     exit_detail: Option<&'a str>,
     logs: &'a str,
+    /// The node that ran it, in a cluster (absent on a single node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
 }
 
 impl<'a> From<&'a RunRecord> for RunJson<'a> {
@@ -41,6 +44,7 @@ impl<'a> From<&'a RunRecord> for RunJson<'a> {
             duration_ms: run.duration_ms,
             exit_detail: run.exit_detail.as_deref(),
             logs: &run.logs,
+            node: run.node.as_deref(),
         }
     }
 }

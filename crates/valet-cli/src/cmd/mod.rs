@@ -14,28 +14,39 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use valet_store::Store;
+use valet_store::{Store, StoreOptions};
 
 use crate::cli::{Cli, Command};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let dir = &cli.data_dir;
+    let options = StoreOptions {
+        database: cli.database.clone(),
+        blob_store: cli.blob_store.clone(),
+        ..StoreOptions::local(&cli.data_dir)
+    };
+    let open = || open_store(&options);
     match cli.command {
-        Command::Serve(args) => serve::run(open_store(dir)?, args).await,
-        Command::User(c) => user::run(open_store(dir)?, c),
-        Command::Token(c) => token::run(open_store(dir)?, c),
-        Command::Val(c) => val::run(open_store(dir)?, c),
-        Command::Keys(c) => keys::run(open_store(dir)?, c),
-        Command::Run(args) => run::run(open_store(dir)?, args).await,
-        Command::Dev(args) => dev::run(open_store(dir)?, args).await,
-        Command::Migrate(c) => migrate::run(open_store(dir)?, c),
+        Command::Serve(args) => serve::run(open()?, args).await,
+        Command::User(c) => user::run(open()?, c),
+        Command::Token(c) => token::run(open()?, c),
+        Command::Val(c) => val::run(open()?, c),
+        Command::Keys(c) => keys::run(open()?, c),
+        Command::Run(args) => run::run(open()?, args).await,
+        Command::Dev(args) => dev::run(open()?, args).await,
+        Command::Migrate(c) => migrate::run(open()?, c),
         // Each case gets a fresh data dir of its own.
         Command::Conformance(args) => conformance::run(args).await,
     }
 }
 
-fn open_store(dir: &std::path::Path) -> anyhow::Result<Store> {
-    Store::open(dir).with_context(|| format!("could not open the data dir {}", dir.display()))
+fn open_store(options: &StoreOptions) -> anyhow::Result<Store> {
+    let dir = options.data_dir.display();
+    match options.database {
+        None => Store::open_with(options).with_context(|| format!("could not open the data dir {dir}")),
+        Some(_) => Store::open_with(options).with_context(|| {
+            format!("could not open the control plane on PostgreSQL (--database), with the data dir {dir}")
+        }),
+    }
 }
 
 /// `500ms`, `30s`, `10m`, `2h`, `30d`.

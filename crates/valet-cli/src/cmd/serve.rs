@@ -51,6 +51,16 @@ pub struct Args {
     /// V8 heap cap per run, in MiB.
     #[arg(long, default_value_t = 128)]
     heap_mb: u64,
+    /// With --database: this node's id in the cluster (default: a new one).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// With --database: how long this node counts as alive after each
+    /// heartbeat; the others mark its runs lost after it.
+    #[arg(long, default_value = "10s")]
+    node_lease: String,
+    /// With --database: queued runs this node runs at once.
+    #[arg(long, default_value_t = 8)]
+    node_runs: usize,
     /// Whole-process memory cap per run, in MiB (V8 reserves about 500 MiB
     /// of it at start).
     #[arg(long, default_value_t = 1024)]
@@ -86,6 +96,19 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
         wait: super::parse_duration(&args.run_queue_wait)?,
     };
     config.recover_lost_runs = true;
+    if store.is_shared() {
+        let lease = super::parse_duration(&args.node_lease)?;
+        anyhow::ensure!(
+            lease >= std::time::Duration::from_millis(300),
+            "--node-lease {} is too short: use 300ms or more (10s is the default)",
+            args.node_lease
+        );
+        config.cluster = Some(valet_server::cluster::ClusterConfig {
+            node_id: args.node_id,
+            lease,
+            capacity: args.node_runs,
+        });
+    }
     config.warm_pool = args.warm_pool;
     config.smtp = args.smtp;
     config.heap_mb = args.heap_mb;
@@ -113,6 +136,9 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
         );
     } else {
         eprintln!("runs are confined by Deno's permissions and the OS layer: {layer}");
+    }
+    if let Some(cluster) = &host.cluster {
+        eprintln!("node {} of the cluster", cluster.node_id());
     }
     super::shutdown_signal().await;
     eprintln!("shutting down: waiting for runs in flight");
