@@ -23,6 +23,9 @@ use valet_core::grant::{BlobRead, BlobWrite};
 
 use crate::{Store, StoreError, time};
 
+/// Disk space a blob write never takes, so deletes can always be written.
+const RESERVE_BYTES: u64 = 2 << 20;
+
 pub const MAX_KEY_BYTES: usize = 512;
 
 /// The lock file beside the blob root: every open store holds it shared, and
@@ -266,6 +269,18 @@ impl Store {
         }
         let dir = self.blobs().user_dir(user_id)?;
         std::fs::create_dir_all(&dir)?;
+        // Keep headroom on the disk: a body that would leave less than
+        // RESERVE_BYTES free is refused, so that deleting (which writes to
+        // the database too) always has room to free space again.
+        if let Ok(fs) = rustix::fs::statvfs(&dir) {
+            let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+            if free < (body.len() as u64).saturating_add(RESERVE_BYTES) {
+                return Err(StoreError::DiskFull(format!(
+                    "{free} bytes free, the body needs {} and {RESERVE_BYTES} stay in reserve",
+                    body.len()
+                )));
+            }
+        }
         let name = key.fresh_file_name()?;
         let mut pending = PendingFile {
             path: dir.join(&name),
