@@ -99,15 +99,9 @@ impl EgressAllow {
     }
 }
 
-/// Where a piped socket leads: an allowed host and port.
-#[derive(Debug, Clone)]
-pub enum Target {
-    Host(String, u16),
-}
-
 /// Listens on `socket` and pipes every connection to `target`, until the
 /// returned tasks are dropped (the run's end).
-pub fn pipe(socket: &Path, target: Target, tasks: &mut JoinSet<()>) -> std::io::Result<()> {
+pub fn pipe(socket: &Path, target: EgressAllow, tasks: &mut JoinSet<()>) -> std::io::Result<()> {
     let listener = UnixListener::bind(socket)?;
     tasks.spawn(async move {
         let mut connections = JoinSet::new();
@@ -117,8 +111,7 @@ pub fn pipe(socket: &Path, target: Target, tasks: &mut JoinSet<()>) -> std::io::
             };
             let target = target.clone();
             connections.spawn(async move {
-                let Target::Host(host, port) = &target;
-                let outbound = TcpStream::connect((host.as_str(), *port)).await;
+                let outbound = TcpStream::connect((target.host.as_str(), target.port)).await;
                 match outbound {
                     Ok(mut outbound) => {
                         let _ = outbound.set_nodelay(true);

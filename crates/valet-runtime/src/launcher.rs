@@ -12,7 +12,7 @@ use valet_core::ChannelId;
 use crate::RuntimeError;
 use crate::channel::ApiChannel;
 use crate::control::Control;
-use crate::egress::{self, EgressAllow, Target};
+use crate::egress::{self, EgressAllow};
 use crate::executor::{self, Process};
 use crate::logs::LogBuffer;
 use crate::os_layer::OsLayer;
@@ -77,11 +77,7 @@ impl Launcher {
         let mut egress_routes = Vec::new();
         for (i, allow) in self.egress_allow.iter().enumerate() {
             let socket = dir.join(&format!("egress-{i}.sock"));
-            egress::pipe(
-                &socket,
-                Target::Host(allow.host.clone(), allow.port),
-                &mut tasks,
-            )?;
+            egress::pipe(&socket, allow.clone(), &mut tasks)?;
             chown(&socket, owner)?;
             egress_routes.push(serde_json::json!({
                 "origin": allow.origin(),

@@ -462,10 +462,9 @@ impl Supervisor {
             process,
             control,
             tasks,
-            channel,
+            channel: _,
             dir,
         } = started;
-        let _ = channel;
         let events = control.claim(claim.to_string());
         let began = Instant::now();
         tracing::info!(
