@@ -246,6 +246,19 @@ globalThis.addEventListener("beforeunload", () => {
   }
 });
 
+// --- The std shims, compiled while the process waits for its claim. ---
+// A val that imports them finds them loaded (the same module instances).
+// They are valet's code; nothing of a val or its owner is known yet. The
+// API's URL is fixed, so it is known before the claim too.
+frozenEnv.VALTOWN_API_URL = config.api.origin;
+await Promise.all(
+  ["blob", "sqlite", "email"].map((name) =>
+    import(`https://esm.town/v/std/${name}`).catch(() => {
+      // The val's own import reports what went wrong, if it needs the shim.
+    })
+  ),
+);
+
 // --- The claim, then the val. ---
 const claim = await readClaim();
 Object.assign(frozenEnv, claim.env);

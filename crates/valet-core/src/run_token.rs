@@ -10,7 +10,7 @@ use std::fmt;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -113,12 +113,13 @@ impl SigningKey {
         &self.public
     }
 
-    fn encoding_key(&self) -> Result<EncodingKey, RunTokenError> {
+    #[cfg(test)]
+    fn encoding_key(&self) -> Result<jsonwebtoken::EncodingKey, RunTokenError> {
         use ed25519_dalek::pkcs8::EncodePrivateKey;
         let der = ed25519_dalek::SigningKey::from_bytes(&self.secret)
             .to_pkcs8_der()
             .map_err(|e| RunTokenError::Key(e.to_string()))?;
-        Ok(EncodingKey::from_ed_der(der.as_bytes()))
+        Ok(jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes()))
     }
 }
 
@@ -148,7 +149,10 @@ struct VerifyKey {
 #[derive(Clone)]
 pub struct KeyRing {
     current: SigningKey,
-    encoding: EncodingKey,
+    /// The current key, expanded once (deriving it is most of a signature's
+    /// cost), and the JWT header it signs under, encoded once.
+    signer: ed25519_dalek::SigningKey,
+    header: String,
     verifying: Vec<VerifyKey>,
 }
 
@@ -165,7 +169,11 @@ impl fmt::Debug for KeyRing {
 
 impl KeyRing {
     pub fn new(current: SigningKey) -> Result<KeyRing, RunTokenError> {
-        let encoding = current.encoding_key()?;
+        let signer = ed25519_dalek::SigningKey::from_bytes(&current.secret);
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(current.kid.clone());
+        let header = URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&header).map_err(|e| RunTokenError::Key(e.to_string()))?);
         let verifying = vec![VerifyKey {
             kid: current.kid.clone(),
             public: current.public,
@@ -174,7 +182,8 @@ impl KeyRing {
         }];
         Ok(KeyRing {
             current,
-            encoding,
+            signer,
+            header,
             verifying,
         })
     }
@@ -218,9 +227,16 @@ impl KeyRing {
             nbf: grant.start,
             exp: grant.deadline,
         };
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.kid = Some(self.current.kid.clone());
-        Ok(jsonwebtoken::encode(&header, &claims, &self.encoding)?)
+        // A compact JWS (RFC 7515): header.claims.signature, each base64url.
+        use ed25519_dalek::Signer;
+        let mut token = self.header.clone();
+        token.push('.');
+        let claims = serde_json::to_vec(&claims).map_err(|e| RunTokenError::Key(e.to_string()))?;
+        URL_SAFE_NO_PAD.encode_string(claims, &mut token);
+        let signature = self.signer.sign(token.as_bytes());
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
+        Ok(token)
     }
 
     /// Verifies signature, algorithm, issuer, audience, `exp` and `nbf`
@@ -418,20 +434,35 @@ mod tests {
                 kid: Some(ring.current().kid().to_owned()),
                 ..Header::new(Algorithm::EdDSA)
             };
-            let token = jsonwebtoken::encode(&header, &claims, &ring.encoding).expect("encode");
+            let token = jsonwebtoken::encode(
+                &header,
+                &claims,
+                &ring.current().encoding_key().expect("key"),
+            )
+            .expect("encode");
             assert!(ring.verify(&token, t).is_err(), "{field}");
         }
         let header = Header {
             kid: Some("nope".into()),
             ..Header::new(Algorithm::EdDSA)
         };
-        let token = jsonwebtoken::encode(&header, &grant_claims(t), &ring.encoding).expect("enc");
+        let token = jsonwebtoken::encode(
+            &header,
+            &grant_claims(t),
+            &ring.current().encoding_key().expect("key"),
+        )
+        .expect("enc");
         assert!(matches!(
             ring.verify(&token, t),
             Err(RunTokenError::UnknownKid(_))
         ));
         let header = Header::new(Algorithm::EdDSA);
-        let token = jsonwebtoken::encode(&header, &grant_claims(t), &ring.encoding).expect("enc");
+        let token = jsonwebtoken::encode(
+            &header,
+            &grant_claims(t),
+            &ring.current().encoding_key().expect("key"),
+        )
+        .expect("enc");
         assert!(matches!(
             ring.verify(&token, t),
             Err(RunTokenError::MissingKid)

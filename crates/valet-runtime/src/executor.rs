@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_store::Outcome;
@@ -20,6 +21,8 @@ pub struct Process {
     child: Child,
     pgid: Option<i32>,
     readers: JoinSet<()>,
+    /// Tell the readers to take what is in the pipes now and stop.
+    drains: Vec<oneshot::Sender<()>>,
     pub logs: LogBuffer,
 }
 
@@ -59,23 +62,32 @@ pub fn spawn(
     let mut child = cmd.spawn()?;
     let pgid = child.id().map(|id| id as i32);
     let mut readers = JoinSet::new();
+    let mut drains = Vec::new();
     if let Some(out) = child.stdout.take() {
-        readers.spawn(logs::collect(out, "out", logs.clone()));
+        let (tx, rx) = oneshot::channel();
+        readers.spawn(logs::collect_pipe(out, "out", logs.clone(), rx));
+        drains.push(tx);
     }
     if let Some(err) = child.stderr.take() {
-        readers.spawn(logs::collect(err, "err", logs.clone()));
+        let (tx, rx) = oneshot::channel();
+        readers.spawn(logs::collect_pipe(err, "err", logs.clone(), rx));
+        drains.push(tx);
     }
     Ok(Process {
         child,
         pgid,
         readers,
+        drains,
         logs,
     })
 }
 
 impl Process {
     /// Waits for the process to end, or kills it at `deadline`, or when
-    /// `stop` resolves.
+    /// `stop` resolves. Returns once its logs are complete: a process that
+    /// ended by itself is read to the end of its output; a killed one gives
+    /// what it wrote before it was killed, without waiting for the kernel
+    /// to tear it down ([`Process::reap`] waits for that).
     pub async fn wait(
         &mut self,
         deadline: Instant,
@@ -94,12 +106,24 @@ impl Process {
             _ = stop => Exit::Stopped,
         };
         self.kill_group();
-        let _ = self.child.wait().await;
+        if matches!(exit, Exit::TimedOut | Exit::Stopped) {
+            // Killed: nothing more can be written; take what is there.
+            for drain in self.drains.drain(..) {
+                let _ = drain.send(());
+            }
+        }
         // The pipes close when the process group is gone; bound the wait
         // anyway in case a grandchild held them (it cannot: --deny-run).
         let drain = async { while self.readers.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
         exit
+    }
+
+    /// Kills the process group and waits until the kernel has torn the
+    /// process down. After [`Process::wait`], off the run's critical path.
+    pub async fn reap(mut self) {
+        self.kill_group();
+        let _ = self.child.wait().await;
     }
 
     /// SIGKILL to the whole process group.

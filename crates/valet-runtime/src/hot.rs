@@ -206,8 +206,6 @@ impl HotPool {
 /// One request's run on a hot process, from its start to its end.
 struct HotRun {
     run_id: String,
-    /// The row's write, which the run's end waits for.
-    recorded: tokio::task::JoinHandle<()>,
     /// The request's valet key: it travels to the process in the request's
     /// private header, never in an environment.
     key: String,
@@ -389,14 +387,9 @@ impl Supervisor {
             tracing::error!(error = %e, "could not start an http run");
             HttpRunError::internal()
         })?;
-        // The row is written beside the request, off its path; the run's
-        // end waits for it.
-        let supervisor = self.clone();
-        let recorded = tokio::spawn(async move {
-            if let Err(e) = supervisor.record(row).await {
-                tracing::error!(error = %e, "could not record an http run");
-            }
-        });
+        // The row is written beside the request, off its path, by the
+        // store's writer (in order: before the run's end).
+        self.record(row);
         let logs = LogBuffer::new(inner.max_log_bytes, vec![key.clone()]);
         hot.events.attribute(&run_id, logs.clone());
         hot.served.fetch_add(1, Ordering::Relaxed);
@@ -406,7 +399,6 @@ impl Supervisor {
         let began = Instant::now();
         Ok(HotRun {
             run_id,
-            recorded,
             key,
             hot,
             logs,
@@ -493,17 +485,10 @@ impl Supervisor {
         run.hot.events.forget(&run.run_id);
         let logs = run.logs.finish();
         let run_id = run.run_id.clone();
-        let HotRun { recorded, .. } = run;
-        let _ = recorded.await;
-        let (id, d) = (run_id.clone(), detail.to_owned());
-        if let Err(e) = self
-            .inner
-            .store
-            .call(move |s| s.finish_run(&id, outcome, &d, &logs))
-            .await
-        {
-            tracing::error!(run_id, error = %e, "could not record the end of a run");
-        }
+        // The key dies here; the record follows in the writer's next batch
+        // (which logs a failure itself).
+        drop(run);
+        drop(self.record_end(&run_id, outcome, detail, logs));
         tracing::debug!(
             run_id,
             outcome = outcome.as_str(),

@@ -125,6 +125,25 @@ impl Launcher {
     }
 }
 
+impl Launcher {
+    /// Removes a finished run's directory, and what Deno cached for the
+    /// files in it: the val is written there afresh for each run, so its
+    /// transpiled copy would never be read again.
+    pub fn forget(&self, dir: RunDir) {
+        let emitted = emit_dir(&self.deno_dir, dir.path());
+        drop(dir);
+        if let Some(emitted) = emitted {
+            let _ = std::fs::remove_dir_all(emitted);
+        }
+    }
+}
+
+/// Where Deno keeps its transpiled copies of the files under `dir`.
+pub fn emit_dir(deno_dir: &Path, dir: &Path) -> Option<PathBuf> {
+    let relative = dir.strip_prefix("/").ok()?;
+    Some(deno_dir.join("gen").join("file").join(relative))
+}
+
 pub fn chown(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
     match owner {
         Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)),

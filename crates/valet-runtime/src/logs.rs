@@ -1,9 +1,11 @@
 //! A run's logs: stdout and stderr lines with timestamps, bounded in size,
 //! with the run's own token masked out.
 
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::oneshot;
 
 /// What a masked secret reads as.
 const MASK: &str = "[valet key]";
@@ -103,15 +105,80 @@ impl LogBuffer {
 
 /// Reads `reader` to its end, line by line, into `logs`. Keeps draining
 /// after the limit so the child never blocks on a full pipe.
-pub async fn collect(mut reader: impl AsyncRead + Unpin, stream: &'static str, logs: LogBuffer) {
-    let mut pending: Vec<u8> = Vec::new();
+#[cfg(test)]
+async fn collect(mut reader: impl AsyncRead + Unpin, stream: &'static str, logs: LogBuffer) {
+    let mut lines = Lines::new(stream, logs);
     let mut chunk = vec![0u8; 8192];
     loop {
-        let n = match reader.read(&mut chunk).await {
+        match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        pending.extend_from_slice(&chunk[..n]);
+            Ok(n) => lines.feed(&chunk[..n]),
+        }
+    }
+    lines.end();
+}
+
+/// Reads a process's pipe to its end, line by line, into `logs`, draining
+/// after the limit too so the child never blocks on a full pipe. It may be
+/// told to stop early: when `drain` fires, what is in the pipe at that instant is read
+/// without waiting (everything the process wrote before it said its work
+/// had settled is there) and the collection ends, without waiting for the
+/// end of file that comes only once the killed process is torn down.
+pub async fn collect_pipe<R>(
+    mut reader: R,
+    stream: &'static str,
+    logs: LogBuffer,
+    drain: oneshot::Receiver<()>,
+) where
+    R: AsyncRead + AsFd + Unpin,
+{
+    let mut lines = Lines::new(stream, logs);
+    let mut chunk = vec![0u8; 8192];
+    let mut drain = std::pin::pin!(drain);
+    // Whether the sender went away without asking: then read to the end.
+    let mut unasked = false;
+    loop {
+        tokio::select! {
+            read = reader.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => lines.feed(&chunk[..n]),
+            },
+            signal = &mut drain, if !unasked => {
+                if signal.is_ok() {
+                    // The pipe is non-blocking (tokio's): read until it
+                    // would block or ends.
+                    while let Ok(n @ 1..) = rustix::io::read(reader.as_fd(), &mut chunk[..]) {
+                        lines.feed(&chunk[..n]);
+                    }
+                    break;
+                }
+                unasked = true;
+            }
+        }
+    }
+    lines.end();
+}
+
+/// Bytes of one stream cut into log lines: masked, and long lines split
+/// so that no split leaves a key readable in two halves.
+struct Lines {
+    pending: Vec<u8>,
+    stream: &'static str,
+    logs: LogBuffer,
+}
+
+impl Lines {
+    fn new(stream: &'static str, logs: LogBuffer) -> Lines {
+        Lines {
+            pending: Vec::new(),
+            stream,
+            logs,
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        let (pending, stream, logs) = (&mut self.pending, self.stream, &self.logs);
+        pending.extend_from_slice(bytes);
         while let Some(pos) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
             logs.push(stream, &String::from_utf8_lossy(&line[..line.len() - 1]));
@@ -119,7 +186,7 @@ pub async fn collect(mut reader: impl AsyncRead + Unpin, stream: &'static str, l
         if pending.len() > MAX_LINE {
             // Mask before splitting, and keep back what could be the start
             // of a secret, so no split leaves a key readable in two halves.
-            let hold = logs.mask(&mut pending);
+            let hold = logs.mask(pending);
             let mut cut = pending.len().saturating_sub(hold).clamp(1, MAX_LINE);
             // Nor split a mask itself.
             let from = cut.saturating_sub(MASK.len() - 1);
@@ -135,8 +202,12 @@ pub async fn collect(mut reader: impl AsyncRead + Unpin, stream: &'static str, l
             logs.push(stream, &String::from_utf8_lossy(&line));
         }
     }
-    if !pending.is_empty() {
-        logs.push(stream, &String::from_utf8_lossy(&pending));
+
+    fn end(self) {
+        if !self.pending.is_empty() {
+            self.logs
+                .push(self.stream, &String::from_utf8_lossy(&self.pending));
+        }
     }
 }
 

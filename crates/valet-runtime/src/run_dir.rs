@@ -66,7 +66,7 @@ impl Drop for RunRoot {
 }
 
 /// Removes `valet-<pid>[-…]` directories under `parent` whose process is gone.
-fn sweep(parent: &Path) {
+pub(crate) fn sweep(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };

@@ -43,6 +43,9 @@ pub fn command(spec: &SandboxSpec<'_>) -> Command {
         .arg("--no-prompt")
         .arg("--no-config")
         .arg("--no-lock")
+        // Each run's val is a new file, so V8's code cache would never hit
+        // for it and would only grow by an entry per run.
+        .arg("--no-code-cache")
         .arg(format!(
             "--import-map={}",
             spec.runtime_dir.join("import_map.json").display()

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_core::live_runs::LiveRunGuard;
 use valet_core::{ChannelId, LiveRun, LiveRuns, MintRequest, ScopeSet, SharedKeyRing};
-use valet_store::{NewRun, Outcome, Store, Val, ValKind, new_id, time};
+use valet_store::{Outcome, RunEnd, RunStart, Store, Val, ValKind, new_id, time};
 
 use crate::channel::ApiChannel;
 use crate::control::ControlEvents;
@@ -194,6 +194,11 @@ impl Supervisor {
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("valet-deno-cache"));
         std::fs::create_dir_all(deno_dir.join("npm"))?;
+        // What Deno cached for the vals of supervisors that died (a thread
+        // of its own: after a crash there may be many).
+        if let Some(emitted) = launcher::emit_dir(&deno_dir, &config.run_parent) {
+            std::thread::spawn(move || crate::run_dir::sweep(&emitted));
+        }
         let os = OsLayer::new(
             &deno,
             &runtime_dir,
@@ -296,7 +301,11 @@ impl Supervisor {
         self.inner.slots.drain(limit).await;
         self.inner.pool.close();
         self.inner.hot.clear();
-        self.inner.launcher.root.remove();
+        let launcher = &self.inner.launcher;
+        launcher.root.remove();
+        if let Some(emitted) = launcher::emit_dir(&launcher.deno_dir, launcher.root.path()) {
+            let _ = std::fs::remove_dir_all(emitted);
+        }
     }
 
     /// A process for `spec`: a warm one when its code is stored, or one
@@ -397,23 +406,34 @@ impl Supervisor {
         })
     }
 
-    /// Writes a run's row.
-    pub(crate) async fn record(&self, row: RunRow) -> Result<(), RuntimeError> {
-        self.inner
-            .store
-            .call(move |s| {
-                s.insert_run(&NewRun {
-                    id: &row.id,
-                    user_id: &row.user_id,
-                    val_id: row.val_id.as_deref(),
-                    trigger: row.trigger,
-                    scopes: row.scopes,
-                    started_at: row.started_at,
-                    deadline: row.deadline,
-                })
-            })
-            .await?;
-        Ok(())
+    /// Queues a run's row for the store's writer (reads of runs wait for it).
+    pub(crate) fn record(&self, row: RunRow) {
+        self.inner.store.queue_run_start(RunStart {
+            id: row.id,
+            user_id: row.user_id,
+            val_id: row.val_id,
+            trigger: row.trigger.to_owned(),
+            scopes: row.scopes,
+            started_at: row.started_at,
+            deadline: row.deadline,
+        });
+    }
+
+    /// Queues a run's end; the receiver hears once it is written.
+    pub(crate) fn record_end(
+        &self,
+        run_id: &str,
+        outcome: Outcome,
+        detail: &str,
+        logs: String,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        self.inner.store.queue_run_end(RunEnd {
+            id: run_id.to_owned(),
+            outcome,
+            detail: detail.to_owned(),
+            logs,
+            ended_at: time::now_ms(),
+        })
     }
 
     /// Starts a run: a process, its record, its live key, its claim.
@@ -440,7 +460,7 @@ impl Supervisor {
             guard,
             row,
         } = self.open_run_as(run_id, spec, &started.channel)?;
-        self.record(row).await?;
+        self.record(row);
 
         let val_url = match &spec.source {
             Source::Code(code) => {
@@ -487,23 +507,45 @@ impl Supervisor {
         })
     }
 
-    /// Ends the run: the key dies with `active`, then the record is written.
+    /// Ends the run: its key dies, then its record is written. The killed
+    /// process is reaped (and its directory removed) behind the answer, its
+    /// slot held until then.
     pub(crate) async fn finish(&self, active: Active, exit: Exit) -> RunOutput {
-        let (outcome, detail) =
-            executor::classify(exit, &active.events.now(), &active.run_id, active.timeout);
-        let duration_ms = active.began.elapsed().as_millis() as u64;
-        let logs = active.process.logs.finish();
-        active.process.kill_group();
-        let run_id = active.run_id.clone();
-        drop(active);
-        let (id, d, l) = (run_id.clone(), detail.clone(), logs.clone());
-        if let Err(e) = self
-            .inner
-            .store
-            .call(move |s| s.finish_run(&id, outcome, &d, &l))
+        let Active {
+            run_id,
+            _guard: guard,
+            process,
+            _tasks: tasks,
+            dir,
+            events,
+            began,
+            timeout,
+            _permit: permit,
+            ..
+        } = active;
+        let (outcome, detail) = executor::classify(exit, &events.now(), &run_id, timeout);
+        let duration_ms = began.elapsed().as_millis() as u64;
+        let logs = process.logs.finish();
+        drop(guard);
+        drop(tasks);
+        let launcher = self.inner.launcher.clone();
+        tokio::spawn(async move {
+            process.reap().await;
+            launcher.forget(dir);
+            drop(permit);
+        });
+        // Answered once the record is written: a caller that reads the run
+        // next finds it ended.
+        match self
+            .record_end(&run_id, outcome, &detail, logs.clone())
             .await
         {
-            tracing::error!(run_id, error = %e, "could not record the end of a run");
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(run_id, error = %e, "could not record the end of a run"),
+            Err(_) => tracing::error!(
+                run_id,
+                "the store closed before the end of a run was recorded"
+            ),
         }
         tracing::info!(run_id, outcome = outcome.as_str(), duration_ms, "run ended");
         RunOutput {

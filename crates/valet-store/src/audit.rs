@@ -1,16 +1,24 @@
-//! The audit log: who (token or run) used which scope, on which route, when.
+//! The audit log: who (token or run) used which scope, on which route, when;
+//! and the writer behind it, which also writes run records.
 //!
 //! Requests hand events to a channel and go on; one thread owns a
 //! connection and writes them in batches, one transaction per batch, and
-//! bumps `last_used_at` of the tokens involved. That keeps a disk write off
-//! every request's critical path.
+//! bumps `last_used_at` of the tokens involved. Runs' starts and ends go the
+//! same way (in a transaction of their own per batch, so an audit failure
+//! never loses a run's record): at thousands of http requests a second,
+//! each a run, that turns two writes per request into a share of one.
+//! Reads of runs wait for the run writes queued before them.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
 
 use valet_core::Scope;
 
 use crate::db::Backend;
+use crate::runs::{RunEnd, RunStart};
 use crate::sql::{Sql, args};
 use crate::{Store, StoreError};
 
@@ -46,6 +54,8 @@ pub struct AuditEvent {
 
 enum Message {
     Event(AuditEvent),
+    RunStart(RunStart, Option<String>),
+    RunEnd(RunEnd, oneshot::Sender<Result<(), String>>),
     Flush(SyncSender<()>),
 }
 
@@ -56,45 +66,78 @@ pub struct AuditSink {
     tx: Mutex<Option<Sender<Message>>>,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
     failures: Arc<std::sync::atomic::AtomicU64>,
+    /// Run writes queued and not yet written.
+    pending_runs: Arc<AtomicUsize>,
 }
 
 const MAX_BATCH: usize = 512;
+
+/// How long a batch nobody waits for gathers more before it is written.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl AuditSink {
     /// Starts the writer thread on `backend`, connections of its own.
     pub(crate) fn start(backend: Backend) -> Result<AuditSink, StoreError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let pending_runs = Arc::new(AtomicUsize::new(0));
         let worker_failures = failures.clone();
+        let worker_pending = pending_runs.clone();
         let worker = std::thread::Builder::new()
             .name("valet-audit".into())
-            .spawn(move || writer_loop(backend, rx, worker_failures))?;
+            .spawn(move || writer_loop(backend, rx, worker_failures, worker_pending))?;
         Ok(AuditSink {
             tx: Mutex::new(Some(tx)),
             worker: Mutex::new(Some(worker)),
             failures,
+            pending_runs,
         })
+    }
+
+    fn send(&self, message: Message) -> bool {
+        match self.tx.lock() {
+            Ok(tx) => tx.as_ref().is_some_and(|tx| tx.send(message).is_ok()),
+            Err(_) => false,
+        }
+    }
+
+    /// Queues a run's start; never blocks on the disk.
+    pub(crate) fn queue_run_start(&self, run: RunStart, node_id: Option<String>) {
+        self.pending_runs.fetch_add(1, Ordering::SeqCst);
+        if !self.send(Message::RunStart(run, node_id)) {
+            self.pending_runs.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!("the store is closing: a run's start was not recorded");
+        }
+    }
+
+    /// Queues a run's end; the receiver hears once it is written.
+    pub(crate) fn queue_run_end(&self, end: RunEnd) -> oneshot::Receiver<Result<(), String>> {
+        let (done, written) = oneshot::channel();
+        self.pending_runs.fetch_add(1, Ordering::SeqCst);
+        if !self.send(Message::RunEnd(end, done)) {
+            self.pending_runs.fetch_sub(1, Ordering::SeqCst);
+        }
+        written
+    }
+
+    /// Blocks until the run writes queued before this call are written
+    /// (at once when there are none).
+    pub(crate) fn flush_runs(&self) {
+        if self.pending_runs.load(Ordering::SeqCst) > 0 {
+            self.flush();
+        }
     }
 
     /// Queues an event; never blocks on the disk.
     pub fn record(&self, event: AuditEvent) {
-        if let Ok(tx) = self.tx.lock()
-            && let Some(tx) = tx.as_ref()
-        {
-            let _ = tx.send(Message::Event(event));
-        }
+        self.send(Message::Event(event));
     }
 
-    /// Blocks until every event queued before this call is written.
+    /// Blocks until every event and run write queued before this call is
+    /// written.
     pub fn flush(&self) {
         let (done_tx, done_rx) = sync_channel(1);
-        let sent = match self.tx.lock() {
-            Ok(tx) => tx
-                .as_ref()
-                .is_some_and(|tx| tx.send(Message::Flush(done_tx)).is_ok()),
-            Err(_) => false,
-        };
-        if sent {
+        if self.send(Message::Flush(done_tx)) {
             let _ = done_rx.recv();
         }
     }
@@ -123,32 +166,87 @@ fn writer_loop(
     backend: Backend,
     rx: Receiver<Message>,
     failures: Arc<std::sync::atomic::AtomicU64>,
+    pending_runs: Arc<AtomicUsize>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::new();
+        let mut runs = Vec::new();
+        let mut ended = Vec::new();
         let mut waiters = Vec::new();
+        // Nobody waits for a batch of audit events or of runs' records
+        // whose callers went on: such a batch waits a little for more, so
+        // that a busy server writes one transaction where it would write
+        // dozens. Anyone waiting (a flush, a run's end that is awaited)
+        // has the batch written at once.
+        let gather_until = std::time::Instant::now() + GATHER;
         let mut next = Some(first);
-        while let Some(message) = next {
-            match message {
-                Message::Event(e) => batch.push(e),
-                Message::Flush(done) => waiters.push(done),
+        loop {
+            while let Some(message) = next {
+                match message {
+                    Message::Event(e) => batch.push(e),
+                    Message::RunStart(run, node_id) => runs.push(RunWrite::Start(run, node_id)),
+                    Message::RunEnd(end, done) => {
+                        runs.push(RunWrite::End(end));
+                        ended.push(done);
+                    }
+                    Message::Flush(done) => waiters.push(done),
+                }
+                next = if batch.len() + runs.len() < MAX_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
             }
-            next = if batch.len() < MAX_BATCH {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+            let awaited = !waiters.is_empty() || ended.iter().any(|done| !done.is_closed());
+            let left = gather_until.saturating_duration_since(std::time::Instant::now());
+            if awaited || batch.len() + runs.len() >= MAX_BATCH || left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(message) => next = Some(message),
+                Err(_) => break,
+            }
+        }
+        if !runs.is_empty() {
+            let result = backend
+                .transact(|sql| write_runs(sql, &runs))
+                .map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, runs = runs.len(), "could not write run records");
+            }
+            pending_runs.fetch_sub(runs.len(), Ordering::SeqCst);
+            for done in ended {
+                let _ = done.send(result.clone());
+            }
         }
         if !batch.is_empty()
             && let Err(e) = backend.transact(|sql| write_batch(sql, &batch))
         {
-            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, events = batch.len(), "could not write audit events");
         }
         for done in waiters {
             let _ = done.send(());
         }
     }
+}
+
+enum RunWrite {
+    Start(RunStart, Option<String>),
+    End(RunEnd),
+}
+
+fn write_runs(sql: &mut Sql<'_>, runs: &[RunWrite]) -> Result<(), StoreError> {
+    for run in runs {
+        match run {
+            RunWrite::Start(run, node_id) => {
+                crate::runs::write_start(sql, &run.as_new(), node_id.as_deref())?
+            }
+            RunWrite::End(end) => crate::runs::write_end(sql, end)?,
+        }
+    }
+    Ok(())
 }
 
 fn write_batch(sql: &mut Sql<'_>, batch: &[AuditEvent]) -> Result<(), StoreError> {

@@ -50,7 +50,7 @@ pub use users::validate_email;
 pub mod outbox_types {
     pub use crate::outbox::Attachment;
 }
-pub use runs::{NewRun, Outcome, RunRecord};
+pub use runs::{NewRun, Outcome, RunEnd, RunRecord, RunStart};
 pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use sessions::Session;
 pub use token_cache::TokenCache;

@@ -3,7 +3,7 @@
 use valet_core::grant::ValRead;
 use valet_core::{Granted, ScopeSet};
 
-use crate::sql::{Row, args};
+use crate::sql::{Row, Sql, args};
 use crate::{Store, StoreError, time};
 
 /// How a run ended (docs/CONTRACTS.md, "Outcomes"), or that it has not yet.
@@ -97,30 +97,91 @@ fn from_row(row: &Row) -> Result<RunRecord, StoreError> {
     })
 }
 
+/// A run's start, queued for the background writer (owned: it outlives
+/// the caller).
+#[derive(Debug, Clone)]
+pub struct RunStart {
+    pub id: String,
+    pub user_id: String,
+    pub val_id: Option<String>,
+    pub trigger: String,
+    pub scopes: ScopeSet,
+    pub started_at: i64,
+    pub deadline: i64,
+}
+
+/// A run's end, queued for the background writer.
+#[derive(Debug, Clone)]
+pub struct RunEnd {
+    pub id: String,
+    pub outcome: Outcome,
+    pub detail: String,
+    pub logs: String,
+    pub ended_at: i64,
+}
+
+pub(crate) fn write_start(
+    sql: &mut Sql<'_>,
+    run: &NewRun<'_>,
+    node_id: Option<&str>,
+) -> Result<(), StoreError> {
+    sql.execute(
+        "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline, node_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8)
+         ON CONFLICT (id) DO UPDATE SET scopes = excluded.scopes,
+             started_at = excluded.started_at, deadline = excluded.deadline",
+        args![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline, node_id],
+    )?;
+    if let Some(val_id) = run.val_id {
+        sql.execute(
+            "UPDATE vals SET last_run_at = ?1 WHERE id = ?2",
+            args![run.started_at, val_id],
+        )?;
+    }
+    Ok(())
+}
+
+/// A run already marked `lost` (its node's lease ran out while it ran)
+/// stays lost: the cluster has told its waiters so, and a lost run is
+/// never run again.
+pub(crate) fn write_end(sql: &mut Sql<'_>, end: &RunEnd) -> Result<(), StoreError> {
+    sql.execute(
+        "UPDATE runs SET status = ?1, ended_at = ?2, exit_detail = ?3, logs = ?4
+         WHERE id = ?5 AND status = 'running'",
+        args![
+            end.outcome.as_str(),
+            end.ended_at,
+            end.detail,
+            end.logs,
+            end.id
+        ],
+    )?;
+    crate::cluster::notify(sql, crate::cluster::DONE, &end.id)
+}
+
+impl RunStart {
+    pub(crate) fn as_new(&self) -> NewRun<'_> {
+        NewRun {
+            id: &self.id,
+            user_id: &self.user_id,
+            val_id: self.val_id.as_deref(),
+            trigger: &self.trigger,
+            scopes: self.scopes,
+            started_at: self.started_at,
+            deadline: self.deadline,
+        }
+    }
+}
+
 impl Store {
     /// Records a run as started. A run claimed from the cluster's queue
     /// has its record already (made by the claim): it gets the times and
     /// scopes of its actual start.
     pub fn insert_run(&self, run: &NewRun<'_>) -> Result<(), StoreError> {
-        let node_id = self.node_id();
-        self.db_write(|sql| {
-            sql.execute(
-                "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline, node_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8)
-                 ON CONFLICT (id) DO UPDATE SET scopes = excluded.scopes,
-                     started_at = excluded.started_at, deadline = excluded.deadline",
-                args![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline, node_id],
-            )?;
-            if let Some(val_id) = run.val_id {
-                sql.execute("UPDATE vals SET last_run_at = ?1 WHERE id = ?2", args![run.started_at, val_id])?;
-            }
-            Ok(())
-        })
+        self.db_write(|sql| write_start(sql, run, self.node_id()))
     }
 
-    /// Records how a run ended. A run already marked `lost` (its node's
-    /// lease ran out while it ran) stays lost: the cluster has told its
-    /// waiters so, and a lost run is never run again.
+    /// Records how a run ended (see [`write_end`]).
     pub fn finish_run(
         &self,
         id: &str,
@@ -128,19 +189,33 @@ impl Store {
         detail: &str,
         logs: &str,
     ) -> Result<(), StoreError> {
-        self.db_write(|sql| {
-            sql.execute(
-                "UPDATE runs SET status = ?1, ended_at = ?2, exit_detail = ?3, logs = ?4
-                 WHERE id = ?5 AND status = 'running'",
-                args![outcome.as_str(), time::now_ms(), detail, logs, id],
-            )?;
-            crate::cluster::notify(sql, crate::cluster::DONE, id)
-        })
+        let end = RunEnd {
+            id: id.to_owned(),
+            outcome,
+            detail: detail.to_owned(),
+            logs: logs.to_owned(),
+            ended_at: time::now_ms(),
+        };
+        self.db_write(|sql| write_end(sql, &end))
+    }
+
+    /// Queues a run's start for the background writer (batched with other
+    /// runs' rows and the audit log); reads of runs wait for it.
+    pub fn queue_run_start(&self, run: RunStart) {
+        self.audit()
+            .queue_run_start(run, self.node_id().map(str::to_owned));
+    }
+
+    /// Queues a run's end for the background writer. The receiver hears
+    /// once it is written (or why it could not be).
+    pub fn queue_run_end(&self, end: RunEnd) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        self.audit().queue_run_end(end)
     }
 
     /// A run by id, for the node waiting on it (no caller: the waiter
     /// queued it for a caller already checked).
     pub fn run_by_id(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        self.audit().flush_runs();
         self.db_read(|sql| {
             sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM runs WHERE id = ?1"),
@@ -165,6 +240,7 @@ impl Store {
 
     /// A run of the grant's user; anyone else's is "not found".
     pub fn run_of_user(&self, grant: &Granted<ValRead>, id: &str) -> Result<RunRecord, StoreError> {
+        self.audit().flush_runs();
         self.db_read(|sql| {
             sql.query_opt(
                 &format!("SELECT {COLUMNS} FROM runs WHERE id = ?1 AND user_id = ?2"),
@@ -184,6 +260,7 @@ impl Store {
         val_id: &str,
         limit: usize,
     ) -> Result<Vec<RunRecord>, StoreError> {
+        self.audit().flush_runs();
         self.db_read(|sql| {
             sql.query_map(
                 &format!(
