@@ -130,13 +130,15 @@ test-sdk: setup
     cargo build -p valet-cli
     cd tests/sdk && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
 
-# Benchmarks: token mint/verify, API under load, run overhead.
-# Benchmarks: token mint/verify, API under load, run overhead, a 3-minute soak.
+# Benchmarks: token mint/verify, API under load, run overhead, SQLite against
+# PostgreSQL (and S3) per request, a 3-minute soak. The backends bench uses
+# PostgreSQL and moto as `just test-deps` installs them, and skips what is missing.
 bench: setup
     cargo bench -p valet-core --bench tokens
     cargo build --release -p valet-cli
     cargo bench -p valet-cli --bench system
     cargo bench -p valet-cli --bench http
+    cargo bench -p valet-cli --bench backends
     cargo bench -p valet-cli --bench soak
 
 # Mixed load against a real `valet serve`; RSS, fds, Deno processes, p50/p99 per minute.

@@ -17,6 +17,8 @@ use crate::{Store, StoreError, time};
 const QUEUED: &str = "valet_run_queued";
 /// A notification channel: a run ended; the payload is its id.
 pub(crate) const DONE: &str = "valet_run_done";
+/// A notification channel: an API token changed (see `tokens::changed`).
+pub(crate) const TOKENS: &str = "valet_token_changed";
 
 /// What a node hears from the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,9 +239,16 @@ impl Store {
 
     /// Listens for cluster notifications on a connection of its own and
     /// hands each to `on`, until `stop` is set (checked at least every
-    /// half second). Returns on a connection error: call again to
+    /// quarter second). Returns on a connection error: call again to
     /// reconnect (notifications sent meanwhile are missed, so listeners
     /// also poll).
+    ///
+    /// Token changes are handled here, not handed on: each empties this
+    /// store's token cache. While this runs and its connection answers,
+    /// the cache trusts its entries for longer (see [`TokenCache`]); the
+    /// cache is emptied when the connection is made and when it ends.
+    ///
+    /// [`TokenCache`]: crate::TokenCache
     pub fn listen(
         &self,
         stop: &Arc<AtomicBool>,
@@ -247,13 +256,37 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.require_shared()?;
         let mut conn = self.dedicated_pg_connection()?;
+        let cache = self.token_cache();
         crate::pg::off_async(move || {
-            conn.listen(&[QUEUED, DONE], stop, |channel, payload| match channel {
-                QUEUED => on(ClusterEvent::RunQueued),
-                DONE => on(ClusterEvent::RunDone(payload.to_owned())),
-                _ => {}
-            })
+            let _gone = ListenerGone(cache);
+            let mut connected = false;
+            let alive = |sent| {
+                if !std::mem::replace(&mut connected, true) {
+                    cache.listener_connected();
+                }
+                cache.listener_alive(sent);
+            };
+            conn.listen(
+                &[QUEUED, DONE, TOKENS],
+                stop,
+                alive,
+                |channel, payload| match channel {
+                    QUEUED => on(ClusterEvent::RunQueued),
+                    DONE => on(ClusterEvent::RunDone(payload.to_owned())),
+                    TOKENS => cache.clear(),
+                    _ => {}
+                },
+            )
         })
+    }
+}
+
+/// Tells the token cache that its listener stopped, however it stopped.
+struct ListenerGone<'a>(&'a crate::TokenCache);
+
+impl Drop for ListenerGone<'_> {
+    fn drop(&mut self) {
+        self.0.listener_gone();
     }
 }
 

@@ -73,9 +73,10 @@ struct Inner {
     /// URL, or beside PostgreSQL. `None`: files indexed in SQLite.
     objects: Option<BlobObjects>,
     user_dbs: UserDatabases,
-    /// Token records cached in memory. SQLite: emptied by the writer's
-    /// update hook on any change to `api_tokens`. PostgreSQL: never filled,
-    /// since another node's revocation would not empty it.
+    /// Token records cached in memory, emptied after every write
+    /// transaction that changed a token (SQLite: also by the writer's
+    /// update hook) and, on PostgreSQL, by the listener when another node
+    /// changes one (see [`TokenCache`]).
     tokens: Arc<TokenCache>,
 }
 
@@ -227,7 +228,7 @@ impl Store {
                 writer.update_hook(Some(
                     move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
                         if table == "api_tokens" {
-                            hook.clear();
+                            hook.changing();
                         }
                     },
                 ));
@@ -312,7 +313,17 @@ impl Store {
     /// one for long (LISTEN).
     pub(crate) fn dedicated_pg_connection(&self) -> Result<pg::Conn, StoreError> {
         match &self.inner.backend {
-            Backend::Postgres(pool) => pg::off_async(|| pg::Conn::connect(pool.config())),
+            Backend::Postgres(pool) => {
+                let mut config = pool.config().clone();
+                // Named, so an operator (and a test) can tell it apart;
+                // a peer that vanished fails its next round trip within
+                // seconds instead of TCP's minutes.
+                config
+                    .application_name("valet listen")
+                    .tcp_user_timeout(Duration::from_secs(5))
+                    .keepalives_idle(Duration::from_secs(5));
+                pg::off_async(|| pg::Conn::connect(&config))
+            }
             Backend::Sqlite(_) => Err(StoreError::Invalid(
                 "only the PostgreSQL control plane has notifications".into(),
             )),
@@ -348,7 +359,16 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Sql<'_>) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
-        self.inner.backend.transact(f)
+        let mut tokens_changed = false;
+        let out = self.inner.backend.transact(|sql| {
+            let out = f(sql);
+            tokens_changed = sql.tokens_changed();
+            out
+        });
+        // Only now, after the commit (or rollback), can no reader see the
+        // old row any more: empty the cache here, not inside.
+        self.inner.tokens.settle(tokens_changed);
+        out
     }
 
     fn lite(&self) -> Result<&Lite, StoreError> {
@@ -365,7 +385,9 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        f(&mut *self.lite()?.writer()?)
+        let out = f(&mut *self.lite()?.writer()?);
+        self.inner.tokens.settle(false);
+        out
     }
 
     /// Runs `f` with a SQLite read connection (SQLite backend only).

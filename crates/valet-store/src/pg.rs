@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::error::Error;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
@@ -25,6 +25,8 @@ use crate::sql::{Arg, ArgRef, Row, Sql, Value, to_postgres_placeholders};
 
 /// How long a caller waits for a free connection before giving up.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(30);
+/// How often a listening connection proves itself alive.
+const PING_EVERY: Duration = Duration::from_millis(250);
 
 thread_local! {
     /// Set while store work runs on tokio's blocking pool (or a thread of
@@ -209,24 +211,45 @@ impl Conn {
 impl Conn {
     /// LISTENs on `channels` and hands each notification (channel,
     /// payload) to `on` until `stop` is set, checking it at least every
-    /// half second. Returns on a connection error.
+    /// [`PING_EVERY`]. Every [`PING_EVERY`] it also proves the connection
+    /// alive with a round trip, and calls `alive` with the time that round
+    /// trip was sent once it came back and every notification received
+    /// until then was handed on (the LISTEN itself is the first). Returns
+    /// on a connection error.
     pub(crate) fn listen(
         &mut self,
         channels: &[&str],
         stop: &AtomicBool,
+        mut alive: impl FnMut(Instant),
         mut on: impl FnMut(&str, &str),
     ) -> Result<(), StoreError> {
+        use postgres::fallible_iterator::FallibleIterator;
         let listen: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
+        let mut sent = Instant::now();
         self.client.batch_execute(&listen)?;
         while !stop.load(Ordering::Relaxed) {
-            let mut notifications = self.client.notifications();
-            let mut iter = notifications.timeout_iter(Duration::from_millis(500));
-            while let Some(n) = postgres::fallible_iterator::FallibleIterator::next(&mut iter)? {
-                on(n.channel(), n.payload());
-                if stop.load(Ordering::Relaxed) {
-                    break;
+            {
+                // What arrived with the round trip's answer, without waiting.
+                let mut pending = self.client.notifications();
+                let mut iter = pending.iter();
+                while let Some(n) = iter.next()? {
+                    on(n.channel(), n.payload());
                 }
             }
+            alive(sent);
+            let ping_at = Instant::now() + PING_EVERY;
+            {
+                let mut notifications = self.client.notifications();
+                let mut iter = notifications.timeout_iter(PING_EVERY);
+                while let Some(n) = iter.next()? {
+                    on(n.channel(), n.payload());
+                    if stop.load(Ordering::Relaxed) || Instant::now() >= ping_at {
+                        break;
+                    }
+                }
+            }
+            sent = Instant::now();
+            self.client.batch_execute("SELECT 1")?;
         }
         Ok(())
     }

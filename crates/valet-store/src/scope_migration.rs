@@ -15,7 +15,7 @@ use valet_core::ScopeSet;
 
 use crate::outbox::{DEFAULT_EMAIL_FROM, enqueue_in, system_message};
 use crate::sql::{Sql, args};
-use crate::{Store, StoreError, time};
+use crate::{Store, StoreError, time, tokens};
 
 /// What the migration does and how.
 #[derive(Debug, Clone)]
@@ -223,6 +223,7 @@ impl Store {
                                 "UPDATE api_tokens SET migration_state = 'held', migration_note = ?1 WHERE id = ?2",
                                 args![format!("{reason}; last use {}", time::iso(at)), t.id],
                             )?;
+                            tokens::changed(tx)?;
                         }
                     } else {
                         summary.migrated += 1;
@@ -232,6 +233,7 @@ impl Store {
                                      migration_note = 'moved to the safe defaults' WHERE id = ?2",
                                 args![defaults, t.id],
                             )?;
+                            tokens::changed(tx)?;
                         }
                     }
                 }
@@ -327,7 +329,7 @@ impl Store {
                         args![time::now_ms(), id],
                     )?;
                 }
-                Ok(())
+                tokens::changed(sql)
             })?;
             emailed += 1;
         }
@@ -346,7 +348,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("migrated token '{token_id}'")));
             }
-            Ok(())
+            tokens::changed(sql)
         })
     }
 
@@ -355,12 +357,16 @@ impl Store {
     pub fn finish_held(&self, options: &MigrationOptions) -> Result<u64, StoreError> {
         let defaults = ScopeSet::default_val().to_claim();
         let moved = self.db_write(|sql| {
-            sql.execute(
+            let moved = sql.execute(
                 "UPDATE api_tokens SET scopes = ?1, old_scopes = 'legacy', migration_state = 'finished',
                      migration_note = 'moved to the safe defaults after the grace period', migration_emailed_at = NULL
                  WHERE scopes IS NULL AND migration_state = 'held' AND revoked_at IS NULL",
                 args![defaults],
-            )
+            )?;
+            if moved > 0 {
+                tokens::changed(sql)?;
+            }
+            Ok(moved)
         })?;
         self.email_held_owners(options, true)?;
         Ok(moved)

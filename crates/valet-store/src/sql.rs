@@ -171,6 +171,9 @@ impl<T: FromValue> FromValue for Option<T> {
 /// A connection (or a transaction on one) of either backend.
 pub(crate) struct Sql<'a> {
     exec: Exec<'a>,
+    /// This transaction changed an API token: the token caches must be
+    /// emptied when it ends (see `tokens::changed`).
+    tokens_changed: bool,
 }
 
 enum Exec<'a> {
@@ -182,12 +185,14 @@ impl<'a> Sql<'a> {
     pub(crate) fn sqlite(conn: &'a rusqlite::Connection) -> Sql<'a> {
         Sql {
             exec: Exec::Sqlite(conn),
+            tokens_changed: false,
         }
     }
 
     pub(crate) fn postgres(run: &'a mut dyn crate::pg::Run) -> Sql<'a> {
         Sql {
             exec: Exec::Postgres(run),
+            tokens_changed: false,
         }
     }
 
@@ -196,6 +201,16 @@ impl<'a> Sql<'a> {
             Exec::Sqlite(_) => Dialect::Sqlite,
             Exec::Postgres(_) => Dialect::Postgres,
         }
+    }
+
+    /// Notes that this transaction changed an API token; true the first
+    /// time.
+    pub(crate) fn note_tokens_changed(&mut self) -> bool {
+        !std::mem::replace(&mut self.tokens_changed, true)
+    }
+
+    pub(crate) fn tokens_changed(&self) -> bool {
+        self.tokens_changed
     }
 
     /// What ends a `SELECT` of rows the transaction is about to update:

@@ -3,7 +3,7 @@
 use valet_core::grant::{UserRead, UserScope, UserWrite};
 use valet_core::{ApiToken, Granted, ScopeSet, TokenHash, TokenScopes};
 
-use crate::sql::{Row, args};
+use crate::sql::{Row, Sql, args};
 use crate::{Store, StoreError, new_id, time};
 
 /// Where a legacy token stands in the scope migration.
@@ -114,6 +114,18 @@ pub(crate) fn scopes_column(scopes: TokenScopes) -> Option<String> {
     }
 }
 
+/// Call in every transaction that changes an API token row (but the
+/// audit's `last_used_at`, which authentication never reads): the token
+/// caches of this process and, through a notification sent when the
+/// transaction commits, of every listening node are emptied once it ends.
+/// Inserting a token needs none: a cache holds records, never absences.
+pub(crate) fn changed(sql: &mut Sql<'_>) -> Result<(), StoreError> {
+    if sql.note_tokens_changed() {
+        crate::cluster::notify(sql, crate::cluster::TOKENS, "")?;
+    }
+    Ok(())
+}
+
 pub fn validate_token_name(name: &str) -> Result<(), StoreError> {
     if name.trim().is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
         return Err(StoreError::Invalid(format!(
@@ -184,8 +196,23 @@ impl Store {
         })
     }
 
+    /// The token whose hash is `hash`, read from the database; the record
+    /// is cached for the next request.
     pub fn token_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
-        self.db_read(|sql| {
+        self.token_by_hash_then(hash, || {})
+    }
+
+    /// [`Store::token_by_hash`], with `before_fill` run between the read
+    /// and the fill (where a concurrent change may land).
+    pub(crate) fn token_by_hash_then(
+        &self,
+        hash: &TokenHash,
+        before_fill: impl FnOnce(),
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        // Before the read: a change that empties the cache after this
+        // point keeps what the read returns out of it.
+        let generation = self.token_cache().generation();
+        let record = self.db_read(|sql| {
             let record = sql
                 .query_opt(
                     &format!("SELECT {COLUMNS} FROM api_tokens WHERE hash = ?1"),
@@ -197,16 +224,12 @@ impl Store {
             // The index found the row by hash; compare again in constant time
             // so equality is never decided by a short-circuiting memcmp.
             Ok(record.filter(|r| r.hash.ct_eq(hash)))
-        })
-        .inspect(|record| {
-            // Beside PostgreSQL another node may revoke the token, and
-            // nothing here would hear of it: no caching there.
-            if let Some(record) = record
-                && !self.is_shared()
-            {
-                self.token_cache().put(record);
-            }
-        })
+        })?;
+        before_fill();
+        if let Some(record) = &record {
+            self.token_cache().put(record, generation);
+        }
+        Ok(record)
     }
 
     /// A token of the grant's user; another user's token is "not found".
@@ -287,6 +310,7 @@ impl Store {
                     args![scopes.to_claim(), id, user_id],
                 )?;
             }
+            changed(sql)?;
             current(sql, "")
         })
     }
@@ -326,7 +350,7 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("token '{id}'")));
             }
-            Ok(())
+            changed(sql)
         })?;
         self.token_of_user(grant, id)
     }
@@ -371,6 +395,9 @@ impl Store {
                  WHERE hash = ?3 AND revoked_at IS NULL",
                 args![time::now_ms(), url, &hash.as_bytes()[..]],
             )?;
+            if n == 1 {
+                changed(sql)?;
+            }
             Ok(n == 1)
         })?;
         Ok(self.token_by_hash(hash)?.map(|r| (r, revoked_now)))

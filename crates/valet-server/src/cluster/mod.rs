@@ -5,10 +5,11 @@
 //! the cluster); and hears the others through LISTEN/NOTIFY. http requests
 //! are served by the node that receives them, as on one machine.
 //!
-//! Token checks need nothing here: every request looks its token up in
-//! the shared database (there is no token cache), so a token revoked or
-//! re-scoped through one node is refused or narrowed by every node from
-//! the next request on.
+//! Token checks go through each node's token cache; the listener here is
+//! what keeps it honest: the store's `listen` empties the cache on every
+//! token change any node makes, and on connecting and losing the
+//! connection, and trusts entries for longer than a second only while the
+//! connection answers (`valet_store::TokenCache`).
 
 mod cron;
 mod queue;
