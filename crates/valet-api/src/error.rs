@@ -151,6 +151,10 @@ impl From<SqlError> for ApiError {
             SqlError::TooLarge(m) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "result_too_large", m)
             }
+            SqlError::NotHome(m) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "sqlite_home_moved", m)
+            },
             SqlError::Store(s) => s.into(),
         }
     }
