@@ -104,7 +104,9 @@ impl SqliteCluster {
         max_time: std::time::Duration,
     ) -> Result<SqliteCluster, reqwest::Error> {
         // A forward waits as long as the home may execute, and more.
+        // Never redirected: a signed forward goes to the home it names.
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(std::time::Duration::from_secs(2))
             .timeout(max_time + std::time::Duration::from_secs(10))
             .build()?;

@@ -258,12 +258,12 @@ impl Call {
     }
 
     /// The statements for the store, and the transaction mode.
-    pub(crate) fn statements(
-        &self,
+    pub(crate) fn into_statements(
+        self,
     ) -> Result<(Vec<valet_store::SqlStatement>, BatchMode), SqlError> {
         let (statements, mode) = match self {
-            Call::Execute(body) => (vec![body.statement.clone()], BatchMode::Deferred),
-            Call::Batch(body) => (body.statements.clone(), body.mode.into()),
+            Call::Execute(body) => (vec![body.statement], BatchMode::Deferred),
+            Call::Batch(body) => (body.statements, body.mode.into()),
         };
         let statements = statements
             .into_iter()
@@ -274,17 +274,19 @@ impl Call {
 
     /// The answer: one result for `execute`, all of them for `batch`.
     pub(crate) fn respond(&self, results: &[SqlResult]) -> Result<Response, ApiError> {
-        match self {
-            Call::Execute(_) => {
-                let result = results
-                    .first()
-                    .ok_or_else(|| ApiError::internal("empty result"))?;
-                Ok(Json(ResultJson::from(result)).into_response())
-            }
-            Call::Batch(_) => {
-                Ok(Json(results.iter().map(ResultJson::from).collect::<Vec<_>>()).into_response())
-            }
-        }
+        respond(matches!(self, Call::Execute(_)), results)
+    }
+}
+
+/// One result (`execute`) or all of them (`batch`), as JSON.
+fn respond(one: bool, results: &[SqlResult]) -> Result<Response, ApiError> {
+    if one {
+        let result = results
+            .first()
+            .ok_or_else(|| ApiError::internal("empty result"))?;
+        Ok(Json(ResultJson::from(result)).into_response())
+    } else {
+        Ok(Json(results.iter().map(ResultJson::from).collect::<Vec<_>>()).into_response())
     }
 }
 
@@ -330,10 +332,11 @@ async fn answer(state: AppState, grants: SqliteCaller, call: Call) -> Result<Res
     if state.sqlite_cluster.is_some() {
         return super::sqlite_home::through_home(state, grants, call).await;
     }
-    let (statements, mode) = call.statements()?;
+    let one = matches!(call, Call::Execute(_));
+    let (statements, mode) = call.into_statements()?;
     let (result, grants) = run(state, grants, statements, mode, None).await?;
     match result {
-        Ok(results) => call.respond(&results),
+        Ok(results) => respond(one, &results),
         Err(e) => Err(refusal(&grants, e)),
     }
 }

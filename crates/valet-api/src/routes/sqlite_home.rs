@@ -39,7 +39,7 @@ pub(super) async fn through_home(
     let Some(cluster) = state.sqlite_cluster.clone() else {
         return Err(ApiError::internal("no sqlite cluster to forward through"));
     };
-    let (statements, mode) = call.statements()?;
+    let (statements, mode) = call.clone().into_statements()?;
     let user = valet_store::SqliteGrants::owner(&grants).to_owned();
     let mut fresh = false;
     let mut last_error = None;
@@ -274,7 +274,7 @@ async fn internal(
     let call = Call::from_json(name, forward.request)?;
     let grants =
         Caller::forwarded(&state, principal, scopes, call.route().to_owned()).require_sqlite()?;
-    let (statements, mode) = call.statements()?;
+    let (statements, mode) = call.clone().into_statements()?;
     let fence = cluster.homes.hold(&claims.user, claims.fence).await?;
     let (result, grants) = run(state, grants, statements, mode, Some(fence)).await?;
     match result {
