@@ -29,6 +29,29 @@ struct LeaseView {
     epoch: u64,
 }
 
+impl LeaseView {
+    /// A heartbeat sent at `sent` was answered at `arrived`; `kept` is
+    /// false when the node had been reaped. Returns whether the lease had
+    /// a gap (then homes held before must be asked for again).
+    fn renewed(&mut self, sent: Instant, arrived: Instant, lease: Duration, kept: bool) -> bool {
+        // The lease held throughout only if this answer came while the
+        // last one still held: then the database renewed a live lease.
+        let continuous = kept && self.valid_until.is_some_and(|until| arrived < until);
+        if !continuous {
+            self.epoch += 1;
+        }
+        self.valid_until = Some(sent + lease - lease / 10);
+        !continuous
+    }
+
+    /// Until when this node may act as a home, and the epoch, at `now`.
+    fn valid(&self, now: Instant) -> Option<(Instant, u64)> {
+        self.valid_until
+            .filter(|until| now < *until)
+            .map(|until| (until, self.epoch))
+    }
+}
+
 /// Where a user's database was found.
 #[derive(Debug, Clone)]
 enum Place {
@@ -70,19 +93,13 @@ impl NodeHomes {
         let Ok(mut view) = self.view.lock() else {
             return;
         };
-        // The lease held throughout only if this answer came while the
-        // last one still held: then the database renewed a live lease.
-        let continuous = kept && view.valid_until.is_some_and(|until| arrived < until);
-        if !continuous {
-            view.epoch += 1;
-            if view.valid_until.is_some() {
-                tracing::warn!(
-                    node_id = self.node_id,
-                    "this node's lease had a gap: it asks again which users' databases it holds"
-                );
-            }
+        let first = view.valid_until.is_none();
+        if view.renewed(sent, arrived, self.lease, kept) && !first {
+            tracing::warn!(
+                node_id = self.node_id,
+                "this node's lease had a gap: it asks again which users' databases it holds"
+            );
         }
-        view.valid_until = Some(sent + self.lease - self.lease / 10);
     }
 
     /// Until when this node may act as a home, and the lease's epoch; or
@@ -92,14 +109,11 @@ impl NodeHomes {
             .view
             .lock()
             .map_err(|_| unavailable("lock poisoned", 1))?;
-        match view.valid_until {
-            Some(until) if Instant::now() < until => Ok((until, view.epoch)),
-            _ => Err(HomeUnavailable {
-                message: "this node cannot confirm its cluster lease (the control plane is slow or unreachable), so it may not serve users' databases; retry".into(),
-                retry_after: 2,
-                moved: false,
-            }),
-        }
+        view.valid(Instant::now()).ok_or_else(|| HomeUnavailable {
+            message: "this node cannot confirm its cluster lease (the control plane is slow or unreachable), so it may not serve users' databases; retry".into(),
+            retry_after: 2,
+            moved: false,
+        })
     }
 
     fn remembered(&self, user_id: &str) -> Option<Place> {
@@ -232,5 +246,46 @@ impl SqliteHomes for NodeHomes {
                 }),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_acts_only_within_its_lease_and_forgets_its_homes_after_a_gap() {
+        let lease = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut view = LeaseView::default();
+        assert_eq!(view.valid(t0), None, "no heartbeat yet");
+        // Counted from the heartbeat's sending, less a tenth.
+        view.renewed(t0, t0 + Duration::from_secs(1), lease, true);
+        let (until, epoch) = view.valid(t0 + Duration::from_secs(1)).expect("valid");
+        assert_eq!(until, t0 + Duration::from_secs(9));
+        assert_eq!(view.valid(until), None, "not at its end");
+        // Renewed while it held: the same epoch, so homes stay held.
+        let t1 = t0 + Duration::from_secs(3);
+        assert!(!view.renewed(t1, t1 + Duration::from_secs(5), lease, true));
+        assert_eq!(
+            view.valid(t1 + Duration::from_secs(5)).map(|v| v.1),
+            Some(epoch)
+        );
+        // An answer that came after the lease it renewed ran out: a gap,
+        // even though the database kept the node's row.
+        let t2 = t1 + Duration::from_secs(8);
+        assert!(view.renewed(t2, t2 + Duration::from_secs(2), lease, true));
+        assert_eq!(
+            view.valid(t2 + Duration::from_secs(2)).map(|v| v.1),
+            Some(epoch + 1)
+        );
+        // Reaped (its row was gone): a gap, whenever the answer came.
+        let t3 = t2 + Duration::from_secs(3);
+        assert!(view.renewed(t3, t3, lease, false));
+        assert_eq!(view.valid(t3).map(|v| v.1), Some(epoch + 2));
+        // A heartbeat that takes longer than the lease leaves it expired.
+        let t4 = t3 + Duration::from_secs(5);
+        view.renewed(t4, t4 + Duration::from_secs(11), lease, true);
+        assert_eq!(view.valid(t4 + Duration::from_secs(11)), None);
     }
 }
