@@ -51,8 +51,9 @@ pub(super) async fn through_home(
                 grants = back;
                 match result {
                     Ok(results) => return call.respond(&results),
-                    Err(SqlError::NotHome(message)) => {
-                        last_error = Some(moved(message));
+                    Err(SqlError::NotHome(detail)) => {
+                        tracing::warn!(detail, "this node's hold on a user's database was stale");
+                        last_error = Some(moved());
                     }
                     Err(e) => return Err(refusal(&grants, e)),
                 }
@@ -65,12 +66,15 @@ pub(super) async fn through_home(
         }
         fresh = true;
     }
-    Err(last_error.unwrap_or_else(|| moved("the user's database moved while it was called".into())))
+    Err(last_error.unwrap_or_else(moved))
 }
 
-fn moved(message: String) -> ApiError {
+/// The 503 for a home that moved while it was called (nothing ran).
+fn moved() -> ApiError {
     crate::sqlite_homes::HomeUnavailable {
-        message,
+        message:
+            "this user's database moved to another node while it was called; nothing ran, retry"
+                .into(),
         retry_after: 1,
         moved: true,
     }
@@ -132,10 +136,7 @@ async fn send(
             tracing::warn!(node = home.node_id, error = %e, "the home node of a user's database is unreachable");
             return Sent::Retry(
                 crate::sqlite_homes::HomeUnavailable {
-                    message: format!(
-                        "the node that holds this user's database ({}) does not answer; until its lease runs out no other node may take it over",
-                        home.node_id
-                    ),
+                    message: "the node that holds this user's database does not answer; until its lease runs out no other node may take it over, so nothing ran".into(),
                     retry_after: lease_seconds(home),
                     moved: false,
                 }
@@ -166,9 +167,7 @@ async fn send(
         }
     };
     if status == StatusCode::SERVICE_UNAVAILABLE && error_code(&body) == Some("sqlite_home_moved") {
-        return Sent::Retry(moved(
-            "the user's database moved to another node while it was called".into(),
-        ));
+        return Sent::Retry(moved());
     }
     let mut answer = Response::new(Body::from(body));
     *answer.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -279,7 +278,13 @@ async fn internal(
     let (result, grants) = run(state, grants, statements, mode, Some(fence)).await?;
     match result {
         Ok(results) => call.respond(&results),
-        Err(SqlError::NotHome(message)) => Err(moved(message)),
+        Err(SqlError::NotHome(detail)) => {
+            tracing::warn!(
+                detail,
+                "a forward found this node's hold on a user's database stale"
+            );
+            Err(moved())
+        }
         Err(e) => Err(refusal(&grants, e)),
     }
 }

@@ -165,11 +165,12 @@ impl NodeHomes {
                     lease_left_ms: home.lease_left_ms,
                 }),
                 (node, _) => {
+                    tracing::error!(
+                        node = node.unwrap_or_default(),
+                        "the home node of a user's database registered no address; give it --node-address"
+                    );
                     return Err(unavailable(
-                        &format!(
-                            "the node that holds this user's database ({}) registered no address; give it --node-address",
-                            node.unwrap_or_default()
-                        ),
+                        "the node that holds this user's database cannot be reached; retry",
                         5,
                     ));
                 }
@@ -237,10 +238,8 @@ impl SqliteHomes for NodeHomes {
                     valid_until: until,
                 }),
                 _ => Err(HomeUnavailable {
-                    message: format!(
-                        "node '{}' does not hold this user's database with fencing token {fence}",
-                        self.node_id
-                    ),
+                    message: "this node does not hold this user's database (any more); nothing ran"
+                        .into(),
                     retry_after: 1,
                     moved: true,
                 }),
