@@ -143,13 +143,17 @@ async fn send(
                 .into(),
             );
         }
-        Err(e) => {
-            tracing::warn!(node = home.node_id, error = %e, "a forward to a home node failed");
+        Err(e) if e.is_timeout() => {
+            tracing::warn!(node = home.node_id, error = %e, "a forward to a home node timed out");
             return Sent::Failed(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "sqlite_home_timeout",
                 "the node that holds this user's database did not answer in time; the statements may or may not have run",
             ));
+        }
+        Err(e) => {
+            tracing::warn!(node = home.node_id, error = %e, "a forward to a home node failed");
+            return Sent::Failed(broke_off());
         }
     };
     let status = response.status();
@@ -159,11 +163,7 @@ async fn send(
         Ok(body) => body,
         Err(e) => {
             tracing::warn!(node = home.node_id, error = %e, "a home node's answer broke off");
-            return Sent::Failed(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "sqlite_home_failed",
-                "the answer of the node that holds this user's database broke off; the statements may or may not have run",
-            ));
+            return Sent::Failed(broke_off());
         }
     };
     if status == StatusCode::SERVICE_UNAVAILABLE && error_code(&body) == Some("sqlite_home_moved") {
@@ -178,6 +178,15 @@ async fn send(
         answer.headers_mut().insert(header::RETRY_AFTER, v);
     }
     Sent::Answer(answer)
+}
+
+/// A 502 for a forward whose connection broke after it was sent.
+fn broke_off() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "sqlite_home_failed",
+        "the connection to the node that holds this user's database broke; the statements may or may not have run",
+    )
 }
 
 /// Seconds until a home's lease runs out (at least one).
