@@ -18,5 +18,6 @@ mod protocol;
 mod runs;
 mod sandbox;
 mod secret_scanning;
+mod sqlite_homes;
 mod support;
 mod trust;

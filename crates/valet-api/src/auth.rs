@@ -80,6 +80,24 @@ impl Caller {
         }
     }
 
+    /// The caller a signed forward from another node vouches for (see
+    /// `forward.rs`): the principal that node authenticated, with the
+    /// sqlite scopes it holds there and no other. Its proofs are made (and
+    /// audited, under `route`) here, as they would have been there.
+    pub(crate) fn forwarded(
+        state: &AppState,
+        principal: Principal,
+        scopes: ScopeSet,
+        route: String,
+    ) -> Caller {
+        Caller {
+            principal,
+            scopes: scopes.intersect(sqlite_scopes()),
+            route,
+            state: state.clone(),
+        }
+    }
+
     /// The check behind every proof: audits what it grants.
     fn grant<S: ScopeKind>(&self) -> Option<Granted<S>> {
         #[expect(
@@ -139,6 +157,22 @@ impl SqliteCaller {
     pub fn refuse(&self, scope: Scope) -> ApiError {
         self.caller.refuse(scope)
     }
+
+    /// Who calls, and which sqlite scopes it holds: what a forward to the
+    /// user's home node carries (the home makes the proofs, and audits).
+    pub(crate) fn forward_identity(&self) -> (&Principal, ScopeSet) {
+        (
+            &self.caller.principal,
+            self.caller.scopes.intersect(sqlite_scopes()),
+        )
+    }
+}
+
+/// The scopes a forward may carry.
+fn sqlite_scopes() -> ScopeSet {
+    ScopeSet::EMPTY
+        .with(Scope::SQLITE_READ)
+        .with(Scope::SQLITE_WRITE)
 }
 
 impl SqliteGrants for SqliteCaller {

@@ -151,6 +151,17 @@ impl From<SqlError> for ApiError {
             SqlError::TooLarge(m) => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "result_too_large", m)
             }
+            SqlError::NotHome(detail) => {
+                tracing::warn!(detail, "a node's hold on a user's database was stale");
+                ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "sqlite_home_moved",
+                        "this user's database moved to another node while it was called; nothing ran, retry",
+                    )
+                }
+            }
             SqlError::Store(s) => s.into(),
         }
     }

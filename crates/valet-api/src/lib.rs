@@ -6,10 +6,12 @@
 
 mod auth;
 mod error;
+pub mod forward;
 pub mod pages;
 mod routes;
 mod runner;
 pub mod secret_scanning;
+mod sqlite_homes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ pub use auth::{Caller, SqliteCaller};
 pub use error::ApiError;
 pub use routes::shared_json::{FinishedRunJson, MigrationSummaryJson, sql_rows_json, token_json};
 pub use runner::{BoxFuture, RunRefused, RunSummary, Runner, ValResponse};
+pub use sqlite_homes::{HomePlace, HomeUnavailable, RemoteHome, SqliteCluster, SqliteHomes};
 
 /// Limits and settings of the API.
 #[derive(Debug, Clone)]
@@ -78,6 +81,10 @@ pub struct AppState {
     pub login_limiter: Arc<pages::LoginLimiter>,
     /// The key that signs session cookies, read once at start.
     pub session_key: Arc<Vec<u8>>,
+    /// In a cluster: where each user's SQLite database lives, and how
+    /// calls are forwarded there. `None` on one machine: every user's
+    /// database is a file here.
+    pub sqlite_cluster: Option<Arc<SqliteCluster>>,
 }
 
 impl AppState {
@@ -100,12 +107,32 @@ impl AppState {
             github_keys,
             login_limiter: Arc::default(),
             session_key,
+            sqlite_cluster: None,
         })
     }
 
     pub fn with_runner(mut self, runner: Arc<dyn Runner>) -> AppState {
         self.runner = Some(runner);
         self
+    }
+
+    /// A node of a cluster: users' sqlite calls run on their home nodes,
+    /// with forwards signed under a secret the nodes share through the
+    /// control plane.
+    pub fn with_sqlite_homes(
+        mut self,
+        homes: Arc<dyn SqliteHomes>,
+    ) -> Result<AppState, valet_store::StoreError> {
+        let secret = self.store.server_secret("sqlite-forward")?;
+        let key = forward::ForwardKey::new(&secret).ok_or_else(|| {
+            valet_store::StoreError::Corrupt("the forward signing secret is unusable".into())
+        })?;
+        let max_time = self.store.user_dbs().limits().max_time;
+        let cluster = SqliteCluster::new(homes, key, max_time).map_err(|e| {
+            valet_store::StoreError::Invalid(format!("cannot make the forwarding client: {e}"))
+        })?;
+        self.sqlite_cluster = Some(Arc::new(cluster));
+        Ok(self)
     }
 }
 

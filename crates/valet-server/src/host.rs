@@ -139,6 +139,20 @@ pub enum HostError {
     Store(#[from] valet_store::StoreError),
     #[error("invalid --smtp: {0}")]
     Smtp(String),
+    #[error(
+        "the API listens on {0}, a wildcard address other nodes cannot reach: give --node-address, e.g. http://10.0.0.11:7070"
+    )]
+    NodeAddress(SocketAddr),
+}
+
+/// The URL the other nodes reach this node at: as configured, or the
+/// address the API listens on.
+fn node_address(node: &ClusterConfig, listening: SocketAddr) -> Result<String, HostError> {
+    match &node.address {
+        Some(address) => Ok(address.trim_end_matches('/').to_owned()),
+        None if listening.ip().is_unspecified() => Err(HostError::NodeAddress(listening)),
+        None => Ok(format!("http://{listening}")),
+    }
 }
 
 impl Host {
@@ -185,7 +199,9 @@ impl Host {
             Supervisor::new(store.clone(), state.keys.clone(), live, channel, runtime)?;
         let cluster = match &config.cluster {
             Some(node) if store.is_shared() => {
-                Some(Cluster::join(store.clone(), supervisor.clone(), node.clone()).await?)
+                let mut node = node.clone();
+                node.address = Some(node_address(&node, addr)?);
+                Some(Cluster::join(store.clone(), supervisor.clone(), node).await?)
             }
             _ => None,
         };
@@ -193,7 +209,10 @@ impl Host {
             Some(cluster) => Arc::new(cluster.runner()),
             None => Arc::new(SupervisorRunner(supervisor.clone())),
         };
-        let state = state.with_runner(runner);
+        let mut state = state.with_runner(runner);
+        if let Some(cluster) = &cluster {
+            state = state.with_sqlite_homes(cluster.sqlite_homes())?;
+        }
         channel_app.send_replace(Some(valet_api::channel_app(state.clone())));
         let layer = supervisor.os_layer();
         if layer.landlock_abi.is_none() {

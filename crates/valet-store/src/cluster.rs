@@ -65,24 +65,26 @@ impl Store {
     pub fn heartbeat(&self, node_id: &str, lease: Duration) -> Result<bool, StoreError> {
         self.require_shared()?;
         let lease_ms = lease.as_millis() as i64;
+        let address = self.node_address().map(str::to_owned);
         self.db_write(|sql| {
             let renewed = sql.execute(
-                "UPDATE nodes SET heartbeat_at = now(), lease_ms = ?2 WHERE id = ?1",
-                args![node_id, lease_ms],
+                "UPDATE nodes SET heartbeat_at = now(), lease_ms = ?2, address = ?3 WHERE id = ?1",
+                args![node_id, lease_ms, address],
             )?;
             if renewed == 1 {
                 return Ok(true);
             }
             sql.execute(
-                "INSERT INTO nodes (id, started_at, heartbeat_at, lease_ms) VALUES (?1, ?2, now(), ?3)",
-                args![node_id, time::now_ms(), lease_ms],
+                "INSERT INTO nodes (id, started_at, heartbeat_at, lease_ms, address)
+                 VALUES (?1, ?2, now(), ?3, ?4)",
+                args![node_id, time::now_ms(), lease_ms, address],
             )?;
             Ok(false)
         })
     }
 
-    /// Declares dead every node whose lease ran out, and marks its runs
-    /// still `running` as `lost`. Each dead node is reaped by exactly one
+    /// Declares dead every node whose lease ran out, marks its runs
+    /// still `running` as `lost` and releases its users' SQLite homes. Each dead node is reaped by exactly one
     /// survivor (the row lock of the `DELETE` decides).
     pub fn reap_dead_nodes(&self) -> Result<Vec<DeadNode>, StoreError> {
         self.require_shared()?;
@@ -95,6 +97,7 @@ impl Store {
             )?;
             let mut out = Vec::with_capacity(dead.len());
             for node_id in dead {
+                crate::sqlite_homes::release_in(sql, &node_id)?;
                 let lost = mark_lost(
                     sql,
                     &node_id,
@@ -109,12 +112,14 @@ impl Store {
         })
     }
 
-    /// A node leaving on purpose: its lease ends now, and any of its runs
-    /// still `running` (none, after a drain) are `lost`.
+    /// A node leaving on purpose: its lease ends now, its users' SQLite
+    /// homes are released, and any of its runs still `running` (none,
+    /// after a drain) are `lost`.
     pub fn leave_cluster(&self, node_id: &str) -> Result<u64, StoreError> {
         self.require_shared()?;
         self.db_write(|sql| {
             sql.execute("DELETE FROM nodes WHERE id = ?1", args![node_id])?;
+            crate::sqlite_homes::release_in(sql, node_id)?;
             mark_lost(sql, node_id, "its node shut down during the run")
         })
     }

@@ -67,6 +67,9 @@ struct Inner {
     backend: Backend,
     /// This process's node id in a cluster, set once when it joins.
     node_id: std::sync::OnceLock<String>,
+    /// The URL other nodes reach this node's API at, set once when it
+    /// joins; its heartbeats register it.
+    node_address: std::sync::OnceLock<String>,
     audit: AuditSink,
     blobs: BlobStore,
     /// Blobs as objects, indexed in the control plane: with a blob store
@@ -268,6 +271,7 @@ impl Store {
                 data_dir: data_dir.to_owned(),
                 backend,
                 node_id: std::sync::OnceLock::new(),
+                node_address: std::sync::OnceLock::new(),
                 audit,
                 blobs,
                 objects,
@@ -307,6 +311,17 @@ impl Store {
 
     pub fn node_id(&self) -> Option<&str> {
         self.inner.node_id.get().map(String::as_str)
+    }
+
+    /// Names the URL other nodes reach this node's API at (where they
+    /// forward the sqlite calls of users whose home it is). Set once;
+    /// later calls are ignored.
+    pub fn set_node_address(&self, address: &str) {
+        let _ = self.inner.node_address.set(address.to_owned());
+    }
+
+    pub fn node_address(&self) -> Option<&str> {
+        self.inner.node_address.get().map(String::as_str)
     }
 
     /// A PostgreSQL connection outside the pool, for a thread that holds

@@ -24,6 +24,7 @@ mod scope_migration;
 mod scope_requests;
 mod sessions;
 mod sql;
+mod sqlite_homes;
 #[cfg(test)]
 mod testing;
 pub mod time;
@@ -53,11 +54,12 @@ pub mod outbox_types {
 pub use runs::{NewRun, Outcome, RunEnd, RunRecord, RunStart};
 pub use scope_requests::{ScopeRequest, ScopeRequestState};
 pub use sessions::Session;
+pub use sqlite_homes::{HomeClaim, SqliteHome};
 pub use token_cache::TokenCache;
 pub use tokens::{MigrationState, TokenChange, TokenRecord};
 pub use user_sqlite::{
-    BatchMode, HeldSqliteGrants, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement, SqlValue,
-    SqliteGrants, StatementAccess, UserDatabases,
+    BatchMode, HeldSqliteGrants, HomeFence, SqlArgs, SqlError, SqlLimits, SqlResult, SqlStatement,
+    SqlValue, SqliteGrants, StatementAccess, UserDatabases,
 };
 pub use users::{Tier, User};
 pub use vals::{NewVal, Val, ValKind, ValPatch};

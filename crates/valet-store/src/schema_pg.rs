@@ -169,6 +169,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_running_node ON runs(node_id) WHERE status = 'running';
     CREATE INDEX runs_running_val ON runs(val_id) WHERE status = 'running';
     "#,
+    // 3: each user's SQLite database has one home node at a time. A home
+    // counts only while its node's lease is alive; `node_id` is NULL once
+    // its node was reaped or left. `fence` only ever grows (it is never
+    // deleted with its node), so a new holder always writes with a higher
+    // token than every holder before it.
+    r#"
+    ALTER TABLE nodes ADD COLUMN address TEXT;
+    CREATE TABLE sqlite_homes (
+        user_id TEXT PRIMARY KEY,
+        node_id TEXT,
+        fence BIGINT NOT NULL
+    );
+    CREATE INDEX sqlite_homes_node ON sqlite_homes(node_id);
+    "#,
 ];
 
 /// Brings the schema up to date. A no-op on an up-to-date database.

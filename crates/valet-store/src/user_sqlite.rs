@@ -13,6 +13,12 @@
 //! Whether a caller may read or write comes from the proofs a
 //! [`SqliteGrants`] hands out, asked for each access as SQLite classifies
 //! the statements.
+//!
+//! In a cluster, the node that is a user's home executes with a
+//! [`HomeFence`]: its fencing token, kept in the database file's header
+//! (`application_id`, which no user statement may read or set), is checked
+//! in the transaction that runs the statements, so a holder with a lower
+//! token than one that has written the file is refused and writes nothing.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -77,6 +83,16 @@ impl SqliteGrants for HeldSqliteGrants {
     fn write(&mut self) -> Option<Granted<SqliteWrite>> {
         self.write.clone()
     }
+}
+
+/// A home node's hold on a user's database: the fencing token it writes
+/// under, and the instant its own lease may run out (by its own clock),
+/// after which it must not write. No transaction commits after
+/// `valid_until`; one still running then is interrupted and rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HomeFence {
+    pub token: i64,
+    pub valid_until: Instant,
 }
 
 /// What a statement needs: decided per statement by SQLite.
@@ -153,6 +169,10 @@ pub enum SqlError {
     TooLarge(String),
     #[error("{0}")]
     Invalid(String),
+    /// This node may not execute on the user's database (now): its hold
+    /// is stale or its lease may have run out. Nothing was executed.
+    #[error("{0}")]
+    NotHome(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -364,8 +384,32 @@ impl UserDatabases {
         statements: &[SqlStatement],
         mode: BatchMode,
     ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
+        self.execute_with(grants, statements, mode, None)
+    }
+
+    /// [`execute`](Self::execute) by a home node of a cluster, under its
+    /// fence: refused with [`SqlError::NotHome`], nothing executed, when
+    /// the file has been written with a higher fencing token, or when the
+    /// statements cannot commit before `fence.valid_until`.
+    pub fn execute_fenced(
+        &self,
+        grants: &mut dyn SqliteGrants,
+        statements: &[SqlStatement],
+        mode: BatchMode,
+        fence: HomeFence,
+    ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
+        self.execute_with(grants, statements, mode, Some(fence))
+    }
+
+    fn execute_with(
+        &self,
+        grants: &mut dyn SqliteGrants,
+        statements: &[SqlStatement],
+        mode: BatchMode,
+        fence: Option<HomeFence>,
+    ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
         let owner = grants.owner().to_owned();
-        match self.execute_in_transaction(grants, statements, mode) {
+        match self.execute_in_transaction(grants, statements, mode, fence) {
             // SQLite says FULL both at `max_page_count` and when the disk
             // is out of room; only the first is the user's to fix.
             Err(SqlError::Full(limit)) if self.disk_is_the_limit(&owner, limit) => {
@@ -395,23 +439,53 @@ impl UserDatabases {
         grants: &mut dyn SqliteGrants,
         statements: &[SqlStatement],
         mode: BatchMode,
+        fence: Option<HomeFence>,
     ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
         if statements.is_empty() {
             return Err(SqlError::Invalid("no statements given".into()));
         }
         let owner = grants.owner().to_owned();
         let mut conn = self.open(&owner)?;
-        let deadline = Instant::now() + self.limits.max_time;
+        let limits = self.limits;
+        // A home node stops at its lease's end if that comes first.
+        let time_limit = Instant::now() + limits.max_time;
+        let deadline = match fence {
+            Some(f) if f.valid_until < time_limit => f.valid_until,
+            _ => time_limit,
+        };
+        let lease_ends_first = deadline < time_limit;
         conn.progress_handler(1_000, Some(move || Instant::now() > deadline));
+        let not_home = || {
+            SqlError::NotHome(
+                "this node's lease may run out before the statements end, so it stopped; retry"
+                    .into(),
+            )
+        };
+        let map_err = |e: rusqlite::Error| match map_sql_error(e, limits) {
+            SqlError::Timeout(_) if lease_ends_first => not_home(),
+            other => other,
+        };
 
         let behavior = match mode {
             BatchMode::Write => rusqlite::TransactionBehavior::Immediate,
             BatchMode::Read | BatchMode::Deferred => rusqlite::TransactionBehavior::Deferred,
         };
-        let limits = self.limits;
-        let tx = conn
-            .transaction_with_behavior(behavior)
-            .map_err(|e| map_sql_error(e, limits))?;
+        if let Some(fence) = fence {
+            raise_fence(&mut conn, fence.token).map_err(|e| match e {
+                SqlError::Timeout(_) if lease_ends_first => not_home(),
+                other => other,
+            })?;
+        }
+        let tx = conn.transaction_with_behavior(behavior).map_err(map_err)?;
+        if let Some(fence) = fence {
+            // In the statements' own transaction: a holder with a higher
+            // token that writes after this read makes this transaction's
+            // writes fail (SQLite's write lock, or a stale WAL snapshot).
+            let stored = stored_fence(&tx).map_err(map_err)?;
+            if stored != fence.token {
+                return Err(stale_fence(fence.token, stored));
+            }
+        }
         // SQLite classifies each statement as it comes (a later statement
         // may use a table an earlier one created). The first that needs an
         // access the caller lacks ends the batch, and dropping the
@@ -446,11 +520,67 @@ impl UserDatabases {
                 ));
             }
             strongest = strongest.max(access);
-            results.push(run_one(&tx, statement, &mut budget)?);
+            results.push(run_one(&tx, statement, &mut budget).map_err(|e| match e {
+                SqlError::Timeout(_) if lease_ends_first => not_home(),
+                other => other,
+            })?);
         }
-        tx.commit().map_err(|e| map_sql_error(e, limits))?;
+        if fence.is_some_and(|f| Instant::now() >= f.valid_until) {
+            return Err(not_home());
+        }
+        tx.commit().map_err(map_err)?;
         Ok((results, strongest))
     }
+}
+
+/// The fencing token stored in a user database's header (0: never
+/// written by a home node).
+fn stored_fence(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    // valet's own statement, not the user's: the authorizer (which refuses
+    // this PRAGMA to users) is lifted for it alone.
+    conn.authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+    let stored = conn.query_row("PRAGMA application_id", [], |r| r.get::<_, i64>(0));
+    conn.authorizer(Some(authorize));
+    stored
+}
+
+/// Makes sure the file carries `token`: raises a lower stored token to it
+/// (in a transaction of its own, under SQLite's write lock), and refuses
+/// when the file carries a higher one. Most calls find it equal and
+/// change nothing.
+fn raise_fence(conn: &mut Connection, token: i64) -> Result<(), SqlError> {
+    let limits = SqlLimits::default();
+    // SQLite's header holds a 32-bit signed integer.
+    if !(1..=i64::from(i32::MAX)).contains(&token) {
+        return Err(SqlError::NotHome(format!(
+            "fencing token {token} does not fit the database header; this user's home cannot be held"
+        )));
+    }
+    let stored = stored_fence(conn).map_err(|e| map_sql_error(e, limits))?;
+    if stored == token {
+        return Ok(());
+    }
+    if stored > token {
+        return Err(stale_fence(token, stored));
+    }
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| map_sql_error(e, limits))?;
+    let stored = stored_fence(&tx).map_err(|e| map_sql_error(e, limits))?;
+    if stored > token {
+        return Err(stale_fence(token, stored));
+    }
+    tx.authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+    let raised = tx.execute_batch(&format!("PRAGMA application_id = {token}"));
+    tx.authorizer(Some(authorize));
+    raised.map_err(|e| map_sql_error(e, limits))?;
+    tx.commit().map_err(|e| map_sql_error(e, limits))
+}
+
+fn stale_fence(token: i64, stored: i64) -> SqlError {
+    SqlError::NotHome(format!(
+        "this node's hold on the database is stale (fencing token {token}; the database was written with {stored}); retry"
+    ))
 }
 
 fn classify(conn: &Connection, sql: &str) -> Result<StatementAccess, SqlError> {
@@ -891,6 +1021,145 @@ mod tests {
             r[0].column_types,
             ["INTEGER", "REAL", "TEXT", "BLOB", ""].map(String::from)
         );
+    }
+
+    fn fence(token: i64) -> HomeFence {
+        HomeFence {
+            token,
+            valid_until: Instant::now() + Duration::from_secs(60),
+        }
+    }
+
+    fn fenced(
+        dbs: &UserDatabases,
+        token: i64,
+        sql: &[SqlStatement],
+    ) -> Result<(Vec<SqlResult>, StatementAccess), SqlError> {
+        dbs.execute_fenced(&mut rw("u1"), sql, BatchMode::Write, fence(token))
+    }
+
+    /// The bytes of a user's database file and its WAL.
+    fn files(dbs: &UserDatabases, user: &str) -> (Vec<u8>, Vec<u8>) {
+        let path = dbs.path(user).expect("path");
+        let wal = path.with_extension("sqlite3-wal");
+        (
+            std::fs::read(&path).expect("db file"),
+            std::fs::read(&wal).unwrap_or_default(),
+        )
+    }
+
+    #[test]
+    fn a_holder_with_a_stale_fence_cannot_execute_and_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Two nodes on one shared directory, each with its own handle.
+        let old_home = UserDatabases::new(dir.path().join("sqlite")).expect("dbs");
+        let new_home = UserDatabases::new(dir.path().join("sqlite")).expect("dbs");
+        fenced(
+            &old_home,
+            4,
+            &[
+                st("CREATE TABLE t (a)"),
+                st("INSERT INTO t VALUES ('by 4')"),
+            ],
+        )
+        .expect("the first holder writes");
+        fenced(&new_home, 5, &[st("INSERT INTO t VALUES ('by 5')")])
+            .expect("a higher fence writes");
+        let before = files(&old_home, "u1");
+        for (sql, mode) in [
+            ("INSERT INTO t VALUES ('by 4 again')", BatchMode::Write),
+            ("DELETE FROM t", BatchMode::Deferred),
+            ("SELECT * FROM t", BatchMode::Read),
+        ] {
+            let e = old_home.execute_fenced(&mut rw("u1"), &[st(sql)], mode, fence(4));
+            assert!(
+                matches!(&e, Err(SqlError::NotHome(m)) if m.contains("fencing token 4") && m.contains("written with 5")),
+                "{sql}: {e:?}"
+            );
+        }
+        assert_eq!(
+            files(&old_home, "u1"),
+            before,
+            "the refused calls wrote nothing"
+        );
+        let (r, _) = fenced(&new_home, 5, &[st("SELECT a FROM t ORDER BY rowid")]).expect("read");
+        assert_eq!(
+            r[0].rows,
+            vec![
+                vec![SqlValue::Text("by 4".into())],
+                vec![SqlValue::Text("by 5".into())]
+            ]
+        );
+        // Without a fence (one machine), nothing is checked or written.
+        run(
+            &dbs_at(dir.path()),
+            rw("u2"),
+            &[st("CREATE TABLE x (a)")],
+            BatchMode::Write,
+        )
+        .expect("unfenced");
+        let conn = Connection::open(old_home.path("u2").expect("path")).expect("open");
+        let id: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .expect("header");
+        assert_eq!(id, 0, "an unfenced database carries no fence");
+    }
+
+    fn dbs_at(dir: &std::path::Path) -> UserDatabases {
+        UserDatabases::new(dir.join("sqlite")).expect("dbs")
+    }
+
+    #[test]
+    fn a_home_stops_when_its_lease_may_have_run_out() {
+        let (_d, dbs) = dbs();
+        fenced(&dbs, 1, &[st("CREATE TABLE t (a)")]).expect("create");
+        let before = files(&dbs, "u1");
+        let lapsed = HomeFence {
+            token: 1,
+            valid_until: Instant::now(),
+        };
+        let e = dbs.execute_fenced(
+            &mut rw("u1"),
+            &[st("INSERT INTO t VALUES (1)")],
+            BatchMode::Write,
+            lapsed,
+        );
+        assert!(
+            matches!(&e, Err(SqlError::NotHome(m)) if m.contains("lease")),
+            "{e:?}"
+        );
+        // A statement still running when the lease ends is interrupted.
+        let soon = HomeFence {
+            token: 1,
+            valid_until: Instant::now() + Duration::from_millis(200),
+        };
+        let endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n)
+                       INSERT INTO t SELECT i FROM n";
+        let e = dbs.execute_fenced(&mut rw("u1"), &[st(endless)], BatchMode::Write, soon);
+        assert!(
+            matches!(&e, Err(SqlError::NotHome(m)) if m.contains("lease")),
+            "{e:?}"
+        );
+        assert_eq!(files(&dbs, "u1").0, before.0, "nothing was committed");
+        let (r, _) = fenced(&dbs, 1, &[st("SELECT count(*) FROM t")]).expect("count");
+        assert_eq!(r[0].rows[0][0], SqlValue::Integer(0));
+    }
+
+    #[test]
+    fn user_statements_can_neither_read_nor_set_the_fence() {
+        let (_d, dbs) = dbs();
+        fenced(&dbs, 7, &[st("CREATE TABLE t (a)")]).expect("create");
+        for sql in [
+            "PRAGMA application_id",
+            "PRAGMA application_id = 99",
+            "SELECT * FROM pragma_application_id()",
+            "SELECT data FROM sqlite_dbpage WHERE pgno = 1",
+        ] {
+            let e = fenced(&dbs, 7, &[st(sql)]);
+            assert!(matches!(&e, Err(SqlError::Sql(_))), "{sql}: {e:?}");
+        }
+        let e = fenced(&dbs, 6, &[st("SELECT 1")]);
+        assert!(matches!(e, Err(SqlError::NotHome(_))), "{e:?}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod http_trigger;
 mod me;
 mod runs;
 mod sqlite;
+mod sqlite_home;
 mod tokens;
 mod vals;
 mod vals_v2;
@@ -82,7 +83,7 @@ fn v1(max_body: usize) -> Router<AppState> {
 /// ([`vals_router`]).
 pub fn router(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
-    let api = v1(max_body)
+    let mut api = v1(max_body)
         .route("/.well-known/jwks.json", get(well_known::jwks))
         .route(
             "/v1/secret-scanning/verify",
@@ -90,6 +91,20 @@ pub fn router(state: AppState) -> Router {
                 crate::secret_scanning::MAX_BODY_BYTES,
             )),
         );
+    if state.sqlite_cluster.is_some() {
+        // Forwards from other nodes to a user's home node: never on a
+        // run's channel, and only in a cluster. A forward carries the
+        // caller's body and a little more.
+        api = api.merge(
+            Router::new()
+                .route(
+                    "/internal/sqlite/execute",
+                    post(sqlite_home::internal_execute),
+                )
+                .route("/internal/sqlite/batch", post(sqlite_home::internal_batch))
+                .layer(DefaultBodyLimit::max(max_body.saturating_add(64 << 10))),
+        );
+    }
     finish(api.merge(crate::pages::router()).fallback(not_found), state)
 }
 

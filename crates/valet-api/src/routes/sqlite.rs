@@ -5,6 +5,9 @@
 //! The std library's JSON is written here: statements as a bare string or
 //! `{sql, args}`, values as JSON (a blob as `{"base64": ...}`), results as
 //! `{columns, columnTypes, rows, rowsAffected, lastInsertRowid}`.
+//!
+//! In a cluster a call runs on the user's home node (`sqlite_home.rs`):
+//! here when this node is the home, else forwarded, as the caller sent it.
 
 use std::collections::BTreeMap;
 
@@ -16,26 +19,27 @@ use base64::Engine;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use valet_core::Scope;
-use valet_store::{BatchMode, SqlError, SqlResult, SqlValue, StatementAccess};
+use valet_store::{BatchMode, HomeFence, SqlError, SqlResult, SqlValue, StatementAccess};
 
 use crate::{ApiError, AppState, Caller, SqliteCaller};
 
 /// A statement as the std library sends it: a bare string or `{sql,
 /// args}`. (Named like the store's statement because serde quotes the
-/// name to a client whose statement matches neither form.)
-#[derive(Deserialize)]
+/// name to a client whose statement matches neither form.) Serialized
+/// again only to forward it to the user's home node.
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(untagged)]
 enum SqlStatement {
     Text(String),
     WithArgs {
         sql: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "SqlArgs::is_none")]
         args: SqlArgs,
     },
 }
 
 /// Arguments, positional (`?`) or named (`:name`).
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default, Clone)]
 #[serde(untagged)]
 enum SqlArgs {
     #[default]
@@ -44,8 +48,14 @@ enum SqlArgs {
     Named(BTreeMap<String, serde_json::Value>),
 }
 
+impl SqlArgs {
+    fn is_none(&self) -> bool {
+        matches!(self, SqlArgs::None)
+    }
+}
+
 /// Batch transaction modes of the libsql client.
-#[derive(Deserialize, Default, Clone, Copy)]
+#[derive(Deserialize, Serialize, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 enum ModeBody {
     #[default]
@@ -64,13 +74,13 @@ impl From<ModeBody> for BatchMode {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ExecuteBody {
     statement: SqlStatement,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
     statements: Vec<SqlStatement>,
@@ -201,39 +211,133 @@ pub fn sql_rows_json(rows: &[Vec<SqlValue>]) -> serde_json::Value {
     serde_json::to_value(RowsJson(rows)).unwrap_or_default()
 }
 
-async fn run(
-    state: AppState,
-    mut grants: SqliteCaller,
-    statements: Vec<SqlStatement>,
-    mode: BatchMode,
-) -> Result<Vec<SqlResult>, ApiError> {
-    // The store asks `grants` for a proof of each access as SQLite
-    // classifies the statements; each proof it gets is audited then.
-    let (result, grants) = tokio::task::spawn_blocking(move || {
-        let result = statements
+/// A sqlite call: what the caller sent to one of the two routes.
+#[derive(Clone)]
+pub(crate) enum Call {
+    Execute(ExecuteBody),
+    Batch(BatchBody),
+}
+
+impl Call {
+    /// The route's last segment: `execute` or `batch`.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Call::Execute(_) => "execute",
+            Call::Batch(_) => "batch",
+        }
+    }
+
+    /// The public route, as the audit log names it.
+    pub(crate) fn route(&self) -> &'static str {
+        match self {
+            Call::Execute(_) => "POST /v1/sqlite/execute",
+            Call::Batch(_) => "POST /v1/sqlite/batch",
+        }
+    }
+
+    /// The body as the caller sent it (parsed), for a forward.
+    pub(crate) fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match self {
+            Call::Execute(body) => serde_json::to_value(body),
+            Call::Batch(body) => serde_json::to_value(body),
+        }
+    }
+
+    /// The call a forward carries.
+    pub(crate) fn from_json(name: &str, body: serde_json::Value) -> Result<Call, ApiError> {
+        let invalid = |e: serde_json::Error| {
+            ApiError::bad_request(format!("a forward's request does not parse: {e}"))
+        };
+        match name {
+            "execute" => Ok(Call::Execute(
+                serde_json::from_value(body).map_err(invalid)?,
+            )),
+            "batch" => Ok(Call::Batch(serde_json::from_value(body).map_err(invalid)?)),
+            other => Err(ApiError::bad_request(format!("no sqlite call '{other}'"))),
+        }
+    }
+
+    /// The statements for the store, and the transaction mode.
+    pub(crate) fn into_statements(
+        self,
+    ) -> Result<(Vec<valet_store::SqlStatement>, BatchMode), SqlError> {
+        let (statements, mode) = match self {
+            Call::Execute(body) => (vec![body.statement], BatchMode::Deferred),
+            Call::Batch(body) => (body.statements, body.mode.into()),
+        };
+        let statements = statements
             .into_iter()
             .map(SqlStatement::into_statement)
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|statements| {
-                state
-                    .store
-                    .user_dbs()
-                    .execute(&mut grants, &statements, mode)
-            });
-        (result, grants)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((statements, mode))
+    }
+
+    /// The answer: one result for `execute`, all of them for `batch`.
+    pub(crate) fn respond(&self, results: &[SqlResult]) -> Result<Response, ApiError> {
+        respond(matches!(self, Call::Execute(_)), results)
+    }
+}
+
+/// One result (`execute`) or all of them (`batch`), as JSON.
+fn respond(one: bool, results: &[SqlResult]) -> Result<Response, ApiError> {
+    if one {
+        let result = results
+            .first()
+            .ok_or_else(|| ApiError::internal("empty result"))?;
+        Ok(Json(ResultJson::from(result)).into_response())
+    } else {
+        Ok(Json(results.iter().map(ResultJson::from).collect::<Vec<_>>()).into_response())
+    }
+}
+
+/// Runs statements on this node's copy of the caller's database (under
+/// `fence` when this node is the user's home in a cluster). The grants
+/// come back with the result, for a refusal or a retry.
+pub(crate) async fn run(
+    state: AppState,
+    mut grants: SqliteCaller,
+    statements: Vec<valet_store::SqlStatement>,
+    mode: BatchMode,
+    fence: Option<HomeFence>,
+) -> Result<(Result<Vec<SqlResult>, SqlError>, SqliteCaller), ApiError> {
+    // The store asks `grants` for a proof of each access as SQLite
+    // classifies the statements; each proof it gets is audited then.
+    tokio::task::spawn_blocking(move || {
+        let dbs = state.store.user_dbs();
+        let result = match fence {
+            None => dbs.execute(&mut grants, &statements, mode),
+            Some(fence) => dbs.execute_fenced(&mut grants, &statements, mode, fence),
+        };
+        (result.map(|(results, _)| results), grants)
     })
     .await
-    .map_err(ApiError::internal)?;
+    .map_err(ApiError::internal)
+}
+
+/// The answer to a failed call: a missing access is the caller's 403 (and,
+/// for a run, a scope request its owner can allow).
+pub(crate) fn refusal(grants: &SqliteCaller, e: SqlError) -> ApiError {
+    match e {
+        SqlError::Forbidden(access) => grants.refuse(if access == StatementAccess::Write {
+            Scope::SQLITE_WRITE
+        } else {
+            Scope::SQLITE_READ
+        }),
+        e => e.into(),
+    }
+}
+
+/// Runs a call here (one machine) or on the user's home node (a cluster).
+async fn answer(state: AppState, grants: SqliteCaller, call: Call) -> Result<Response, ApiError> {
+    if state.sqlite_cluster.is_some() {
+        return super::sqlite_home::through_home(state, grants, call).await;
+    }
+    let one = matches!(call, Call::Execute(_));
+    let (statements, mode) = call.into_statements()?;
+    let (result, grants) = run(state, grants, statements, mode, None).await?;
     match result {
-        Ok((results, _)) => Ok(results),
-        Err(SqlError::Forbidden(access)) => {
-            Err(grants.refuse(if access == StatementAccess::Write {
-                Scope::SQLITE_WRITE
-            } else {
-                Scope::SQLITE_READ
-            }))
-        }
-        Err(e) => Err(e.into()),
+        Ok(results) => respond(one, &results),
+        Err(e) => Err(refusal(&grants, e)),
     }
 }
 
@@ -244,11 +348,7 @@ pub async fn execute(
 ) -> Result<Response, ApiError> {
     let grants = caller.require_sqlite()?;
     let body = super::json_body(body)?;
-    let results = run(state, grants, vec![body.statement], BatchMode::Deferred).await?;
-    let result = results
-        .first()
-        .ok_or_else(|| ApiError::internal("empty result"))?;
-    Ok(Json(ResultJson::from(result)).into_response())
+    answer(state, grants, Call::Execute(body)).await
 }
 
 pub async fn batch(
@@ -258,6 +358,5 @@ pub async fn batch(
 ) -> Result<Response, ApiError> {
     let grants = caller.require_sqlite()?;
     let body = super::json_body(body)?;
-    let results = run(state, grants, body.statements, body.mode.into()).await?;
-    Ok(Json(results.iter().map(ResultJson::from).collect::<Vec<_>>()).into_response())
+    answer(state, grants, Call::Batch(body)).await
 }

@@ -61,6 +61,11 @@ pub struct Args {
     /// With --database: queued runs this node runs at once.
     #[arg(long, default_value_t = 8)]
     node_runs: usize,
+    /// With --database: the URL the other nodes reach this node's API at
+    /// (they forward the sqlite calls of users whose database lives here).
+    /// Default: http://<--listen>, unless that is a wildcard address.
+    #[arg(long, env = "VALET_NODE_ADDRESS")]
+    node_address: Option<String>,
     /// Whole-process memory cap per run, in MiB (V8 reserves about 500 MiB
     /// of it at start).
     #[arg(long, default_value_t = 1024)]
@@ -103,10 +108,17 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
             "--node-lease {} is too short: use 300ms or more (10s is the default)",
             args.node_lease
         );
+        if let Some(address) = &args.node_address {
+            anyhow::ensure!(
+                address.starts_with("http://") || address.starts_with("https://"),
+                "--node-address {address} is not a URL: give http://HOST:PORT (where this node's --listen is reached)"
+            );
+        }
         config.cluster = Some(valet_server::cluster::ClusterConfig {
             node_id: args.node_id,
             lease,
             capacity: args.node_runs,
+            address: args.node_address,
         });
     }
     config.warm_pool = args.warm_pool;

@@ -5,6 +5,10 @@
 //! the cluster); and hears the others through LISTEN/NOTIFY. http requests
 //! are served by the node that receives them, as on one machine.
 //!
+//! Each user's SQLite database has one home node at a time (`homes.rs`):
+//! the node holds it under its lease, with a fencing token, and the other
+//! nodes forward that user's sqlite calls to it.
+//!
 //! Token checks go through each node's token cache; the listener here is
 //! what keeps it honest: the store's `listen` empties the cache on every
 //! token change any node makes, and on connecting and losing the
@@ -12,17 +16,19 @@
 //! connection answers (`valet_store::TokenCache`).
 
 mod cron;
+mod homes;
 mod queue;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use valet_runtime::Supervisor;
 use valet_store::{ClusterEvent, Store, StoreError};
 
+pub use homes::NodeHomes;
 pub use queue::ClusterRunner;
 
 /// How a node takes part in its cluster.
@@ -35,6 +41,10 @@ pub struct ClusterConfig {
     pub lease: Duration,
     /// Queued runs this node runs at once.
     pub capacity: usize,
+    /// The URL the other nodes reach this node's API at (they forward the
+    /// sqlite calls of users whose home it is). `None`: `http://` and the
+    /// address the API listens on, which must then not be a wildcard.
+    pub address: Option<String>,
 }
 
 impl Default for ClusterConfig {
@@ -43,6 +53,7 @@ impl Default for ClusterConfig {
             node_id: None,
             lease: Duration::from_secs(10),
             capacity: 8,
+            address: None,
         }
     }
 }
@@ -63,6 +74,9 @@ struct Shared {
     queued: Notify,
     /// Ends the LISTEN thread.
     stop_listening: Arc<AtomicBool>,
+    /// The users' databases this node is the home of; told of each
+    /// heartbeat.
+    homes: Arc<NodeHomes>,
 }
 
 impl Cluster {
@@ -77,9 +91,19 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| valet_store::new_id("node"));
         store.set_node_id(&node_id);
+        if let Some(address) = &config.address {
+            store.set_node_address(address);
+        }
         let (id, lease) = (node_id.clone(), config.lease);
-        store.call(move |s| s.heartbeat(&id, lease)).await?;
-        tracing::info!(node_id, lease = ?config.lease, capacity = config.capacity, "joined the cluster");
+        let sent = Instant::now();
+        let kept = store.call(move |s| s.heartbeat(&id, lease)).await?;
+        // Homes held under this id in an earlier life are taken afresh,
+        // with new fences.
+        let id = node_id.clone();
+        store.call(move |s| s.release_sqlite_homes(&id)).await?;
+        let homes = Arc::new(NodeHomes::new(store.clone(), node_id.clone(), lease));
+        homes.renewed(sent, kept);
+        tracing::info!(node_id, lease = ?config.lease, capacity = config.capacity, address = config.address, "joined the cluster");
         Ok(Cluster {
             shared: Arc::new(Shared {
                 store,
@@ -89,12 +113,18 @@ impl Cluster {
                 waiters: queue::Waiters::default(),
                 queued: Notify::new(),
                 stop_listening: Arc::new(AtomicBool::new(false)),
+                homes,
             }),
         })
     }
 
     pub fn node_id(&self) -> &str {
         &self.shared.node_id
+    }
+
+    /// Where users' SQLite databases live, for the API.
+    pub fn sqlite_homes(&self) -> Arc<NodeHomes> {
+        self.shared.homes.clone()
     }
 
     /// The API's runner on this node: runs go through the queue.
@@ -139,12 +169,17 @@ impl Cluster {
         let every = shared.config.lease / 3;
         loop {
             let (id, lease) = (shared.node_id.clone(), shared.config.lease);
+            let sent = Instant::now();
             match shared.store.call(move |s| s.heartbeat(&id, lease)).await {
-                Ok(true) => {}
-                Ok(false) => tracing::error!(
-                    node_id = shared.node_id,
-                    "this node's lease had run out and its runs were marked lost; it holds a new lease now"
-                ),
+                Ok(kept) => {
+                    shared.homes.renewed(sent, kept);
+                    if !kept {
+                        tracing::error!(
+                            node_id = shared.node_id,
+                            "this node's lease had run out and its runs were marked lost; it holds a new lease now"
+                        );
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
             match shared.store.call(|s| s.reap_dead_nodes()).await {
