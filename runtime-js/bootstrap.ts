@@ -43,13 +43,26 @@ const encoder = new TextEncoder();
 
 // --- The control channel: connected first, before any val exists. ---
 const control = await Deno.connect({ transport: "unix", path: config.control });
+// What `report` uses, taken now: a val that replaces `JSON.stringify` or a
+// prototype's method later cannot make the bootstrap say something else.
+const apply = Reflect.apply;
+const stringify = JSON.stringify;
+const encode = encoder.encode.bind(encoder);
+const write = control.write.bind(control);
+const subarray = Uint8Array.prototype.subarray;
+const then = Promise.prototype.then;
 let sending: Promise<unknown> = Promise.resolve();
 function report(event: Record<string, unknown>): Promise<unknown> {
-  const line = encoder.encode(JSON.stringify(event) + "\n");
-  sending = sending.then(async () => {
-    let written = 0;
-    while (written < line.length) written += await control.write(line.subarray(written));
-  }).catch(() => {});
+  const line = encode(stringify(event) + "\n");
+  const send = async () => {
+    try {
+      let written = 0;
+      while (written < line.length) written += await write(apply(subarray, line, [written]));
+    } catch {
+      // The supervisor is gone; nothing to tell.
+    }
+  };
+  sending = apply(then, sending, [send]);
   return sending;
 }
 
@@ -240,6 +253,8 @@ globalThis.addEventListener("error", (event) => {
 let mainSettled = false;
 let settledSent = false;
 globalThis.addEventListener("beforeunload", () => {
+  // (A val can dispatch a `beforeunload` of its own, Deno's is not marked
+  // trusted: that only ends the val's own run early.)
   if (mainSettled && !settledSent) {
     settledSent = true;
     void report({ t: "settled" });

@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Bytes};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
@@ -96,9 +99,47 @@ pub(crate) struct Hot {
     last_used: Mutex<Instant>,
     served: AtomicU64,
     concurrency: Arc<Semaphore>,
+    concurrency_limit: usize,
+    /// Open HTTP/1 connections to the process that are between requests:
+    /// a request takes one (or opens one) and gives it back once its
+    /// response has ended, so a busy val pays no connect and handshake.
+    idle: Mutex<Vec<SendRequest<HotBody>>>,
 }
 
+/// A request body on its way to a hot process, whatever it came as.
+type HotBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
 impl Hot {
+    /// An idle connection to the process, or a new one.
+    async fn connection(&self) -> std::io::Result<SendRequest<HotBody>> {
+        loop {
+            let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            match pooled {
+                Some(sender) if sender.is_ready() => return Ok(sender),
+                Some(_) => continue, // closed, or still busy: let it go
+                None => break,
+            }
+        }
+        let stream = tokio::net::UnixStream::connect(self.dir.join("http.sock")).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
+    /// Gives a connection back once its response has ended.
+    fn release(&self, sender: SendRequest<HotBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.concurrency_limit
+        {
+            idle.push(sender);
+        }
+    }
+
     fn usable(&self, fingerprint: &Fingerprint, limits: &HotLimits) -> bool {
         let alive = self
             .process
@@ -291,6 +332,8 @@ impl Supervisor {
             last_used: Mutex::new(Instant::now()),
             served: AtomicU64::new(0),
             concurrency: Arc::new(Semaphore::new(inner.hot.limits.concurrency.max(1))),
+            concurrency_limit: inner.hot.limits.concurrency.max(1),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -328,9 +371,7 @@ impl Supervisor {
             if let Ok(value) = context.to_string().parse() {
                 request.headers_mut().insert(RUN_HEADER, value);
             }
-            let socket = hot.dir.join("http.sock");
-            let connected = tokio::net::UnixStream::connect(&socket).await;
-            let Ok(stream) = connected else {
+            let Ok(sender) = hot.connection().await else {
                 // Dead between requests: replace it and try again, once.
                 self.end_hot(run, Outcome::Lost, "its process had ended")
                     .await;
@@ -357,7 +398,8 @@ impl Supervisor {
                 }
                 return Err(HttpRunError::failed("the val is not answering".into()));
             };
-            return self.forward_hot(run, stream, request).await;
+            let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
+            return self.forward_hot(run, sender, request).await;
         }
         Err(HttpRunError::internal())
     }
@@ -409,24 +451,14 @@ impl Supervisor {
         })
     }
 
-    async fn forward_hot<B>(
+    async fn forward_hot(
         &self,
         run: HotRun,
-        stream: tokio::net::UnixStream,
-        request: Request<B>,
-    ) -> Result<Response<RunBody>, HttpRunError>
-    where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+        mut sender: SendRequest<HotBody>,
+        request: Request<HotBody>,
+    ) -> Result<Response<RunBody>, HttpRunError> {
         let deadline = run.deadline;
-        let result = tokio::time::timeout_at(deadline, async {
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(connection);
-            sender.send_request(request).await
-        })
-        .await;
+        let result = tokio::time::timeout_at(deadline, sender.send_request(request)).await;
         let response = match result {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
@@ -451,6 +483,9 @@ impl Supervisor {
         let supervisor = self.clone();
         tokio::spawn(async move {
             let finished = tokio::time::timeout_at(deadline, done_rx).await.is_ok();
+            if finished {
+                run.hot.release(sender);
+            }
             // The handler's end is reported after its logs and errors on the
             // control channel, which is read apart from the response: wait
             // (briefly) until it has been read, so they are all counted.

@@ -51,7 +51,9 @@ impl LogBuffer {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        let mut line = line.trim_end_matches('\r').to_owned();
+        // NUL is no text to a database (PostgreSQL refuses it): shown as
+        // U+FFFD, like any byte that is not UTF-8.
+        let mut line = line.trim_end_matches('\r').replace('\0', "\u{fffd}");
         for secret in &inner.secrets {
             if line.contains(secret.as_str()) {
                 line = line.replace(secret.as_str(), MASK);
@@ -219,10 +221,15 @@ mod tests {
     fn masks_secrets_and_bounds_size() {
         let logs = LogBuffer::new(200, vec!["s3cret".into()]);
         logs.push("out", "token=s3cret!");
+        logs.push("out", "nul\0byte");
         for _ in 0..10 {
             logs.push("out", "0123456789012345678901234567890123456789");
         }
         let text = logs.finish();
+        assert!(
+            text.contains("nul\u{fffd}byte"),
+            "a NUL is no text to a database"
+        );
         assert!(text.contains("token=[valet key]!"));
         assert!(!text.contains("s3cret"));
         assert!(text.contains("logs truncated"));

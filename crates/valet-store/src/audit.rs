@@ -208,16 +208,26 @@ fn writer_loop(
             }
         }
         if !runs.is_empty() {
-            let result = backend
-                .transact(|sql| write_runs(sql, &runs))
-                .map_err(|e| e.to_string());
-            if let Err(e) = &result {
+            // Each run's row on its own savepoint: a row that cannot be
+            // written (whatever a val made of its logs) costs no other run
+            // its record.
+            let written = backend
+                .transact(|sql| Ok(write_runs(sql, &runs)))
+                .unwrap_or_else(|e| vec![Err(e.to_string()); runs.len()]);
+            let failed = written.iter().filter(|r| r.is_err()).count();
+            if failed > 0 {
                 failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, runs = runs.len(), "could not write run records");
             }
             pending_runs.fetch_sub(runs.len(), Ordering::SeqCst);
-            for done in ended {
-                let _ = done.send(result.clone());
+            let ends = runs
+                .iter()
+                .zip(written)
+                .filter_map(|(run, result)| match run {
+                    RunWrite::End(_) => Some(result),
+                    RunWrite::Start(..) => None,
+                });
+            for (done, result) in ended.into_iter().zip(ends) {
+                let _ = done.send(result);
             }
         }
         if !batch.is_empty()
@@ -237,16 +247,33 @@ enum RunWrite {
     End(RunEnd),
 }
 
-fn write_runs(sql: &mut Sql<'_>, runs: &[RunWrite]) -> Result<(), StoreError> {
-    for run in runs {
-        match run {
-            RunWrite::Start(run, node_id) => {
-                crate::runs::write_start(sql, &run.as_new(), node_id.as_deref())?
+/// Writes each run on a savepoint of its own; says how each went.
+fn write_runs(sql: &mut Sql<'_>, runs: &[RunWrite]) -> Vec<Result<(), String>> {
+    runs.iter()
+        .map(|run| {
+            let (id, result) = match run {
+                RunWrite::Start(run, node_id) => (&run.id, {
+                    sql.batch("SAVEPOINT valet_run").and_then(|()| {
+                        crate::runs::write_start(sql, &run.as_new(), node_id.as_deref())
+                    })
+                }),
+                RunWrite::End(end) => (
+                    &end.id,
+                    sql.batch("SAVEPOINT valet_run")
+                        .and_then(|()| crate::runs::write_end(sql, end)),
+                ),
+            };
+            let settled = match &result {
+                Ok(()) => sql.batch("RELEASE SAVEPOINT valet_run"),
+                Err(_) => sql.batch("ROLLBACK TO SAVEPOINT valet_run; RELEASE SAVEPOINT valet_run"),
+            };
+            let result = result.and(settled).map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::error!(run_id = %id, error = %e, "could not write a run's record");
             }
-            RunWrite::End(end) => crate::runs::write_end(sql, end)?,
-        }
-    }
-    Ok(())
+            result
+        })
+        .collect()
 }
 
 fn write_batch(sql: &mut Sql<'_>, batch: &[AuditEvent]) -> Result<(), StoreError> {
@@ -311,5 +338,105 @@ impl Store {
         let count: i64 =
             self.db_read(|sql| sql.query_one("SELECT COUNT(*) FROM audit", args![])?.get(0))?;
         Ok(count as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use valet_core::ScopeSet;
+
+    use super::{RunWrite, write_runs};
+    use crate::testing::Backends;
+    use crate::{Outcome, RunEnd, RunStart, time};
+
+    fn start(id: &str, user_id: &str, val_id: Option<&str>) -> RunStart {
+        RunStart {
+            id: id.into(),
+            user_id: user_id.into(),
+            val_id: val_id.map(str::to_owned),
+            trigger: "api".into(),
+            scopes: ScopeSet::EMPTY,
+            started_at: time::now_ms(),
+            deadline: time::now_ms() + 1000,
+        }
+    }
+
+    fn end(id: &str, logs: &str) -> RunEnd {
+        RunEnd {
+            id: id.into(),
+            outcome: Outcome::Succeeded,
+            detail: "done".into(),
+            logs: logs.into(),
+            ended_at: time::now_ms(),
+        }
+    }
+
+    /// A run whose row cannot be written (PostgreSQL refuses a NUL in
+    /// text; a val deleted while its run starts) costs no other run its
+    /// record, though they share the writer's batch.
+    #[test]
+    fn one_runs_unwritable_row_costs_no_other_run_its_record() {
+        for backends in Backends::all() {
+            let store = backends.open();
+            let ada = store
+                .create_user("ada", "ada@example.com", None)
+                .expect("user");
+            // One batch, as the writer writes it.
+            let batch = [
+                RunWrite::Start(start("run_a", &ada.id, None), None),
+                RunWrite::Start(start("run_b", &ada.id, Some("val_gone")), None),
+                RunWrite::Start(start("run_c", &ada.id, None), None),
+                RunWrite::End(end("run_a", "bad \0 byte")),
+                RunWrite::End(end("run_c", "fine")),
+            ];
+            let written = store
+                .db_write(|sql| Ok(write_runs(sql, &batch)))
+                .expect("the batch commits");
+            let (a, c) = (written[3].clone(), written[4].clone());
+            assert_eq!(c, Ok(()), "{backends:?}");
+            let c = store
+                .run_by_id("run_c")
+                .expect("read")
+                .expect("run_c recorded");
+            assert_eq!(c.outcome, Outcome::Succeeded, "{backends:?}");
+            assert_eq!(c.logs, "fine");
+            let b = store
+                .run_by_id("run_b")
+                .expect("read")
+                .expect("run_b recorded");
+            assert_eq!(b.val_id, None, "{backends:?}: the gone val is not named");
+            let stored_a = store
+                .run_by_id("run_a")
+                .expect("read")
+                .expect("run_a started");
+            match a {
+                // SQLite takes a NUL in text.
+                Ok(()) => assert_eq!(stored_a.outcome, Outcome::Succeeded, "{backends:?}"),
+                Err(e) => {
+                    assert!(matches!(backends, Backends::Postgres { .. }), "{e}");
+                    assert_eq!(stored_a.outcome, Outcome::Running);
+                }
+            }
+        }
+    }
+
+    /// Through the queue: a run's end is answered once written, and a
+    /// read of runs waits for the writes queued before it.
+    #[test]
+    fn queued_run_writes_are_read_back_in_order() {
+        let backends = Backends::sqlite();
+        let store = backends.open();
+        let ada = store
+            .create_user("ada", "ada@example.com", None)
+            .expect("user");
+        store.queue_run_start(start("run_q", &ada.id, None));
+        let ended = store.queue_run_end(end("run_q", "line"));
+        // Not awaited: the read itself waits for the queue.
+        let run = store.run_by_id("run_q").expect("read").expect("recorded");
+        assert_eq!(
+            (run.outcome, run.logs.as_str()),
+            (Outcome::Succeeded, "line")
+        );
+        assert_eq!(ended.blocking_recv().expect("answered"), Ok(()));
     }
 }

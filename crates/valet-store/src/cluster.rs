@@ -59,20 +59,32 @@ impl Store {
     }
 
     /// Takes (or renews) this node's lease: alive for `lease` from now,
-    /// by the database's clock. Returns false when the lease had run out
-    /// and survivors had already declared this node dead (its runs then
-    /// are `lost`); the node is alive again from this call on.
+    /// by the database's clock. Returns false when the lease had run out,
+    /// by the database's clock (which a node's own cannot tell after, say,
+    /// its machine was suspended): its users' SQLite homes are released
+    /// (others may have taken them meanwhile) and, if survivors had already
+    /// declared it dead, its runs are `lost`. The node is alive again from
+    /// this call on.
     pub fn heartbeat(&self, node_id: &str, lease: Duration) -> Result<bool, StoreError> {
         self.require_shared()?;
         let lease_ms = lease.as_millis() as i64;
         let address = self.node_address().map(str::to_owned);
         self.db_write(|sql| {
             let renewed = sql.execute(
-                "UPDATE nodes SET heartbeat_at = now(), lease_ms = ?2, address = ?3 WHERE id = ?1",
+                "UPDATE nodes SET heartbeat_at = now(), lease_ms = ?2, address = ?3
+                 WHERE id = ?1 AND heartbeat_at + lease_ms * interval '1 millisecond' >= now()",
                 args![node_id, lease_ms, address],
             )?;
             if renewed == 1 {
                 return Ok(true);
+            }
+            let lapsed = sql.execute(
+                "UPDATE nodes SET heartbeat_at = now(), lease_ms = ?2, address = ?3 WHERE id = ?1",
+                args![node_id, lease_ms, address],
+            )?;
+            if lapsed == 1 {
+                crate::sqlite_homes::release_in(sql, node_id)?;
+                return Ok(false);
             }
             sql.execute(
                 "INSERT INTO nodes (id, started_at, heartbeat_at, lease_ms, address)

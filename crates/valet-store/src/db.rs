@@ -20,6 +20,7 @@ use crate::pg;
 use crate::sql::Sql;
 use crate::token_cache::TokenCache;
 use crate::user_sqlite::UserDatabases;
+use crate::val_cache::ValCache;
 use crate::{StoreError, schema, schema_pg};
 
 const DB_FILE: &str = "valet.db";
@@ -81,6 +82,7 @@ struct Inner {
     /// update hook) and, on PostgreSQL, by the listener when another node
     /// changes one (see [`TokenCache`]).
     tokens: Arc<TokenCache>,
+    pub(crate) vals: Arc<ValCache>,
 }
 
 /// The connections of one backend.
@@ -222,17 +224,21 @@ impl Store {
         std::fs::create_dir_all(data_dir)?;
         restrict_permissions(data_dir);
         let tokens = Arc::new(TokenCache::default());
+        // Vals are cached on one machine only: on PostgreSQL other nodes
+        // change them.
+        let vals = Arc::new(ValCache::new(options.database.is_none()));
         let backend = match &options.database {
             None => {
                 let lite = Lite::open(&data_dir.join(DB_FILE))?;
                 let mut writer = lite.writer()?;
                 schema::run(&mut writer)?;
                 let hook = tokens.clone();
+                let val_hook = vals.clone();
                 writer.update_hook(Some(
-                    move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| {
-                        if table == "api_tokens" {
-                            hook.changing();
-                        }
+                    move |_: rusqlite::hooks::Action, _: &str, table: &str, _: i64| match table {
+                        "api_tokens" => hook.changing(),
+                        "vals" | "users" => val_hook.changing(),
+                        _ => {}
                     },
                 ));
                 drop(writer);
@@ -277,8 +283,14 @@ impl Store {
                 objects,
                 user_dbs,
                 tokens,
+                vals,
             }),
         })
+    }
+
+    /// Vals cached by name (see `val_cache.rs`).
+    pub(crate) fn val_cache(&self) -> &ValCache {
+        &self.inner.vals
     }
 
     /// API token records cached in memory (see [`TokenCache`]).
@@ -383,6 +395,7 @@ impl Store {
         // Only now, after the commit (or rollback), can no reader see the
         // old row any more: empty the cache here, not inside.
         self.inner.tokens.settle(tokens_changed);
+        self.inner.vals.settle();
         out
     }
 
@@ -402,6 +415,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         let out = f(&mut *self.lite()?.writer()?);
         self.inner.tokens.settle(false);
+        self.inner.vals.settle();
         out
     }
 

@@ -32,6 +32,7 @@ mod token_cache;
 mod tokens;
 mod user_sqlite;
 mod users;
+mod val_cache;
 mod vals;
 
 pub use audit::{AuditEvent, AuditSink, Principal};

@@ -125,9 +125,10 @@ pub(crate) fn write_start(
     run: &NewRun<'_>,
     node_id: Option<&str>,
 ) -> Result<(), StoreError> {
+    // A val deleted while its run started keeps the run, without the val.
     sql.execute(
         "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline, node_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8)
+         VALUES (?1, ?2, (SELECT id FROM vals WHERE id = ?3), ?4, ?5, 'running', ?6, ?7, ?8)
          ON CONFLICT (id) DO UPDATE SET scopes = excluded.scopes,
              started_at = excluded.started_at, deadline = excluded.deadline",
         args![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline, node_id],

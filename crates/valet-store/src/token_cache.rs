@@ -486,8 +486,15 @@ mod store_tests {
         ];
         for (name, secret, change) in changes {
             let hash = secret.hash();
-            let before = b.token_by_hash(&hash).expect("read").expect("found");
-            assert!(b.token_cache().get(&hash).is_some(), "{name}: B caches it");
+            // A late notification of the change before may empty the cache
+            // while this read is under way (then it is rightly not cached):
+            // read until it is.
+            let mut before = None;
+            wait_until(&format!("{name}: B caches it"), || {
+                before = b.token_by_hash(&hash).expect("read");
+                b.token_cache().get(&hash).is_some()
+            });
+            let before = before.expect("found");
             let generation = b.token_cache().generation();
             change();
             wait_until(&format!("{name}: B's cache emptied"), || {

@@ -321,6 +321,29 @@ impl Store {
         })
     }
 
+    /// The val `name` of the user named `username`, as an http request
+    /// names it: from memory when it was read less than a second ago and
+    /// nothing changed since (see `val_cache.rs`).
+    pub fn val_by_names(&self, username: &str, name: &str) -> Result<Option<Val>, StoreError> {
+        if let Some(val) = self.cached_val(username, name) {
+            return Ok(Some(val));
+        }
+        let generation = self.val_cache().generation();
+        let Some(user) = self.user_by_name(username)? else {
+            return Ok(None);
+        };
+        let val = self.val_by_name(&user.id, name)?;
+        if let Some(val) = &val {
+            self.val_cache().put(username, val, generation);
+        }
+        Ok(val)
+    }
+
+    /// The val as [`Store::val_by_names`] has it in memory, without a read.
+    pub fn cached_val(&self, username: &str, name: &str) -> Option<Val> {
+        self.val_cache().get(username, name)
+    }
+
     pub fn val_by_id(&self, id: &str) -> Result<Option<Val>, StoreError> {
         self.db_read(|sql| {
             maybe(sql.query_opt(

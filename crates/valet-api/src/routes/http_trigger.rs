@@ -89,18 +89,27 @@ async fn dispatch(state: AppState, request: Request<Body>) -> Result<Response, A
         .unwrap_or_else(|| "/".into());
     let target = target(host.as_deref(), state.config.vals_domain.as_deref(), &raw)
         .ok_or_else(|| ApiError::not_found("http val"))?;
-    let names = target.names.clone();
-    let val: Option<Val> = blocking(&state, move |s| {
-        for (user, val) in &names {
-            if let Some(user) = s.user_by_name(user)?
-                && let Some(val) = s.val_by_name(&user.id, val)?
-            {
-                return Ok(Some(val));
-            }
+    // A hot val's request usually finds its val in memory, without a hop
+    // to the blocking pool.
+    let cached = match &target.names[..] {
+        [(user, val)] => state.store.cached_val(user, val),
+        _ => None,
+    };
+    let val: Option<Val> = match cached {
+        Some(val) => Some(val),
+        None => {
+            let names = target.names.clone();
+            blocking(&state, move |s| {
+                for (user, val) in &names {
+                    if let Some(val) = s.val_by_names(user, val)? {
+                        return Ok(Some(val));
+                    }
+                }
+                Ok(None)
+            })
+            .await?
         }
-        Ok(None)
-    })
-    .await?;
+    };
     let val = val
         .filter(|v| v.kind == ValKind::Http)
         .ok_or_else(|| ApiError::not_found("http val"))?;

@@ -94,15 +94,15 @@ pub fn router(state: AppState) -> Router {
     if state.sqlite_cluster.is_some() {
         // Forwards from other nodes to a user's home node: never on a
         // run's channel, and only in a cluster. A forward carries the
-        // caller's body and a little more.
+        // caller's body and a little more (its handler reads it only once
+        // the request looks like a forward).
         api = api.merge(
             Router::new()
                 .route(
                     "/internal/sqlite/execute",
                     post(sqlite_home::internal_execute),
                 )
-                .route("/internal/sqlite/batch", post(sqlite_home::internal_batch))
-                .layer(DefaultBodyLimit::max(max_body.saturating_add(64 << 10))),
+                .route("/internal/sqlite/batch", post(sqlite_home::internal_batch)),
         );
     }
     finish(api.merge(crate::pages::router()).fallback(not_found), state)

@@ -7,7 +7,7 @@
 //! Nothing is retried unless it surely did not run: a home that answers
 //! "moved", or that could not be connected to, is looked up afresh once.
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
@@ -213,17 +213,17 @@ fn error_code(body: &[u8]) -> Option<&str> {
 pub async fn internal_execute(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    internal(state, &headers, &body, "execute").await
+    internal(state, &headers, body, "execute").await
 }
 
 pub async fn internal_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    internal(state, &headers, &body, "batch").await
+    internal(state, &headers, body, "batch").await
 }
 
 /// The home node's side: a forward for `name`, checked, then executed
@@ -231,7 +231,7 @@ pub async fn internal_batch(
 async fn internal(
     state: AppState,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Body,
     name: &str,
 ) -> Result<Response, ApiError> {
     let Some(cluster) = state.sqlite_cluster.clone() else {
@@ -245,12 +245,31 @@ async fn internal(
             "this route takes only signed forwards between valet nodes, never a token",
         ));
     }
-    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    // Nothing is read of a request that is not even shaped like a forward
+    // (a signature is 64 hex digits).
+    let signature = headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()));
+    if signature.is_none() {
+        return Err(ApiError::unauthorized(
+            "invalid_forward",
+            "this route takes only signed forwards between valet nodes",
+        ));
+    }
+    let limit = state.config.max_body_bytes.saturating_add(64 << 10);
+    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the forward's body is over the limit (or broke off)",
+        )
+    })?;
     let forward = forward::open(
         &cluster.key,
         &cluster.nonces,
         signature,
-        body,
+        &body,
         name,
         cluster.homes.node_id(),
         time::now_ms(),

@@ -176,7 +176,7 @@ impl Cluster {
                     if !kept {
                         tracing::error!(
                             node_id = shared.node_id,
-                            "this node's lease had run out and its runs were marked lost; it holds a new lease now"
+                            "this node's lease had run out (its users' SQLite homes were released; if survivors noticed, its runs were marked lost); it holds a new lease now"
                         );
                     }
                 }
