@@ -252,11 +252,14 @@ globalThis.addEventListener("error", (event) => {
 // tear down; the process still exits on its own.
 let mainSettled = false;
 let settledSent = false;
-globalThis.addEventListener("beforeunload", () => {
+globalThis.addEventListener("beforeunload", (event) => {
   // (A val can dispatch a `beforeunload` of its own, Deno's is not marked
   // trusted: that only ends the val's own run early.)
   if (mainSettled && !settledSent) {
     settledSent = true;
+    // Deno exits right after `beforeunload` unless a listener asks for one
+    // more turn of the event loop: the report is a write, which needs it.
+    event.preventDefault();
     void report({ t: "settled" });
   }
 });

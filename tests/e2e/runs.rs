@@ -281,6 +281,29 @@ console.log("valtown still", Deno.env.get("valtown") !== "forged");
     server.stop().await;
 }
 
+/// A script's run ends when its work has settled (the bootstrap says so
+/// on its control channel), not when Deno has torn its process down: work
+/// it left behind (a timer) still runs first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_ends_when_its_work_settles() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let code = "console.log('now'); setTimeout(() => console.log('later'), 50);";
+    let out = server
+        .supervisor()
+        .run(spec(&ada, code, ScopeSet::EMPTY, 10_000))
+        .await
+        .expect("run");
+    assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
+    assert_eq!(out.detail, "its work settled", "{}", out.logs);
+    assert!(
+        out.logs.contains("now") && out.logs.contains("later"),
+        "{}",
+        out.logs
+    );
+    server.stop().await;
+}
+
 /// Processes whose command line mentions `needle`.
 /// How long a run with a 1-second deadline may take in all: the deadline
 /// plus generous slack for a loaded machine. A run its deadline failed to
