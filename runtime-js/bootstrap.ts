@@ -25,6 +25,8 @@ interface Config {
   egress: Route[];
   control: string;
   httpSocket: string;
+  /** Compile the std shims before the claim (a process started ahead). */
+  preloadStd?: boolean;
 }
 
 interface Claim {
@@ -269,13 +271,15 @@ globalThis.addEventListener("beforeunload", (event) => {
 // They are valet's code; nothing of a val or its owner is known yet. The
 // API's URL is fixed, so it is known before the claim too.
 frozenEnv.VALTOWN_API_URL = config.api.origin;
-await Promise.all(
-  ["blob", "sqlite", "email"].map((name) =>
-    import(`https://esm.town/v/std/${name}`).catch(() => {
-      // The val's own import reports what went wrong, if it needs the shim.
-    })
-  ),
-);
+if (config.preloadStd) {
+  await Promise.all(
+    ["blob", "sqlite", "email"].map((name) =>
+      import(`https://esm.town/v/std/${name}`).catch(() => {
+        // The val's own import reports what went wrong, if it needs the shim.
+      })
+    ),
+  );
+}
 
 // --- The claim, then the val. ---
 const claim = await readClaim();

@@ -42,6 +42,10 @@ pub struct Launcher {
     /// Directories every process may read (`valet run`/`valet dev`: the
     /// file's own, so its relative imports load).
     pub extra_read: Vec<PathBuf>,
+    /// Whether a process compiles the std shims while it waits for its
+    /// claim: worth it for processes started well ahead of their run (a
+    /// refilled pool), not for one whose run is already waiting.
+    pub preload_std: bool,
 }
 
 /// A started process waiting for its claim, with everything it owns:
@@ -93,6 +97,7 @@ impl Launcher {
             "egress": egress_routes,
             "control": control.path(),
             "httpSocket": http_socket,
+            "preloadStd": self.preload_std,
         });
         let mut read_paths = vec![
             dir.path().to_owned(),

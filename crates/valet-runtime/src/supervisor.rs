@@ -227,6 +227,7 @@ impl Supervisor {
             heap_mb: config.heap_mb,
             max_log_bytes: config.max_log_bytes,
             extra_read: config.extra_read.clone(),
+            preload_std: config.warm_pool_refill,
         });
         let pool = WarmPool::new(launcher.clone(), config.warm_pool, config.warm_pool_refill);
         let inner = Arc::new(Inner {

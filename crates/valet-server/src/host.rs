@@ -168,14 +168,6 @@ impl Host {
             addr: config.listen,
             source,
         })?;
-        // On a shared store, other nodes' runs are `running` too: lost runs
-        // are found by their nodes' leases instead.
-        if config.recover_lost_runs && !store.is_shared() {
-            let lost = store.call(|s| s.mark_lost_runs()).await?;
-            if lost > 0 {
-                tracing::warn!(lost, "marked runs of a previous supervisor as lost");
-            }
-        }
         let live = LiveRuns::new();
         let mut api = config.api.clone();
         if api.public_url == ApiConfig::default().public_url {
@@ -195,8 +187,18 @@ impl Host {
         };
         let (channel_app, app) = watch::channel(None);
         let channel = Arc::new(Channel { app });
+        // First, so that the warm processes start while the rest is set up.
         let supervisor =
             Supervisor::new(store.clone(), state.keys.clone(), live, channel, runtime)?;
+        // On a shared store, other nodes' runs are `running` too: lost runs
+        // are found by their nodes' leases instead. (Before any run of this
+        // supervisor: none starts until `start` returns.)
+        if config.recover_lost_runs && !store.is_shared() {
+            let lost = store.call(|s| s.mark_lost_runs()).await?;
+            if lost > 0 {
+                tracing::warn!(lost, "marked runs of a previous supervisor as lost");
+            }
+        }
         let cluster = match &config.cluster {
             Some(node) if store.is_shared() => {
                 let mut node = node.clone();
@@ -293,9 +295,16 @@ impl Host {
 
     /// Stops accepting requests, lets runs in flight end (bounded), and
     /// waits for every task.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.shutdown_within(Duration::from_secs(30)).await;
+    }
+
+    /// As [`Host::shutdown`], waiting at most `limit` for runs in flight
+    /// (and for killed processes to be torn down). `valet run` gives zero:
+    /// its one run has ended, and its process is killed already.
+    pub async fn shutdown_within(mut self, limit: Duration) {
         let _ = self.shutdown.send(true);
-        self.supervisor.drain(Duration::from_secs(30)).await;
+        self.supervisor.drain(limit).await;
         self.channel_app.send_replace(None);
         while self.tasks.join_next().await.is_some() {}
         if let Some(cluster) = &self.cluster {

@@ -93,7 +93,7 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
             last_run_at: None,
         })
         .await;
-    host.shutdown().await;
+    host.shutdown_within(std::time::Duration::ZERO).await;
     let output = output?;
     if args.json {
         let json = valet_api::FinishedRunJson {
