@@ -25,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_core::ChannelId;
-use valet_store::Outcome;
+use valet_store::{Outcome, RunEnd};
 
 use crate::control::ControlEvents;
 use crate::executor::Process;
@@ -523,7 +523,13 @@ impl Supervisor {
         // The key dies here; the record follows in the writer's next batch
         // (which logs a failure itself).
         drop(run);
-        drop(self.record_end(&run_id, outcome, detail, logs));
+        self.inner.store.queue_run_end_detached(RunEnd {
+            id: run_id.clone(),
+            outcome,
+            detail: detail.to_owned(),
+            logs,
+            ended_at: valet_store::time::now_ms(),
+        });
         tracing::debug!(
             run_id,
             outcome = outcome.as_str(),

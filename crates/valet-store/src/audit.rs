@@ -68,6 +68,9 @@ pub struct AuditSink {
     failures: Arc<std::sync::atomic::AtomicU64>,
     /// Run writes queued and not yet written.
     pending_runs: Arc<AtomicUsize>,
+    /// The writer, woken (unparked) by anyone who waits for it while it
+    /// gathers a batch; others' messages do not wake it.
+    writer: Option<std::thread::Thread>,
 }
 
 const MAX_BATCH: usize = 512;
@@ -88,6 +91,7 @@ impl AuditSink {
             .spawn(move || writer_loop(backend, rx, worker_failures, worker_pending))?;
         Ok(AuditSink {
             tx: Mutex::new(Some(tx)),
+            writer: Some(worker.thread().clone()),
             worker: Mutex::new(Some(worker)),
             failures,
             pending_runs,
@@ -110,14 +114,33 @@ impl AuditSink {
         }
     }
 
-    /// Queues a run's end; the receiver hears once it is written.
+    /// Queues a run's end and wakes the writer; the receiver hears once it
+    /// is written.
     pub(crate) fn queue_run_end(&self, end: RunEnd) -> oneshot::Receiver<Result<(), String>> {
         let (done, written) = oneshot::channel();
+        self.queue_end(end, done);
+        self.wake_writer();
+        written
+    }
+
+    /// Queues a run's end that nobody waits for: written with the writer's
+    /// next batch (which logs a failure).
+    pub(crate) fn queue_run_end_detached(&self, end: RunEnd) {
+        let (done, _) = oneshot::channel();
+        self.queue_end(end, done);
+    }
+
+    fn queue_end(&self, end: RunEnd, done: oneshot::Sender<Result<(), String>>) {
         self.pending_runs.fetch_add(1, Ordering::SeqCst);
         if !self.send(Message::RunEnd(end, done)) {
             self.pending_runs.fetch_sub(1, Ordering::SeqCst);
         }
-        written
+    }
+
+    fn wake_writer(&self) {
+        if let Some(writer) = &self.writer {
+            writer.unpark();
+        }
     }
 
     /// Blocks until the run writes queued before this call are written
@@ -138,6 +161,7 @@ impl AuditSink {
     pub fn flush(&self) {
         let (done_tx, done_rx) = sync_channel(1);
         if self.send(Message::Flush(done_tx)) {
+            self.wake_writer();
             let _ = done_rx.recv();
         }
     }
@@ -154,6 +178,7 @@ impl Drop for AuditSink {
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
+        self.wake_writer();
         if let Ok(mut worker) = self.worker.lock()
             && let Some(worker) = worker.take()
         {
@@ -202,10 +227,11 @@ fn writer_loop(
             if awaited || batch.len() + runs.len() >= MAX_BATCH || left.is_zero() {
                 break;
             }
-            match rx.recv_timeout(left) {
-                Ok(message) => next = Some(message),
-                Err(_) => break,
-            }
+            // Parked rather than waiting on the channel, so that a busy
+            // server's senders do not wake this thread once a message each;
+            // a sender who waits unparks it.
+            std::thread::park_timeout(left);
+            next = rx.try_recv().ok();
         }
         if !runs.is_empty() {
             // Each run's row on its own savepoint: a row that cannot be

@@ -213,6 +213,12 @@ impl Store {
         self.audit().queue_run_end(end)
     }
 
+    /// Queues a run's end that nobody waits for (a hot http request's,
+    /// whose answer has left): written with the writer's next batch.
+    pub fn queue_run_end_detached(&self, end: RunEnd) {
+        self.audit().queue_run_end_detached(end)
+    }
+
     /// A run by id, for the node waiting on it (no caller: the waiter
     /// queued it for a caller already checked).
     pub fn run_by_id(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
