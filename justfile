@@ -32,7 +32,9 @@ demo: build
 test: setup test-deps
     {{deno}} test --no-config --quiet --allow-net --allow-env runtime-js/
     cargo test --workspace --no-fail-fast
-    # The single-node suites with real runs again, on PostgreSQL (the cluster's store).
+    # The API suite and the single-node suites with real runs again, on
+    # PostgreSQL (the cluster's store).
+    VALET_TEST_DATABASE=postgres cargo test -p valet-api --test api
     VALET_TEST_DATABASE=postgres cargo test -p valet-cli --test e2e -- api:: runs:: trust:: hot::
     cd tests/browser && CHROMIUM="${CHROMIUM:-$(command -v chromium)}" node --test
     cd tests/sdk && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test

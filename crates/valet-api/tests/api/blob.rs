@@ -57,8 +57,13 @@ async fn blob_keys_are_data_and_stay_in_the_users_directory() {
             .expect("iso")
             .ends_with('Z')
     );
-    // Nothing landed outside the user's directory.
-    let blobs = api.data_dir().join("blobs");
+    // Nothing landed outside the user's directory (blob files on SQLite's
+    // store, objects beside PostgreSQL).
+    let blobs = api.data_dir().join(if api.store.is_shared() {
+        "objects"
+    } else {
+        "blobs"
+    });
     let top: Vec<_> = std::fs::read_dir(&blobs)
         .expect("blobs")
         .filter_map(|e| e.ok())

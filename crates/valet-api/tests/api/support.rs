@@ -33,7 +33,18 @@ impl Api {
 
     pub fn with_config(config: ApiConfig) -> Api {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("open store");
+        // `VALET_TEST_DATABASE=postgres`: a fresh database on the test
+        // PostgreSQL, so the API suite runs on both control planes.
+        let database = match std::env::var("VALET_TEST_DATABASE").as_deref() {
+            Ok("postgres") => Some(valet_testkit::database()),
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("VALET_TEST_DATABASE={other}: use sqlite or postgres"),
+        };
+        let store = Store::open_with(&valet_store::StoreOptions {
+            database,
+            ..valet_store::StoreOptions::local(dir.path())
+        })
+        .expect("open store");
         let state = AppState::new(store.clone(), LiveRuns::new(), config).expect("state");
         let app = valet_api::app(state.clone());
         Api {
