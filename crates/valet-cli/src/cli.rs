@@ -80,7 +80,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cmd::dispatch(cli)) {
+    let result = runtime.block_on(cmd::dispatch(cli));
+    // The command's work is done (a server has drained, a run's record is
+    // written): the runtime's idle threads need no joining on the way out.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
