@@ -69,25 +69,7 @@ impl Node {
 
     /// Waits until the node answers HTTP.
     pub async fn ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let client = reqwest::Client::new();
-        loop {
-            if client
-                .get(format!("{}/v1/me", self.url))
-                .send()
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            let exited = self.child.try_wait().ok().flatten();
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "node did not start ({exited:?}):\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        crate::support::wait_until_serving(&self.url, &mut self.child, &self.log).await;
     }
 
     pub fn log(&self) -> String {

@@ -127,6 +127,25 @@ impl Server {
     }
 }
 
+/// Waits (a minute at most) until a `valet serve` started as `child`
+/// answers HTTP at `url`; panics with its log if it exits or never does.
+pub async fn wait_until_serving(url: &str, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = reqwest::Client::new();
+    loop {
+        if client.get(format!("{url}/v1/me")).send().await.is_ok() {
+            return;
+        }
+        let exited = child.try_wait().ok().flatten();
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "node did not start ({exited:?}):\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The store of a test server: SQLite in `dir`, or, with
 /// `VALET_TEST_DATABASE=postgres`, a fresh database on the test
 /// PostgreSQL (so the single-node suites run on both backends).
