@@ -32,7 +32,7 @@ pub use http::{HttpRunError, RunBody};
 pub use launcher::API_ORIGIN;
 pub use os_layer::LayerReport;
 pub use slots::{Busy, SlotLimits};
-pub use supervisor::{RunOutput, RunSpec, RuntimeConfig, Source, Supervisor};
+pub use supervisor::{Launching, RunOutput, RunSpec, RuntimeConfig, Source, Supervisor};
 
 /// Why the supervisor could not run a val (as opposed to the val failing).
 #[derive(Debug, thiserror::Error)]

@@ -178,14 +178,20 @@ pub(crate) struct Active {
     _permit: SlotPermit,
 }
 
-impl Supervisor {
-    pub fn new(
-        store: Store,
-        keys: SharedKeyRing,
-        live: LiveRuns,
+/// The launch path and its warm processes, started before the store is
+/// open: `valet run` starts its run's process first thing, and the store
+/// opens while Deno starts. [`Supervisor::with`] takes it over.
+pub struct Launching {
+    launcher: Arc<Launcher>,
+    pool: Arc<WarmPool>,
+    config: RuntimeConfig,
+}
+
+impl Launching {
+    pub fn start(
         channel: Arc<dyn ApiChannel>,
         config: RuntimeConfig,
-    ) -> Result<Supervisor, RuntimeError> {
+    ) -> Result<Launching, RuntimeError> {
         let deno = deno::find_deno()?;
         let root = RunRoot::create(&config.run_parent)?;
         let runtime_dir = files::install_shared(root.path())?;
@@ -230,6 +236,42 @@ impl Supervisor {
             preload_std: config.warm_pool_refill,
         });
         let pool = WarmPool::new(launcher.clone(), config.warm_pool, config.warm_pool_refill);
+        Ok(Launching {
+            launcher,
+            pool,
+            config,
+        })
+    }
+}
+
+impl Supervisor {
+    pub fn new(
+        store: Store,
+        keys: SharedKeyRing,
+        live: LiveRuns,
+        channel: Arc<dyn ApiChannel>,
+        config: RuntimeConfig,
+    ) -> Result<Supervisor, RuntimeError> {
+        Ok(Supervisor::with(
+            Launching::start(channel, config)?,
+            store,
+            keys,
+            live,
+        ))
+    }
+
+    /// A supervisor over processes started before the store was opened.
+    pub fn with(
+        launching: Launching,
+        store: Store,
+        keys: SharedKeyRing,
+        live: LiveRuns,
+    ) -> Supervisor {
+        let Launching {
+            launcher,
+            pool,
+            config,
+        } = launching;
         let inner = Arc::new(Inner {
             store,
             keys,
@@ -250,7 +292,7 @@ impl Supervisor {
                 inner.hot.reap();
             }
         });
-        Ok(Supervisor { inner })
+        Supervisor { inner }
     }
 
     /// Which OS layer confines runs.

@@ -15,8 +15,8 @@ use valet_core::LiveRuns;
 use valet_store::Store;
 
 use valet_runtime::{
-    ApiChannel, BoxFuture, EgressAllow, RuntimeConfig, RuntimeError, Scheduler, SlotLimits,
-    Supervisor,
+    ApiChannel, BoxFuture, EgressAllow, Launching, RuntimeConfig, RuntimeError, Scheduler,
+    SlotLimits, Supervisor,
 };
 
 use crate::SupervisorRunner;
@@ -157,6 +157,49 @@ fn node_address(node: &ClusterConfig, listening: SocketAddr) -> Result<String, H
 
 impl Host {
     pub async fn start(store: Store, config: HostConfig) -> Result<Host, HostError> {
+        Host::prepare(config)?.start(store).await
+    }
+
+    /// Starts the run processes the host keeps ready (the warm pool), before
+    /// its store is open; [`Prepared::start`] opens the rest. `valet run`
+    /// opens its store while its run's Deno starts.
+    pub fn prepare(config: HostConfig) -> Result<Prepared, HostError> {
+        let runtime = RuntimeConfig {
+            egress_allow: config.egress_allow.clone(),
+            heap_mb: config.heap_mb,
+            memory_mb: config.memory_mb,
+            deno_dir: config.deno_dir.clone(),
+            warm_pool: config.warm_pool,
+            warm_pool_refill: config.warm_pool_refill,
+            extra_read: config.extra_read.clone(),
+            slots: config.slots,
+            ..RuntimeConfig::default()
+        };
+        let (channel_app, app) = watch::channel(None);
+        let launching = Launching::start(Arc::new(Channel { app }), runtime)?;
+        Ok(Prepared {
+            config,
+            launching,
+            channel_app,
+        })
+    }
+}
+
+/// A host whose run processes are starting and whose store is not open yet.
+pub struct Prepared {
+    config: HostConfig,
+    launching: Launching,
+    channel_app: watch::Sender<Option<axum::Router>>,
+}
+
+impl Prepared {
+    /// Opens the listeners and everything else on `store`.
+    pub async fn start(self, store: Store) -> Result<Host, HostError> {
+        let Prepared {
+            config,
+            launching,
+            channel_app,
+        } = self;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -174,22 +217,7 @@ impl Host {
             api.public_url = format!("http://{addr}");
         }
         let state = AppState::new(store.clone(), live.clone(), api)?;
-        let runtime = RuntimeConfig {
-            egress_allow: config.egress_allow.clone(),
-            heap_mb: config.heap_mb,
-            memory_mb: config.memory_mb,
-            deno_dir: config.deno_dir.clone(),
-            warm_pool: config.warm_pool,
-            warm_pool_refill: config.warm_pool_refill,
-            extra_read: config.extra_read.clone(),
-            slots: config.slots,
-            ..RuntimeConfig::default()
-        };
-        let (channel_app, app) = watch::channel(None);
-        let channel = Arc::new(Channel { app });
-        // First, so that the warm processes start while the rest is set up.
-        let supervisor =
-            Supervisor::new(store.clone(), state.keys.clone(), live, channel, runtime)?;
+        let supervisor = Supervisor::with(launching, store.clone(), state.keys.clone(), live);
         // On a shared store, other nodes' runs are `running` too: lost runs
         // are found by their nodes' leases instead. (Before any run of this
         // supervisor: none starts until `start` returns.)
@@ -292,7 +320,9 @@ impl Host {
             cluster,
         })
     }
+}
 
+impl Host {
     /// Stops accepting requests, lets runs in flight end (bounded), and
     /// waits for every task.
     pub async fn shutdown(self) {

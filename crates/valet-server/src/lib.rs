@@ -9,5 +9,5 @@ mod keys;
 pub mod mailer;
 mod runner;
 
-pub use host::{Host, HostConfig, HostError};
+pub use host::{Host, HostConfig, HostError, Prepared};
 pub use runner::{SupervisorRunner, http_response};

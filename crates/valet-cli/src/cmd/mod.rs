@@ -31,7 +31,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(c) => token::run(open()?, c),
         Command::Val(c) => val::run(open()?, c),
         Command::Keys(c) => keys::run(open()?, c),
-        Command::Run(args) => run::run(open()?, args).await,
+        // The run's process starts before the store opens.
+        Command::Run(args) => run::run(open, args).await,
         Command::Dev(args) => dev::run(open()?, args).await,
         Command::Migrate(c) => migrate::run(open()?, c),
         // Each case gets a fresh data dir of its own.

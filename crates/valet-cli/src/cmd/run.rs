@@ -53,7 +53,12 @@ pub fn local_user(store: &Store, name: &str) -> anyhow::Result<User> {
     Ok(user)
 }
 
-pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
+/// `open` opens the store: called once the run's process is starting, so
+/// that the two overlap.
+pub async fn run(
+    open: impl FnOnce() -> anyhow::Result<Store>,
+    args: Args,
+) -> anyhow::Result<ExitCode> {
     let kind = ValKind::parse(&args.kind)?;
     if kind == ValKind::Http {
         anyhow::bail!(
@@ -77,8 +82,10 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     config.warm_pool_refill = false;
     config.extra_read = vec![file_dir(&args.file)?];
     config.egress_allow = super::parse_egress(&args.egress_allow)?;
+    let prepared = Host::prepare(config)?;
+    let store = open()?;
     let user = local_user(&store, &args.user)?;
-    let host = Host::start(store, config).await?;
+    let host = prepared.start(store).await?;
     let output = host
         .supervisor
         .run(RunSpec {
