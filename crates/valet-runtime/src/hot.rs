@@ -314,6 +314,7 @@ impl Supervisor {
         .await
         .unwrap_or(false)
             && events.now().listening;
+        inner.pool.refill();
         if !ready {
             let logs = process.logs.finish();
             return Err(RuntimeError::Spawn(format!(

@@ -43,9 +43,12 @@ impl WarmPool {
         pool
     }
 
-    /// A live warm process, if one is ready.
+    /// A live warm process, if one is ready. The pool starts replacements
+    /// at once only when it is empty; otherwise when the run that took one
+    /// ends ([`WarmPool::refill`]), so that starting a Deno does not take
+    /// the CPU from the run it would serve.
     pub fn take(&self) -> Option<Started> {
-        let taken = {
+        let (taken, left) = {
             let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
             let mut taken = None;
             while let Some(mut started) = ready.pop_front() {
@@ -54,10 +57,18 @@ impl WarmPool {
                     break;
                 }
             }
-            taken
+            (taken, ready.len())
         };
-        self.wake.notify_one();
+        if left == 0 {
+            self.wake.notify_one();
+        }
         taken
+    }
+
+    /// Starts replacements for the processes taken (a run has ended, or a
+    /// hot process is up).
+    pub fn refill(&self) {
+        self.wake.notify_one();
     }
 
     /// A live warm process, waiting up to `limit` for one when the pool

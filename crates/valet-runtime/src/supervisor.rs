@@ -571,6 +571,7 @@ impl Supervisor {
         let logs = process.logs.finish();
         drop(guard);
         drop(tasks);
+        self.inner.pool.refill();
         let launcher = self.inner.launcher.clone();
         tokio::spawn(async move {
             process.reap().await;
