@@ -150,3 +150,53 @@ async fn requests_share_a_live_process_but_never_a_key() {
     assert_eq!(after["count"], 1);
     server.stop().await;
 }
+
+/// A visitor who hangs up before the answer leaves no run `running`: the
+/// run ends (its key with it) and its end is recorded.
+#[tokio::test]
+async fn a_visitor_who_hangs_up_leaves_no_run_running() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let val = store_val(
+        &server,
+        &ada,
+        "slow",
+        ValKind::Http,
+        "export default async () => { await new Promise((r) => setTimeout(r, 3000)); return new Response('late'); };",
+        ScopeSet::default_val(),
+    );
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .get(format!("{}/ada/slow", server.vals_url))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the visitor was meant to hang up first");
+    let (store, user, id) = (server.store.clone(), ada.id.clone(), val.id.clone());
+    let runs = crate::support::eventually(
+        || {
+            let (store, user, id) = (store.clone(), user.clone(), id.clone());
+            async move {
+                store
+                    .runs_of_val(&Granted::for_operator(&user), &id, 10)
+                    .unwrap()
+            }
+        },
+        |runs| runs.len() == 1 && runs[0].outcome != Outcome::Running,
+    )
+    .await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        runs[0].outcome,
+        Outcome::Failed,
+        "{:?}",
+        runs[0].exit_detail
+    );
+    assert_eq!(
+        runs[0].exit_detail.as_deref(),
+        Some("the visitor went away before the answer")
+    );
+    server.stop().await;
+}

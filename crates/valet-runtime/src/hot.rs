@@ -254,8 +254,49 @@ struct HotRun {
     logs: LogBuffer,
     began: Instant,
     deadline: Instant,
-    _guard: valet_core::live_runs::LiveRunGuard,
+    /// Keeps the key live; taken when the run ends.
+    guard: Option<valet_core::live_runs::LiveRunGuard>,
     _permits: (crate::slots::SlotPermit, OwnedSemaphorePermit),
+    /// Where the run's end is recorded if it is dropped unended (a visitor
+    /// who hung up before the answer: the request's future is dropped).
+    store: valet_store::Store,
+    ended: bool,
+}
+
+impl HotRun {
+    /// Ends the run: its key dies, its logs are taken and its end queued
+    /// for the store's writer, before its slots are given back (so a
+    /// draining supervisor finds every end queued).
+    fn end(mut self, outcome: Outcome, detail: &str) -> String {
+        self.ended = true;
+        self.guard.take();
+        self.hot.events.forget(&self.run_id);
+        self.store.queue_run_end_detached(RunEnd {
+            id: self.run_id.clone(),
+            outcome,
+            detail: detail.to_owned(),
+            logs: self.logs.finish(),
+            ended_at: valet_store::time::now_ms(),
+        });
+        self.run_id.clone()
+    }
+}
+
+impl Drop for HotRun {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.guard.take();
+            self.hot.events.forget(&self.run_id);
+            self.store.queue_run_end_detached(RunEnd {
+                id: self.run_id.clone(),
+                outcome: Outcome::Failed,
+                detail: "the visitor went away before the answer".into(),
+                logs: self.logs.finish(),
+                ended_at: valet_store::time::now_ms(),
+            });
+        }
+    }
 }
 
 impl Supervisor {
@@ -447,8 +488,10 @@ impl Supervisor {
             logs,
             began,
             deadline: began + spec.timeout,
-            _guard: guard,
+            guard: Some(guard),
             _permits: (permit, process_permit),
+            store: inner.store.clone(),
+            ended: false,
         })
     }
 
@@ -518,19 +561,9 @@ impl Supervisor {
     /// Ends a request's run: its key dies first, then the record is written.
     async fn end_hot(&self, run: HotRun, outcome: Outcome, detail: &str) {
         let duration_ms = run.began.elapsed().as_millis() as u64;
-        run.hot.events.forget(&run.run_id);
-        let logs = run.logs.finish();
-        let run_id = run.run_id.clone();
         // The key dies here; the record follows in the writer's next batch
         // (which logs a failure itself).
-        drop(run);
-        self.inner.store.queue_run_end_detached(RunEnd {
-            id: run_id.clone(),
-            outcome,
-            detail: detail.to_owned(),
-            logs,
-            ended_at: valet_store::time::now_ms(),
-        });
+        let run_id = run.end(outcome, detail);
         tracing::debug!(
             run_id,
             outcome = outcome.as_str(),

@@ -17,7 +17,7 @@ pub struct WarmPool {
     size: usize,
     /// A std `Mutex`: held to push or pop, never across an `.await`.
     ready: Mutex<VecDeque<Started>>,
-    wake: Notify,
+    wake: Arc<Notify>,
     /// Notified each time a process is added.
     added: Notify,
     refill: Mutex<Option<JoinHandle<()>>>,
@@ -30,7 +30,7 @@ impl WarmPool {
         let pool = Arc::new(WarmPool {
             size,
             ready: Mutex::default(),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             added: Notify::new(),
             refill: Mutex::default(),
         });
@@ -123,7 +123,11 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>, r
             return;
         }
         if strong.len() >= strong.size {
-            strong.wake.notified().await;
+            // Not holding the pool while waiting: a pool nobody else holds
+            // is dropped (and its processes with it).
+            let wake = strong.wake.clone();
+            drop(strong);
+            wake.notified().await;
             continue;
         }
         drop(strong);

@@ -132,8 +132,10 @@ impl AuditSink {
 
     fn queue_end(&self, end: RunEnd, done: oneshot::Sender<Result<(), String>>) {
         self.pending_runs.fetch_add(1, Ordering::SeqCst);
+        let run_id = end.id.clone();
         if !self.send(Message::RunEnd(end, done)) {
             self.pending_runs.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(run_id, "the store is closing: a run's end was not recorded");
         }
     }
 

@@ -8,6 +8,7 @@
 //! exists only beside the SQLite control plane (the file blob store).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -198,15 +199,34 @@ impl Backend {
         &self,
         f: impl FnOnce(&mut Sql<'_>) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
+        self.transact_then(f, || {})
+    }
+
+    /// As [`Backend::transact`], then `after` once the transaction has
+    /// committed or rolled back, while SQLite's writer is still held: no
+    /// other transaction (and none of its update hooks) runs in between.
+    pub(crate) fn transact_then<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Sql<'_>) -> Result<T, StoreError> + Send,
+        after: impl FnOnce(),
+    ) -> Result<T, StoreError> {
         match self {
             Backend::Sqlite(lite) => {
                 let mut conn = lite.writer()?;
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let out = f(&mut Sql::sqlite(&tx))?;
-                tx.commit()?;
-                Ok(out)
+                let out = (|| {
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let out = f(&mut Sql::sqlite(&tx))?;
+                    tx.commit()?;
+                    Ok(out)
+                })();
+                after();
+                out
             }
-            Backend::Postgres(pool) => pool.with(|conn| conn.transact(f)),
+            Backend::Postgres(pool) => {
+                let out = pool.with(|conn| conn.transact(f));
+                after();
+                out
+            }
         }
     }
 }
@@ -386,17 +406,24 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Sql<'_>) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
-        let mut tokens_changed = false;
-        let out = self.inner.backend.transact(|sql| {
-            let out = f(sql);
-            tokens_changed = sql.tokens_changed();
-            out
-        });
-        // Only now, after the commit (or rollback), can no reader see the
-        // old row any more: empty the cache here, not inside.
-        self.inner.tokens.settle(tokens_changed);
-        self.inner.vals.settle();
-        out
+        let tokens_changed = std::sync::atomic::AtomicBool::new(false);
+        self.inner.backend.transact_then(
+            |sql| {
+                let out = f(sql);
+                tokens_changed.store(sql.tokens_changed(), Ordering::Relaxed);
+                out
+            },
+            // Only after the commit (or rollback) can no reader see the old
+            // row any more: the caches are emptied then, not inside, and
+            // before the writer is free (another transaction's change
+            // marked now is not this one's to settle).
+            || {
+                self.inner
+                    .tokens
+                    .settle(tokens_changed.load(Ordering::Relaxed));
+                self.inner.vals.settle();
+            },
+        )
     }
 
     fn lite(&self) -> Result<&Lite, StoreError> {
@@ -413,9 +440,12 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let out = f(&mut *self.lite()?.writer()?);
+        let mut writer = self.lite()?.writer()?;
+        let out = f(&mut writer);
+        // Before the writer is free, as in `db_write`.
         self.inner.tokens.settle(false);
         self.inner.vals.settle();
+        drop(writer);
         out
     }
 

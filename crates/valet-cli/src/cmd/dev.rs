@@ -66,9 +66,12 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     axum::serve(listener, app)
         .with_graceful_shutdown(super::shutdown_signal())
         .await?;
+    let store = host.store.clone();
     tokio::time::timeout(Duration::from_secs(5), host.shutdown())
         .await
         .ok();
+    // Whatever the shutdown did not finish, the records queued are written.
+    store.flush_audit();
     Ok(ExitCode::SUCCESS)
 }
 
