@@ -34,8 +34,9 @@ test: setup test-deps
     cargo test --workspace --no-fail-fast
     # The API suite and the single-node suites with real runs again, on
     # PostgreSQL (the cluster's store).
-    VALET_TEST_DATABASE=postgres cargo test -p valet-api --test api
-    VALET_TEST_DATABASE=postgres cargo test -p valet-cli --test e2e -- api:: runs:: trust:: hot::
+    # (`--workspace`, so the build above is reused as it is.)
+    VALET_TEST_DATABASE=postgres cargo test --workspace --test api
+    VALET_TEST_DATABASE=postgres cargo test --workspace --test e2e -- api:: runs:: trust:: hot::
     cd tests/browser && CHROMIUM="${CHROMIUM:-$(command -v chromium)}" node --test
     cd tests/sdk && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && node --test
     ./target/debug/valet conformance fixtures
