@@ -200,3 +200,59 @@ async fn a_visitor_who_hangs_up_leaves_no_run_running() {
     );
     server.stop().await;
 }
+
+/// A response still streaming at its run's deadline is cut, and the client
+/// sees a cut body, not a whole one; the run is `timed_out`.
+#[tokio::test]
+async fn a_response_streaming_past_its_deadline_is_cut_and_timed_out() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let val = server
+        .store
+        .create_val(
+            &Granted::for_operator(&ada.id),
+            &GrantedSet::for_operator(&ada.id, ScopeSet::all()),
+            valet_store::NewVal {
+                name: "endless".into(),
+                kind: ValKind::Http,
+                code: r#"export default () => new Response(new ReadableStream({
+                  async pull(c) { await new Promise((r) => setTimeout(r, 100)); c.enqueue(new TextEncoder().encode("tick;")); },
+                }));"#
+                    .into(),
+                scopes: ScopeSet::default_val(),
+                env: Default::default(),
+                timeout_ms: 1_000,
+                schedule: None,
+            },
+        )
+        .unwrap();
+    let response = server
+        .client
+        .get(format!("{}/ada/endless", server.vals_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await;
+    assert!(body.is_err(), "the cut body read as whole: {body:?}");
+    let (store, user, id) = (server.store.clone(), ada.id.clone(), val.id.clone());
+    let runs = crate::support::eventually(
+        || {
+            let (store, user, id) = (store.clone(), user.clone(), id.clone());
+            async move {
+                store
+                    .runs_of_val(&Granted::for_operator(&user), &id, 10)
+                    .unwrap()
+            }
+        },
+        |runs| runs.len() == 1 && runs[0].outcome != Outcome::Running,
+    )
+    .await;
+    assert_eq!(
+        runs[0].outcome,
+        Outcome::TimedOut,
+        "{:?}",
+        runs[0].exit_detail
+    );
+    server.stop().await;
+}

@@ -29,7 +29,7 @@ use valet_store::{Outcome, RunEnd};
 
 use crate::control::ControlEvents;
 use crate::executor::Process;
-use crate::http::{DoneGuard, HttpRunError, RunBody};
+use crate::http::{BodyEnd, DoneGuard, HttpRunError, RunBody};
 use crate::logs::LogBuffer;
 use crate::run_dir::RunDir;
 use crate::supervisor::{OpenRun, RunSpec, Source, Supervisor};
@@ -523,11 +523,14 @@ impl Supervisor {
                 )));
             }
         };
-        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel::<BodyEnd>();
         let supervisor = self.clone();
         tokio::spawn(async move {
-            let finished = tokio::time::timeout_at(deadline, done_rx).await.is_ok();
-            if finished {
+            let ended = tokio::time::timeout_at(deadline, done_rx)
+                .await
+                .ok()
+                .and_then(Result::ok);
+            if ended == Some(BodyEnd::Complete) {
                 run.hot.release(sender);
             }
             // The handler's end is reported after its logs and errors on the
@@ -541,13 +544,20 @@ impl Supervisor {
             )
             .await;
             let threw = run.hot.events.now().handler_errors.contains(&run.run_id);
-            let (outcome, detail) = match (finished, threw) {
-                (false, _) => (Outcome::TimedOut, "its response outlived its deadline"),
-                (true, true) => (
+            let (outcome, detail) = match (ended, threw) {
+                (None | Some(BodyEnd::CutAtDeadline), _) => (
+                    Outcome::TimedOut,
+                    "its response outlived its deadline and was cut",
+                ),
+                (Some(_), true) => (
                     Outcome::Failed,
                     "the handler threw; it answered 500 (the stack is in the logs)",
                 ),
-                (true, false) => (Outcome::Succeeded, "answered"),
+                (Some(BodyEnd::Complete), false) => (Outcome::Succeeded, "answered"),
+                (Some(BodyEnd::Abandoned), false) => (
+                    Outcome::Succeeded,
+                    "answered; the visitor went away before the end of the body",
+                ),
             };
             supervisor.end_hot(run, outcome, detail).await;
         });

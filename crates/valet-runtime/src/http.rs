@@ -59,10 +59,11 @@ impl HttpRunError {
 
 /// An http val's response body, streamed from its process. Dropping it
 /// (the response was sent, or the client went away) ends the run; at the
-/// run's deadline it ends early.
+/// run's deadline it ends early, with an error, so the client sees a cut
+/// response rather than a whole one.
 pub struct RunBody {
     incoming: Incoming,
-    _done: DoneGuard,
+    done: DoneGuard,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -74,26 +75,47 @@ impl RunBody {
     ) -> RunBody {
         RunBody {
             incoming,
-            _done: done,
+            done,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
         }
     }
 }
 
+/// Why a response cut at its deadline ended.
+#[derive(Debug)]
+struct CutAtDeadline;
+
+impl std::fmt::Display for CutAtDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the val's response outlived its run's deadline")
+    }
+}
+
+impl std::error::Error for CutAtDeadline {}
+
 impl Body for RunBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
         if let Some(deadline) = self.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()
         {
-            return std::task::Poll::Ready(None);
+            self.done.end(BodyEnd::CutAtDeadline);
+            return Poll::Ready(Some(Err(Box::new(CutAtDeadline))));
         }
-        std::pin::Pin::new(&mut self.incoming).poll_frame(cx)
+        match std::pin::Pin::new(&mut self.incoming).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.done.end(BodyEnd::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            other => other.map(|frame| frame.map(|f| f.map_err(Into::into))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -105,20 +127,36 @@ impl Body for RunBody {
     }
 }
 
-/// Signals the reaper when the response body is finished or dropped.
-pub(crate) struct DoneGuard(Option<oneshot::Sender<()>>);
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyEnd {
+    /// Sent whole.
+    Complete,
+    /// Cut at the run's deadline.
+    CutAtDeadline,
+    /// Dropped before its end: the client went away.
+    Abandoned,
+}
+
+/// Tells the run's end how its response body ended (once: when it ends,
+/// or when it is dropped before).
+pub(crate) struct DoneGuard(Option<oneshot::Sender<BodyEnd>>);
 
 impl DoneGuard {
-    pub(crate) fn new(done: oneshot::Sender<()>) -> DoneGuard {
+    pub(crate) fn new(done: oneshot::Sender<BodyEnd>) -> DoneGuard {
         DoneGuard(Some(done))
+    }
+
+    fn end(&mut self, how: BodyEnd) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(how);
+        }
     }
 }
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
+        self.end(BodyEnd::Abandoned);
     }
 }
 
@@ -188,7 +226,7 @@ impl Supervisor {
             ));
         };
 
-        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel::<BodyEnd>();
         let supervisor = self.clone();
         let reaper = tokio::spawn(async move {
             let stop = async {
@@ -213,7 +251,7 @@ impl Supervisor {
             }
             Err(e) => {
                 tracing::info!(run_id, error = %e, "an http val did not answer");
-                let _ = done_tx.send(());
+                let _ = done_tx.send(BodyEnd::Abandoned);
                 let _ = reaper.await;
                 Err(HttpRunError::new(
                     StatusCode::BAD_GATEWAY,
