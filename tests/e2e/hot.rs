@@ -256,3 +256,58 @@ async fn a_response_streaming_past_its_deadline_is_cut_and_timed_out() {
     );
     server.stop().await;
 }
+
+/// The same for a val served in a process of its own per request (`valet
+/// dev`, a file's val): the visitor's hang-up does not cut the run short of
+/// its end and its record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_visitor_who_hangs_up_on_a_one_shot_val_leaves_no_run_running() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    // Slow to start listening, so the visitor hangs up before it does.
+    let code = "await new Promise((r) => setTimeout(r, 2000));\nexport default () => new Response('late');";
+    let val = store_val(
+        &server,
+        &ada,
+        "once",
+        ValKind::Http,
+        code,
+        ScopeSet::default_val(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("once.ts");
+    std::fs::write(&file, code).unwrap();
+    let mut spec = valet_runtime::RunSpec::for_val(&val, "http");
+    spec.source = valet_runtime::Source::File(file);
+    let request = axum::http::Request::builder()
+        .uri("/")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let served = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        server.supervisor().serve_http(spec, request),
+    )
+    .await;
+    assert!(served.is_err(), "the visitor was meant to hang up first");
+    let (store, user, id) = (server.store.clone(), ada.id.clone(), val.id.clone());
+    let runs = crate::support::eventually(
+        || {
+            let (store, user, id) = (store.clone(), user.clone(), id.clone());
+            async move {
+                store
+                    .runs_of_val(&Granted::for_operator(&user), &id, 10)
+                    .unwrap()
+            }
+        },
+        |runs| runs.len() == 1 && runs[0].outcome != Outcome::Running,
+    )
+    .await;
+    assert_eq!(runs.len(), 1);
+    assert_ne!(
+        runs[0].outcome,
+        Outcome::Running,
+        "{:?}",
+        runs[0].exit_detail
+    );
+    server.stop().await;
+}

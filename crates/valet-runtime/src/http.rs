@@ -181,6 +181,25 @@ impl Supervisor {
         if spec.val_id.is_some() && matches!(spec.source, crate::Source::Code(_)) {
             return self.serve_hot(spec, request, permit).await;
         }
+        // A task of its own: a visitor who hangs up drops this future, and
+        // the run must still end (and be recorded) as runs do.
+        let this = self.clone();
+        tokio::spawn(async move { this.serve_once(spec, request, permit).await })
+            .await
+            .map_err(|_| HttpRunError::internal())?
+    }
+
+    /// One request in a process of its own (`valet dev`, a file's val).
+    async fn serve_once<B>(
+        &self,
+        spec: RunSpec,
+        request: Request<B>,
+        permit: crate::slots::SlotPermit,
+    ) -> Result<Response<RunBody>, HttpRunError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let mut active = self.begin(&spec, permit).await.map_err(|e: RuntimeError| {
             tracing::error!(error = %e, "could not start an http run");
             HttpRunError::new(
