@@ -2,7 +2,7 @@
 //! not assumed.
 
 use valet_core::{Granted, GrantedSet, ScopeSet};
-use valet_store::{Outcome, ValKind, ValPatch};
+use valet_store::{Outcome, RunRecord, ValKind, ValPatch};
 
 use crate::runs::store_val;
 use crate::support::Server;
@@ -28,6 +28,36 @@ export default async (req: Request) => {
   return Response.json({ process, count, key: key.slice(-12), previous, version: "VERSION" });
 };
 "#;
+
+/// The latest runs of a val, once `done` holds of them (polled, with the
+/// support module's generous deadline).
+async fn runs_until(
+    server: &Server,
+    user_id: &str,
+    val_id: &str,
+    done: impl Fn(&Vec<RunRecord>) -> bool,
+) -> Vec<RunRecord> {
+    crate::support::eventually(
+        || async {
+            let (id, user) = (val_id.to_owned(), user_id.to_owned());
+            server
+                .store
+                .call(move |s| s.runs_of_val(&Granted::for_operator(&user), &id, 10))
+                .await
+                .unwrap()
+        },
+        done,
+    )
+    .await
+}
+
+/// The runs of a val that has had one run, once that run has ended.
+async fn runs_once_ended(server: &Server, user_id: &str, val_id: &str) -> Vec<RunRecord> {
+    runs_until(server, user_id, val_id, |runs| {
+        runs.len() == 1 && runs[0].outcome != Outcome::Running
+    })
+    .await
+}
 
 async fn get(server: &Server, path: &str) -> serde_json::Value {
     let r = server
@@ -68,22 +98,12 @@ async fn requests_share_a_live_process_but_never_a_key() {
     assert_eq!(server.supervisor().hot_processes(), 1);
 
     // Each request is a run with its own record and its own logs.
-    let runs = crate::support::eventually(
-        || async {
-            let (id, user) = (val.id.clone(), ada.id.clone());
-            server
-                .store
-                .call(move |s| s.runs_of_val(&Granted::for_operator(&user), &id, 10))
-                .await
-                .unwrap()
-        },
-        |runs| {
-            runs.iter()
-                .filter(|r| r.outcome == Outcome::Succeeded)
-                .count()
-                == 2
-        },
-    )
+    let runs = runs_until(&server, &ada.id, &val.id, |runs| {
+        runs.iter()
+            .filter(|r| r.outcome == Outcome::Succeeded)
+            .count()
+            == 2
+    })
     .await;
     let finished: Vec<_> = runs
         .iter()
@@ -174,19 +194,7 @@ async fn a_visitor_who_hangs_up_leaves_no_run_running() {
         .send()
         .await;
     assert!(gave_up.is_err(), "the visitor was meant to hang up first");
-    let (store, user, id) = (server.store.clone(), ada.id.clone(), val.id.clone());
-    let runs = crate::support::eventually(
-        || {
-            let (store, user, id) = (store.clone(), user.clone(), id.clone());
-            async move {
-                store
-                    .runs_of_val(&Granted::for_operator(&user), &id, 10)
-                    .unwrap()
-            }
-        },
-        |runs| runs.len() == 1 && runs[0].outcome != Outcome::Running,
-    )
-    .await;
+    let runs = runs_once_ended(&server, &ada.id, &val.id).await;
     assert_eq!(runs.len(), 1);
     assert_eq!(
         runs[0].outcome,
@@ -235,19 +243,7 @@ async fn a_response_streaming_past_its_deadline_is_cut_and_timed_out() {
     assert_eq!(response.status(), 200);
     let body = response.bytes().await;
     assert!(body.is_err(), "the cut body read as whole: {body:?}");
-    let (store, user, id) = (server.store.clone(), ada.id.clone(), val.id.clone());
-    let runs = crate::support::eventually(
-        || {
-            let (store, user, id) = (store.clone(), user.clone(), id.clone());
-            async move {
-                store
-                    .runs_of_val(&Granted::for_operator(&user), &id, 10)
-                    .unwrap()
-            }
-        },
-        |runs| runs.len() == 1 && runs[0].outcome != Outcome::Running,
-    )
-    .await;
+    let runs = runs_once_ended(&server, &ada.id, &val.id).await;
     assert_eq!(
         runs[0].outcome,
         Outcome::TimedOut,
@@ -289,19 +285,7 @@ async fn a_visitor_who_hangs_up_on_a_one_shot_val_leaves_no_run_running() {
     )
     .await;
     assert!(served.is_err(), "the visitor was meant to hang up first");
-    let (store, user, id) = (server.store.clone(), ada.id.clone(), val.id.clone());
-    let runs = crate::support::eventually(
-        || {
-            let (store, user, id) = (store.clone(), user.clone(), id.clone());
-            async move {
-                store
-                    .runs_of_val(&Granted::for_operator(&user), &id, 10)
-                    .unwrap()
-            }
-        },
-        |runs| runs.len() == 1 && runs[0].outcome != Outcome::Running,
-    )
-    .await;
+    let runs = runs_once_ended(&server, &ada.id, &val.id).await;
     assert_eq!(runs.len(), 1);
     assert_ne!(
         runs[0].outcome,

@@ -150,11 +150,7 @@ pub async fn wait_until_serving(url: &str, child: &mut Child, log: &Path) {
 /// `VALET_TEST_DATABASE=postgres`, a fresh database on the test
 /// PostgreSQL (so the single-node suites run on both backends).
 pub fn open_store(dir: &Path) -> Store {
-    let database = match std::env::var("VALET_TEST_DATABASE").as_deref() {
-        Ok("postgres") => Some(valet_testkit::database()),
-        Ok("sqlite") | Err(_) => None,
-        Ok(other) => panic!("VALET_TEST_DATABASE={other}: use sqlite or postgres"),
-    };
+    let database = valet_testkit::database_from_env();
     Store::open_with(&valet_store::StoreOptions {
         database,
         ..valet_store::StoreOptions::local(dir)

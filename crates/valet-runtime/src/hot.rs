@@ -254,22 +254,22 @@ struct HotRun {
     logs: LogBuffer,
     began: Instant,
     deadline: Instant,
-    /// Keeps the key live; taken when the run ends.
+    /// Keeps the key live; taken when the run ends (`None`: ended).
     guard: Option<valet_core::live_runs::LiveRunGuard>,
     _permits: (crate::slots::SlotPermit, OwnedSemaphorePermit),
     /// Where the run's end is recorded if it is dropped unended (a visitor
     /// who hung up before the answer: the request's future is dropped).
     store: valet_store::Store,
-    ended: bool,
 }
 
 impl HotRun {
-    /// Ends the run: its key dies, its logs are taken and its end queued
-    /// for the store's writer, before its slots are given back (so a
+    /// Ends the run, once: its key dies, its logs are taken and its end
+    /// queued for the store's writer, before its slots are given back (so a
     /// draining supervisor finds every end queued).
-    fn end(mut self, outcome: Outcome, detail: &str) -> String {
-        self.ended = true;
-        self.guard.take();
+    fn close(&mut self, outcome: Outcome, detail: &str) {
+        if self.guard.take().is_none() {
+            return;
+        }
         self.hot.events.forget(&self.run_id);
         self.store.queue_run_end_detached(RunEnd {
             id: self.run_id.clone(),
@@ -278,24 +278,27 @@ impl HotRun {
             logs: self.logs.finish(),
             ended_at: valet_store::time::now_ms(),
         });
-        self.run_id.clone()
+    }
+}
+
+impl HotRun {
+    /// Ends the run (see [`HotRun::close`]); its record follows in the
+    /// writer's next batch, which logs a failure itself.
+    fn end(mut self, outcome: Outcome, detail: &str) {
+        let duration_ms = self.began.elapsed().as_millis() as u64;
+        self.close(outcome, detail);
+        tracing::debug!(
+            run_id = self.run_id,
+            outcome = outcome.as_str(),
+            duration_ms,
+            "http run ended"
+        );
     }
 }
 
 impl Drop for HotRun {
     fn drop(&mut self) {
-        if !self.ended {
-            self.ended = true;
-            self.guard.take();
-            self.hot.events.forget(&self.run_id);
-            self.store.queue_run_end_detached(RunEnd {
-                id: self.run_id.clone(),
-                outcome: Outcome::Failed,
-                detail: "the visitor went away before the answer".into(),
-                logs: self.logs.finish(),
-                ended_at: valet_store::time::now_ms(),
-            });
-        }
+        self.close(Outcome::Failed, "the visitor went away before the answer");
     }
 }
 
@@ -415,8 +418,7 @@ impl Supervisor {
             }
             let Ok(sender) = hot.connection().await else {
                 // Dead between requests: replace it and try again, once.
-                self.end_hot(run, Outcome::Lost, "its process had ended")
-                    .await;
+                run.end(Outcome::Lost, "its process had ended");
                 if attempt == 0 {
                     *self
                         .inner
@@ -491,7 +493,6 @@ impl Supervisor {
             guard: Some(guard),
             _permits: (permit, process_permit),
             store: inner.store.clone(),
-            ended: false,
         })
     }
 
@@ -508,23 +509,20 @@ impl Supervisor {
             Ok(Err(e)) => {
                 let run_id = run.run_id.clone();
                 tracing::info!(run_id, error = %e, "a hot val did not answer");
-                self.end_hot(run, Outcome::Failed, "the val did not answer")
-                    .await;
+                run.end(Outcome::Failed, "the val did not answer");
                 return Err(HttpRunError::failed(format!(
                     "the val did not answer; its logs are at /v1/runs/{run_id}"
                 )));
             }
             Err(_) => {
                 let run_id = run.run_id.clone();
-                self.end_hot(run, Outcome::TimedOut, "no response before its deadline")
-                    .await;
+                run.end(Outcome::TimedOut, "no response before its deadline");
                 return Err(HttpRunError::failed(format!(
                     "the val did not answer in time; its logs are at /v1/runs/{run_id}"
                 )));
             }
         };
         let (done_tx, done_rx) = oneshot::channel::<BodyEnd>();
-        let supervisor = self.clone();
         tokio::spawn(async move {
             let ended = tokio::time::timeout_at(deadline, done_rx)
                 .await
@@ -559,26 +557,12 @@ impl Supervisor {
                     "answered; the visitor went away before the end of the body",
                 ),
             };
-            supervisor.end_hot(run, outcome, detail).await;
+            run.end(outcome, detail);
         });
         let (parts, incoming) = response.into_parts();
         Ok(Response::from_parts(
             parts,
             RunBody::new(incoming, DoneGuard::new(done_tx), Some(deadline)),
         ))
-    }
-
-    /// Ends a request's run: its key dies first, then the record is written.
-    async fn end_hot(&self, run: HotRun, outcome: Outcome, detail: &str) {
-        let duration_ms = run.began.elapsed().as_millis() as u64;
-        // The key dies here; the record follows in the writer's next batch
-        // (which logs a failure itself).
-        let run_id = run.end(outcome, detail);
-        tracing::debug!(
-            run_id,
-            outcome = outcome.as_str(),
-            duration_ms,
-            "http run ended"
-        );
     }
 }

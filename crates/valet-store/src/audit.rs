@@ -55,7 +55,8 @@ pub struct AuditEvent {
 enum Message {
     Event(AuditEvent),
     RunStart(RunStart, Option<String>),
-    RunEnd(RunEnd, oneshot::Sender<Result<(), String>>),
+    /// A run's end, and whoever waits for it to be written.
+    RunEnd(RunEnd, Option<oneshot::Sender<Result<(), String>>>),
     Flush(SyncSender<()>),
 }
 
@@ -118,7 +119,7 @@ impl AuditSink {
     /// is written.
     pub(crate) fn queue_run_end(&self, end: RunEnd) -> oneshot::Receiver<Result<(), String>> {
         let (done, written) = oneshot::channel();
-        self.queue_end(end, done);
+        self.queue_end(end, Some(done));
         self.wake_writer();
         written
     }
@@ -126,11 +127,10 @@ impl AuditSink {
     /// Queues a run's end that nobody waits for: written with the writer's
     /// next batch (which logs a failure).
     pub(crate) fn queue_run_end_detached(&self, end: RunEnd) {
-        let (done, _) = oneshot::channel();
-        self.queue_end(end, done);
+        self.queue_end(end, None);
     }
 
-    fn queue_end(&self, end: RunEnd, done: oneshot::Sender<Result<(), String>>) {
+    fn queue_end(&self, end: RunEnd, done: Option<oneshot::Sender<Result<(), String>>>) {
         self.pending_runs.fetch_add(1, Ordering::SeqCst);
         let run_id = end.id.clone();
         if !self.send(Message::RunEnd(end, done)) {
@@ -224,7 +224,8 @@ fn writer_loop(
                     None
                 };
             }
-            let awaited = !waiters.is_empty() || ended.iter().any(|done| !done.is_closed());
+            let awaited =
+                !waiters.is_empty() || ended.iter().flatten().any(|done| !done.is_closed());
             let left = gather_until.saturating_duration_since(std::time::Instant::now());
             if awaited || batch.len() + runs.len() >= MAX_BATCH || left.is_zero() {
                 break;
@@ -255,7 +256,9 @@ fn writer_loop(
                     RunWrite::Start(..) => None,
                 });
             for (done, result) in ended.into_iter().zip(ends) {
-                let _ = done.send(result);
+                if let Some(done) = done {
+                    let _ = done.send(result);
+                }
             }
         }
         if !batch.is_empty()

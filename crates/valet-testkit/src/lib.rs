@@ -48,6 +48,17 @@ pub fn database() -> String {
     postgres().fresh_database()
 }
 
+/// The control plane a single-node suite runs on, from
+/// `VALET_TEST_DATABASE`: `None` for SQLite (unset or `sqlite`), a fresh
+/// database's URL for `postgres`; so the same suite runs on both.
+pub fn database_from_env() -> Option<String> {
+    match std::env::var("VALET_TEST_DATABASE").as_deref() {
+        Ok("postgres") => Some(database()),
+        Ok("sqlite") | Err(_) => None,
+        Ok(other) => panic!("VALET_TEST_DATABASE={other}: use sqlite or postgres"),
+    }
+}
+
 /// Runs `f` on a thread of its own: the `postgres` crate's client blocks on
 /// a runtime of its own, which panics inside an async test's runtime.
 fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -35,11 +35,7 @@ impl Api {
         let dir = tempfile::tempdir().expect("tempdir");
         // `VALET_TEST_DATABASE=postgres`: a fresh database on the test
         // PostgreSQL, so the API suite runs on both control planes.
-        let database = match std::env::var("VALET_TEST_DATABASE").as_deref() {
-            Ok("postgres") => Some(valet_testkit::database()),
-            Ok("sqlite") | Err(_) => None,
-            Ok(other) => panic!("VALET_TEST_DATABASE={other}: use sqlite or postgres"),
-        };
+        let database = valet_testkit::database_from_env();
         let store = Store::open_with(&valet_store::StoreOptions {
             database,
             ..valet_store::StoreOptions::local(dir.path())
