@@ -182,18 +182,27 @@ async fn a_visitor_who_hangs_up_leaves_no_run_running() {
         &ada,
         "slow",
         ValKind::Http,
-        "export default async () => { await new Promise((r) => setTimeout(r, 3000)); return new Response('late'); };",
+        // Never answers: only the visitor's hang-up (or the deadline) ends it.
+        "export default () => new Promise(() => {});",
         ScopeSet::default_val(),
     );
-    let impatient = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_millis(300))
-        .build()
-        .unwrap();
-    let gave_up = impatient
-        .get(format!("{}/ada/slow", server.vals_url))
-        .send()
-        .await;
-    assert!(gave_up.is_err(), "the visitor was meant to hang up first");
+    let visitor = {
+        let (client, url) = (
+            server.client.clone(),
+            format!("{}/ada/slow", server.vals_url),
+        );
+        tokio::spawn(async move { client.get(url).send().await })
+    };
+    // Hangs up once the request is a running run, however long that took.
+    runs_until(&server, &ada.id, &val.id, |runs| {
+        runs.len() == 1 && runs[0].outcome == Outcome::Running
+    })
+    .await;
+    visitor.abort();
+    assert!(
+        visitor.await.is_err(),
+        "the visitor was meant to hang up first"
+    );
     let runs = runs_once_ended(&server, &ada.id, &val.id).await;
     assert_eq!(runs.len(), 1);
     assert_eq!(
@@ -229,7 +238,7 @@ async fn a_response_streaming_past_its_deadline_is_cut_and_timed_out() {
                     .into(),
                 scopes: ScopeSet::default_val(),
                 env: Default::default(),
-                timeout_ms: 1_000,
+                timeout_ms: 3_000,
                 schedule: None,
             },
         )
@@ -261,7 +270,7 @@ async fn a_visitor_who_hangs_up_on_a_one_shot_val_leaves_no_run_running() {
     let server = Server::start().await;
     let ada = server.user("ada");
     // Slow to start listening, so the visitor hangs up before it does.
-    let code = "await new Promise((r) => setTimeout(r, 2000));\nexport default () => new Response('late');";
+    let code = "await new Promise((r) => setTimeout(r, 5000));\nexport default () => new Response('late');";
     let val = store_val(
         &server,
         &ada,
@@ -279,12 +288,18 @@ async fn a_visitor_who_hangs_up_on_a_one_shot_val_leaves_no_run_running() {
         .uri("/")
         .body(axum::body::Body::empty())
         .unwrap();
-    let served = tokio::time::timeout(
-        std::time::Duration::from_millis(300),
-        server.supervisor().serve_http(spec, request),
-    )
+    let supervisor = server.supervisor().clone();
+    let visitor = tokio::spawn(async move { supervisor.serve_http(spec, request).await });
+    // Hangs up once the request is a running run, however long that took.
+    runs_until(&server, &ada.id, &val.id, |runs| {
+        runs.len() == 1 && runs[0].outcome == Outcome::Running
+    })
     .await;
-    assert!(served.is_err(), "the visitor was meant to hang up first");
+    visitor.abort();
+    assert!(
+        visitor.await.is_err(),
+        "the visitor was meant to hang up first"
+    );
     let runs = runs_once_ended(&server, &ada.id, &val.id).await;
     assert_eq!(runs.len(), 1);
     assert_ne!(
