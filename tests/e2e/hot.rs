@@ -171,6 +171,62 @@ async fn requests_share_a_live_process_but_never_a_key() {
     server.stop().await;
 }
 
+/// A response sent whole is recorded as answered, whether its body was
+/// empty, known in length or streamed, and the connection it came over
+/// serves the next request (hyper does not poll a body of known length
+/// past its last frame: this once read as a visitor who went away, and
+/// every request opened a new connection to the process).
+#[tokio::test]
+async fn whole_responses_are_answered_and_their_connection_is_reused() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let val = store_val(
+        &server,
+        &ada,
+        "bodies",
+        ValKind::Http,
+        r#"export default (req: Request) => {
+  const path = new URL(req.url).pathname;
+  if (path.endsWith("/empty")) return new Response(null, { status: 204 });
+  if (path.endsWith("/stream")) {
+    return new Response(new ReadableStream({
+      start(c) { c.enqueue(new TextEncoder().encode("a")); c.enqueue(new TextEncoder().encode("b")); c.close(); },
+    }));
+  }
+  return new Response("hi");
+};"#,
+        ScopeSet::default_val(),
+    );
+    let paths = ["/sized", "/empty", "/stream", "/sized", "/empty", "/stream"];
+    let before = server.supervisor().hot_connections_opened();
+    for (i, path) in paths.iter().enumerate() {
+        let r = server
+            .client
+            .get(format!("{}/ada/bodies{path}", server.vals_url))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.bytes().await.unwrap();
+        // The connection is given back before the run's end is recorded.
+        runs_until(&server, &ada.id, &val.id, |runs| {
+            runs.iter()
+                .filter(|r| r.outcome != Outcome::Running)
+                .count()
+                == i + 1
+        })
+        .await;
+    }
+    let runs = runs_until(&server, &ada.id, &val.id, |runs| runs.len() == paths.len()).await;
+    for run in &runs {
+        assert_eq!(run.outcome, Outcome::Succeeded, "{run:?}");
+        assert_eq!(run.exit_detail.as_deref(), Some("answered"), "{run:?}");
+    }
+    let opened = server.supervisor().hot_connections_opened() - before;
+    assert_eq!(opened, 1, "each request opened a connection of its own");
+    server.stop().await;
+}
+
 /// A visitor who hangs up before the answer leaves no run `running`: the
 /// run ends (its key with it) and its end is recorded.
 #[tokio::test]

@@ -39,11 +39,11 @@ pub struct Reported {
     pub oom: bool,
     /// The val called `Deno.exit` (a hot process takes no new request).
     pub exiting: bool,
-    /// Runs (requests) whose http handler threw.
+    /// Runs whose http handler threw (a one-shot process; a hot process's
+    /// requests are told apart in [`ControlEvents::attribute`]).
     pub handler_errors: std::collections::BTreeSet<String>,
-    /// Runs (requests) of a hot process whose handler has returned: every
-    /// event and log line of theirs before this one has been read.
-    pub ended: std::collections::BTreeSet<String>,
+    /// The process closed the channel: it has exited, or is exiting.
+    pub closed: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,16 +74,23 @@ enum Event {
     },
 }
 
-/// The logs of the runs a hot process is serving, by run id.
-type RunLogs = Arc<Mutex<HashMap<String, LogBuffer>>>;
+/// A request a hot process is serving: where its log lines go, whether
+/// its handler threw, and who waits for the handler's end.
+struct Attributed {
+    logs: LogBuffer,
+    threw: bool,
+    ended: Option<tokio::sync::oneshot::Sender<bool>>,
+}
+
+/// The requests a hot process is serving, by run id. Their events are
+/// delivered to each request alone: a watch shared by all of them would
+/// wake every request's waiter on every other request's end.
+type RunLogs = Arc<Mutex<HashMap<String, Attributed>>>;
 
 /// The supervisor's end of one process's control channel.
 pub struct Control {
     path: PathBuf,
     state: watch::Receiver<Reported>,
-    /// Shared with the reading task, so a finished request's entries can
-    /// be forgotten.
-    tx: Arc<watch::Sender<Reported>>,
     claim: tokio::sync::oneshot::Sender<String>,
     logs: RunLogs,
 }
@@ -103,8 +110,6 @@ impl Control {
             std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
         }
         let (tx, state) = watch::channel(Reported::default());
-        let tx = Arc::new(tx);
-        let reader_tx = tx.clone();
         let (claim, claim_rx) = tokio::sync::oneshot::channel::<String>();
         let unlink = path.clone();
         let logs: RunLogs = Arc::default();
@@ -116,7 +121,6 @@ impl Control {
             // One connection only: nobody else may ever connect.
             drop(listener);
             let _ = std::fs::remove_file(&unlink);
-            let tx = reader_tx;
             tx.send_modify(|r| r.connected = true);
             let (read, write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
@@ -136,23 +140,21 @@ impl Control {
                     line = lines.next_line() => {
                         let Ok(Some(line)) = line else { break };
                         match serde_json::from_str::<Event>(&line) {
-                            Ok(Event::Log { run, s, line }) => {
-                                let logs = run_logs.lock().ok().and_then(|l| l.get(&run).cloned());
-                                if let Some(logs) = logs {
-                                    logs.push(if s == "err" { "err" } else { "out" }, &line);
+                            Ok(event) => {
+                                if let Some(event) = deliver(&run_logs, event) {
+                                    tx.send_modify(|r| apply(r, event));
                                 }
                             }
-                            Ok(event) => tx.send_modify(|r| apply(r, event)),
                             Err(e) => tracing::warn!(error = %e, "unreadable control event"),
                         }
                     }
                 }
             }
+            tx.send_modify(|r| r.closed = true);
         });
         Ok(Control {
             path,
             state,
-            tx,
             claim,
             logs,
         })
@@ -163,7 +165,6 @@ impl Control {
         let _ = self.claim.send(line);
         ControlEvents {
             state: self.state,
-            tx: self.tx,
             logs: self.logs,
         }
     }
@@ -171,6 +172,37 @@ impl Control {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Gives an event of one of a hot process's requests to that request;
+/// what is not one (or whose request is not attributed) is returned.
+fn deliver(runs: &RunLogs, event: Event) -> Option<Event> {
+    let run = match &event {
+        Event::Log { run, .. } | Event::HandlerError { run } | Event::End { run } => run,
+        _ => return Some(event),
+    };
+    let Ok(mut runs) = runs.lock() else {
+        return Some(event);
+    };
+    let Some(attributed) = runs.get_mut(run) else {
+        // A one-shot process's handler error is its run's; a hot request's
+        // line after its run ended has nowhere to go.
+        return matches!(event, Event::HandlerError { .. }).then_some(event);
+    };
+    match event {
+        Event::Log { s, line, .. } => {
+            let stream = if s == "err" { "err" } else { "out" };
+            attributed.logs.push(stream, &line);
+        }
+        Event::HandlerError { .. } => attributed.threw = true,
+        Event::End { .. } => {
+            if let Some(ended) = attributed.ended.take() {
+                let _ = ended.send(attributed.threw);
+            }
+        }
+        _ => {}
+    }
+    None
 }
 
 fn apply(reported: &mut Reported, event: Event) {
@@ -184,10 +216,17 @@ fn apply(reported: &mut Reported, event: Event) {
         Event::HandlerError { run } => {
             reported.handler_errors.insert(run);
         }
-        Event::End { run } => {
-            reported.ended.insert(run);
-        }
-        Event::Log { .. } => {}
+        Event::End { .. } | Event::Log { .. } => {}
+    }
+}
+
+/// The end of one hot request's handler, with whether it threw.
+pub struct HandlerEnd(tokio::sync::oneshot::Receiver<bool>);
+
+impl HandlerEnd {
+    /// Waits for it; `None` when the process went away first.
+    pub async fn wait(self) -> Option<bool> {
+        self.0.await.ok()
     }
 }
 
@@ -195,7 +234,6 @@ fn apply(reported: &mut Reported, event: Event) {
 #[derive(Clone)]
 pub struct ControlEvents {
     state: watch::Receiver<Reported>,
-    tx: Arc<watch::Sender<Reported>>,
     logs: RunLogs,
 }
 
@@ -204,11 +242,36 @@ impl ControlEvents {
         self.state.borrow().clone()
     }
 
-    /// Lines a hot process logs for `run_id` go to `logs` from now on.
-    pub fn attribute(&self, run_id: &str, logs: LogBuffer) {
+    /// Whether a hot process may take another request: it has not said it
+    /// is exiting, nor closed its channel (without copying the state).
+    pub fn open(&self) -> bool {
+        let reported = self.state.borrow();
+        !reported.exiting && !reported.closed
+    }
+
+    /// Lines a hot process logs for `run_id` go to `logs` from now on. The
+    /// receiver answers once the request's handler has returned (every
+    /// line and error of it read before), with whether it threw.
+    pub fn attribute(&self, run_id: &str, logs: LogBuffer) -> HandlerEnd {
+        let (ended, rx) = tokio::sync::oneshot::channel();
         if let Ok(mut map) = self.logs.lock() {
-            map.insert(run_id.to_owned(), logs);
+            let attributed = Attributed {
+                logs,
+                threw: false,
+                ended: Some(ended),
+            };
+            map.insert(run_id.to_owned(), attributed);
         }
+        HandlerEnd(rx)
+    }
+
+    /// Whether the handler of an attributed request has thrown so far.
+    pub fn threw(&self, run_id: &str) -> bool {
+        self.logs
+            .lock()
+            .ok()
+            .and_then(|map| map.get(run_id).map(|a| a.threw))
+            .unwrap_or(false)
     }
 
     /// Forgets a finished run of a hot process.
@@ -216,8 +279,6 @@ impl ControlEvents {
         if let Ok(mut map) = self.logs.lock() {
             map.remove(run_id);
         }
-        self.tx
-            .send_if_modified(|r| r.handler_errors.remove(run_id) | r.ended.remove(run_id));
     }
 
     /// Waits for `f` to hold; false when the channel closed first.

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use valet_core::ChannelId;
 use valet_store::{Outcome, RunEnd};
 
-use crate::control::ControlEvents;
+use crate::control::{ControlEvents, HandlerEnd};
 use crate::executor::Process;
 use crate::http::{BodyEnd, DoneGuard, HttpRunError, RunBody};
 use crate::logs::LogBuffer;
@@ -38,6 +38,10 @@ use crate::{RuntimeError, launcher};
 /// The header that carries a request's run to the bootstrap over the
 /// process's private socket; a visitor's own is removed first.
 pub const RUN_HEADER: &str = "x-valet-run";
+
+/// How long a connection whose response has ended may take to be ready
+/// for the next request before it is closed instead of pooled.
+const IDLE_HANDOVER: Duration = Duration::from_secs(1);
 
 /// Limits of hot processes.
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +108,8 @@ pub(crate) struct Hot {
     /// a request takes one (or opens one) and gives it back once its
     /// response has ended, so a busy val pays no connect and handshake.
     idle: Mutex<Vec<SendRequest<HotBody>>>,
+    /// The pool's count of connections opened.
+    connections: Arc<AtomicU64>,
 }
 
 /// A request body on its way to a hot process, whatever it came as.
@@ -121,6 +127,7 @@ impl Hot {
             }
         }
         let stream = tokio::net::UnixStream::connect(self.dir.join("http.sock")).await?;
+        self.connections.fetch_add(1, Ordering::Relaxed);
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
@@ -141,13 +148,9 @@ impl Hot {
     }
 
     fn usable(&self, fingerprint: &Fingerprint, limits: &HotLimits) -> bool {
-        let alive = self
-            .process
-            .lock()
-            .map(|mut p| !p.has_exited())
-            .unwrap_or(false);
-        alive
-            && !self.events.now().exiting
+        // A process that exits closes its control channel; one that dies
+        // unseen fails its next connection, and is replaced then.
+        self.events.open()
             && &self.fingerprint == fingerprint
             && self.born.elapsed() < limits.max_life
             && self.served.load(Ordering::Relaxed) < limits.max_requests
@@ -187,6 +190,8 @@ pub(crate) struct HotPool {
     /// under it (requests for the same val wait for the one start); the
     /// outer std `Mutex` is held for a map lookup only.
     vals: Mutex<HashMap<String, HotSlot>>,
+    /// Connections opened to hot processes, shared with each of them.
+    connections: Arc<AtomicU64>,
 }
 
 impl HotPool {
@@ -194,7 +199,12 @@ impl HotPool {
         HotPool {
             limits,
             vals: Mutex::default(),
+            connections: Arc::default(),
         }
+    }
+
+    pub fn connections_opened(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     fn slot(&self, val_id: &str) -> HotSlot {
@@ -260,6 +270,8 @@ struct HotRun {
     /// Where the run's end is recorded if it is dropped unended (a visitor
     /// who hung up before the answer: the request's future is dropped).
     store: valet_store::Store,
+    /// Answers once the request's handler has returned in the process.
+    handler_end: Option<HandlerEnd>,
 }
 
 impl HotRun {
@@ -353,7 +365,7 @@ impl Supervisor {
         let mut events = control.claim(claim.to_string());
         let ready = tokio::time::timeout(
             spec.timeout,
-            events.wait_for(|r| r.listening || r.uncaught || r.oom),
+            events.wait_for(|r| r.listening || r.uncaught || r.oom || r.closed),
         )
         .await
         .unwrap_or(false)
@@ -379,6 +391,7 @@ impl Supervisor {
             concurrency: Arc::new(Semaphore::new(inner.hot.limits.concurrency.max(1))),
             concurrency_limit: inner.hot.limits.concurrency.max(1),
             idle: Mutex::new(Vec::new()),
+            connections: inner.hot.connections.clone(),
         })
     }
 
@@ -477,7 +490,7 @@ impl Supervisor {
         // store's writer (in order: before the run's end).
         self.record(row);
         let logs = LogBuffer::new(inner.max_log_bytes, vec![key.clone()]);
-        hot.events.attribute(&run_id, logs.clone());
+        let handler_end = hot.events.attribute(&run_id, logs.clone());
         hot.served.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut last) = hot.last_used.lock() {
             *last = Instant::now();
@@ -493,6 +506,7 @@ impl Supervisor {
             guard: Some(guard),
             _permits: (permit, process_permit),
             store: inner.store.clone(),
+            handler_end: Some(handler_end),
         })
     }
 
@@ -503,6 +517,8 @@ impl Supervisor {
         request: Request<HotBody>,
     ) -> Result<Response<RunBody>, HttpRunError> {
         let deadline = run.deadline;
+        let mut run = run;
+        let handler_end = run.handler_end.take();
         let result = tokio::time::timeout_at(deadline, sender.send_request(request)).await;
         let response = match result {
             Ok(Ok(response)) => response,
@@ -528,20 +544,26 @@ impl Supervisor {
                 .await
                 .ok()
                 .and_then(Result::ok);
-            if ended == Some(BodyEnd::Complete) {
+            // A connection is ready for its next request only once hyper's
+            // task has seen the end of this response, which may come just
+            // after the body's end reached us: wait for it, or pooling
+            // finds it busy and opens a new connection every time.
+            if ended == Some(BodyEnd::Complete)
+                && let Ok(Ok(())) = tokio::time::timeout(IDLE_HANDOVER, sender.ready()).await
+            {
                 run.hot.release(sender);
             }
             // The handler's end is reported after its logs and errors on the
             // control channel, which is read apart from the response: wait
             // (briefly) until it has been read, so they are all counted.
-            let mut events = run.hot.events.clone();
-            let id = run.run_id.clone();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                events.wait_for(|r| r.ended.contains(&id)),
-            )
-            .await;
-            let threw = run.hot.events.now().handler_errors.contains(&run.run_id);
+            let told = match handler_end {
+                Some(end) => tokio::time::timeout(Duration::from_secs(2), end.wait())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            };
+            let threw = told.unwrap_or_else(|| run.hot.events.threw(&run.run_id));
             let (outcome, detail) = match (ended, threw) {
                 (None | Some(BodyEnd::CutAtDeadline), _) => (
                     Outcome::TimedOut,

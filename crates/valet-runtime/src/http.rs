@@ -73,10 +73,22 @@ impl RunBody {
         done: DoneGuard,
         deadline: Option<tokio::time::Instant>,
     ) -> RunBody {
-        RunBody {
+        let mut body = RunBody {
             incoming,
             done,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        };
+        // An empty body is never polled: it is whole already.
+        body.whole_if_ended();
+        body
+    }
+
+    /// A body whose length is known is not polled past its last frame
+    /// (hyper asks `is_end_stream` instead), so it is whole when the
+    /// process's response has been read to its end, not only at `None`.
+    fn whole_if_ended(&mut self) {
+        if self.incoming.is_end_stream() {
+            self.done.end(BodyEnd::Complete);
         }
     }
 }
@@ -114,7 +126,11 @@ impl Body for RunBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            other => other.map(|frame| frame.map(|f| f.map_err(Into::into))),
+            Poll::Ready(Some(Ok(frame))) => {
+                self.whole_if_ended();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -216,7 +232,7 @@ impl Supervisor {
             active.deadline,
             active
                 .events
-                .wait_for(|r| r.listening || r.uncaught || r.oom),
+                .wait_for(|r| r.listening || r.uncaught || r.oom || r.closed),
         )
         .await
         .unwrap_or(false)

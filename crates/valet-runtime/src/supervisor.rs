@@ -333,6 +333,12 @@ impl Supervisor {
         self.inner.hot.len()
     }
 
+    /// Connections opened to hot processes so far (a busy val reuses its
+    /// process's connections rather than open one per request).
+    pub fn hot_connections_opened(&self) -> u64 {
+        self.inner.hot.connections_opened()
+    }
+
     /// Warm processes ready right now.
     pub fn warm_ready(&self) -> usize {
         self.inner.pool.len()

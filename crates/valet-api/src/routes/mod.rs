@@ -105,14 +105,22 @@ pub fn router(state: AppState) -> Router {
                 .route("/internal/sqlite/batch", post(sqlite_home::internal_batch)),
         );
     }
-    finish(api.merge(crate::pages::router()).fallback(not_found), state)
+    finish(
+        api.merge(crate::pages::router()).fallback(not_found),
+        state,
+        AccessLog::Info,
+    )
 }
 
 /// What a run reaches through its channel: `/v1` and nothing else (no
 /// pages, no sign-in, no secret scanning). Requests carry the channel's
 /// [`valet_core::ChannelId`], which the run key must match.
 pub fn channel_router(state: AppState) -> Router {
-    finish(v1(state.config.max_body_bytes).fallback(not_found), state)
+    finish(
+        v1(state.config.max_body_bytes).fallback(not_found),
+        state,
+        AccessLog::Info,
+    )
 }
 
 /// The origin of http vals: `/{user}/{val}/…` on the vals listener, or
@@ -122,10 +130,20 @@ pub fn vals_router(state: AppState) -> Router {
     let trigger = Router::new()
         .fallback(http_trigger::handle)
         .layer(DefaultBodyLimit::max(max_body));
-    finish(trigger, state)
+    // Every request here is a run with a record of its own (outcome,
+    // timing, logs): the access line would say it again, on the hottest
+    // path, so it is kept for debugging.
+    finish(trigger, state, AccessLog::Debug)
 }
 
-fn finish(routes: Router<AppState>, state: AppState) -> Router {
+/// The level of a router's line per response.
+#[derive(Clone, Copy)]
+enum AccessLog {
+    Info,
+    Debug,
+}
+
+fn finish(routes: Router<AppState>, state: AppState, access: AccessLog) -> Router {
     routes
         .layer(middleware::from_fn(error::jsonify_errors))
         .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
@@ -145,8 +163,12 @@ fn finish(routes: Router<AppState>, state: AppState) -> Router {
                         .unwrap_or_else(|| "unmatched".into());
                     tracing::info_span!("request", method = %request.method(), route, principal = tracing::field::Empty)
                 })
-                .on_response(|response: &axum::response::Response, latency: Duration, _span: &tracing::Span| {
-                    tracing::info!(status = response.status().as_u16(), latency_us = latency.as_micros() as u64, "response");
+                .on_response(move |response: &axum::response::Response, latency: Duration, _span: &tracing::Span| {
+                    let (status, latency_us) = (response.status().as_u16(), latency.as_micros() as u64);
+                    match access {
+                        AccessLog::Info => tracing::info!(status, latency_us, "response"),
+                        AccessLog::Debug => tracing::debug!(status, latency_us, "response"),
+                    }
                 }),
         )
         .with_state(state)
