@@ -1,15 +1,20 @@
 //! Warm processes: started ahead of time through the one launch path (no
-//! val, no key, no env), waiting for a claim. A run takes one; a task of
+//! val, no key, no env), waiting for a claim. A run takes one; a thread of
 //! the pool's own starts the replacement off the request path, never under
-//! a lock. (Not on the blocking pool: its threads exit when idle, and a
-//! child's parent-death signal fires when the thread that forked it exits.)
+//! a lock. Starting a process blocks its thread until Deno has exec'd (a
+//! few milliseconds, Landlock's rules included): on a runtime worker that
+//! held up whatever else waited on that worker, such as the answer of the
+//! run that had just ended. The thread lives as long as the pool: a
+//! child's parent-death signal fires when the thread that forked it exits
+//! (which is also why it is not the blocking pool, whose threads exit when
+//! idle).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 use crate::launcher::{Launcher, Started};
 
@@ -20,7 +25,8 @@ pub struct WarmPool {
     wake: Arc<Notify>,
     /// Notified each time a process is added.
     added: Notify,
-    refill: Mutex<Option<JoinHandle<()>>>,
+    /// Set by [`WarmPool::close`]: the refilling thread ends.
+    closed: AtomicBool,
 }
 
 impl WarmPool {
@@ -32,12 +38,17 @@ impl WarmPool {
             ready: Mutex::default(),
             wake: Arc::new(Notify::new()),
             added: Notify::new(),
-            refill: Mutex::default(),
+            closed: AtomicBool::new(false),
         });
         if size > 0 {
-            let task = tokio::spawn(refill_loop(Arc::downgrade(&pool), launcher, refill));
-            if let Ok(mut slot) = pool.refill.lock() {
-                *slot = Some(task);
+            // Its processes' sockets and tasks belong to this runtime.
+            let runtime = tokio::runtime::Handle::current();
+            let weak = Arc::downgrade(&pool);
+            let thread = std::thread::Builder::new()
+                .name("valet-warm-pool".into())
+                .spawn(move || runtime.block_on(refill_loop(weak, launcher, refill)));
+            if let Err(e) = thread {
+                tracing::error!(error = %e, "could not start the warm pool's thread; runs start cold");
             }
         }
         pool
@@ -97,11 +108,8 @@ impl WarmPool {
 
     /// Stops refilling and ends every waiting process.
     pub fn close(&self) {
-        if let Ok(mut task) = self.refill.lock()
-            && let Some(task) = task.take()
-        {
-            task.abort();
-        }
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
         if let Ok(mut ready) = self.ready.lock() {
             ready.clear();
         }
@@ -119,10 +127,12 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>, r
     let mut started = 0usize;
     loop {
         let Some(strong) = pool.upgrade() else { return };
-        if !refill && started >= strong.size {
+        if strong.closed.load(Ordering::Acquire) {
             return;
         }
-        if strong.len() >= strong.size {
+        // Without refill, the thread stays (its processes' parent-death
+        // signal is its own exit) but starts no more.
+        if strong.len() >= strong.size || (!refill && started >= strong.size) {
             // Not holding the pool while waiting: a pool nobody else holds
             // is dropped (and its processes with it).
             let wake = strong.wake.clone();
@@ -131,9 +141,7 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>, r
             continue;
         }
         drop(strong);
-        // Started from this task, on a runtime worker: never from the
-        // blocking pool, whose threads exit when idle, and a child's
-        // parent-death signal fires when the thread that forked it exits.
+        // Started from this thread (see the module's note).
         match launcher.start(&[]) {
             Ok(process) => {
                 failures = 0;

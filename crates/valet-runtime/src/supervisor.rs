@@ -577,7 +577,6 @@ impl Supervisor {
         let logs = process.logs.finish();
         drop(guard);
         drop(tasks);
-        self.inner.pool.refill();
         let launcher = self.inner.launcher.clone();
         tokio::spawn(async move {
             process.reap().await;
@@ -597,6 +596,9 @@ impl Supervisor {
                 "the store closed before the end of a run was recorded"
             ),
         }
+        // The replacement's start (a fork, then a Deno booting) competes
+        // for the CPU: not before the run's end is written.
+        self.inner.pool.refill();
         tracing::info!(run_id, outcome = outcome.as_str(), duration_ms, "run ended");
         RunOutput {
             run_id,
