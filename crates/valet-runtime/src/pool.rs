@@ -30,8 +30,9 @@ pub struct WarmPool {
 }
 
 impl WarmPool {
-    /// `refill: false` starts `size` processes once and no more (`valet
-    /// run`, whose one run takes the process started with valet).
+    /// `refill: false` starts `size` processes once, at once on the
+    /// calling thread (which must outlive them), and no more: `valet run`,
+    /// whose one run takes the process started with valet.
     pub fn new(launcher: Arc<Launcher>, size: usize, refill: bool) -> Arc<WarmPool> {
         let pool = Arc::new(WarmPool {
             size,
@@ -40,13 +41,22 @@ impl WarmPool {
             added: Notify::new(),
             closed: AtomicBool::new(false),
         });
-        if size > 0 {
+        if !refill {
+            for _ in 0..size {
+                match launcher.start(&[]) {
+                    Ok(started) => pool.push(started),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not start a process ahead; the run starts it")
+                    }
+                }
+            }
+        } else if size > 0 {
             // Its processes' sockets and tasks belong to this runtime.
             let runtime = tokio::runtime::Handle::current();
             let weak = Arc::downgrade(&pool);
             let thread = std::thread::Builder::new()
                 .name("valet-warm-pool".into())
-                .spawn(move || runtime.block_on(refill_loop(weak, launcher, refill)));
+                .spawn(move || runtime.block_on(refill_loop(weak, launcher)));
             if let Err(e) = thread {
                 tracing::error!(error = %e, "could not start the warm pool's thread; runs start cold");
             }
@@ -101,6 +111,14 @@ impl WarmPool {
         }
     }
 
+    fn push(&self, started: Started) {
+        self.ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(started);
+        self.added.notify_waiters();
+    }
+
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.ready.lock().map(|r| r.len()).unwrap_or(0)
@@ -122,17 +140,14 @@ impl Drop for WarmPool {
     }
 }
 
-async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>, refill: bool) {
+async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>) {
     let mut failures = 0u32;
-    let mut started = 0usize;
     loop {
         let Some(strong) = pool.upgrade() else { return };
         if strong.closed.load(Ordering::Acquire) {
             return;
         }
-        // Without refill, the thread stays (its processes' parent-death
-        // signal is its own exit) but starts no more.
-        if strong.len() >= strong.size || (!refill && started >= strong.size) {
+        if strong.len() >= strong.size {
             // Not holding the pool while waiting: a pool nobody else holds
             // is dropped (and its processes with it).
             let wake = strong.wake.clone();
@@ -145,14 +160,8 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>, r
         match launcher.start(&[]) {
             Ok(process) => {
                 failures = 0;
-                started += 1;
                 let Some(strong) = pool.upgrade() else { return };
-                strong
-                    .ready
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_back(process);
-                strong.added.notify_waiters();
+                strong.push(process);
             }
             Err(e) => {
                 // Retried with backoff: the pool never stays short for long.
