@@ -247,8 +247,17 @@ impl ScopeSet {
     /// The canonical form: space-separated, in [`Scope::ALL`] order. This is
     /// the `scope` claim of a run token and the column format in the store.
     pub fn to_claim(self) -> String {
-        let parts: Vec<String> = self.iter().map(|s| s.to_string()).collect();
-        parts.join(" ")
+        // Made for every run (its key, its record): no string per scope.
+        let mut claim = String::with_capacity(128);
+        for scope in self.iter() {
+            if !claim.is_empty() {
+                claim.push(' ');
+            }
+            claim.push_str(scope.resource.as_str());
+            claim.push(':');
+            claim.push_str(scope.access.as_str());
+        }
+        claim
     }
 
     pub fn to_strings(self) -> Vec<String> {

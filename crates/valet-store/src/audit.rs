@@ -278,33 +278,101 @@ enum RunWrite {
     End(RunEnd),
 }
 
-/// Writes each run on a savepoint of its own; says how each went.
+/// Writes each run on a savepoint of its own; says how each write went.
+/// A run that started and ended within the batch (most hot requests) is
+/// written on one savepoint, and each val's last run time once per batch.
 fn write_runs(sql: &mut Sql<'_>, runs: &[RunWrite]) -> Vec<Result<(), String>> {
-    runs.iter()
-        .map(|run| {
-            let (id, result) = match run {
-                RunWrite::Start(run, node_id) => (&run.id, {
-                    sql.batch("SAVEPOINT valet_run").and_then(|()| {
-                        crate::runs::write_start(sql, &run.as_new(), node_id.as_deref())
-                    })
-                }),
-                RunWrite::End(end) => (
-                    &end.id,
-                    sql.batch("SAVEPOINT valet_run")
-                        .and_then(|()| crate::runs::write_end(sql, end)),
-                ),
-            };
-            let settled = match &result {
-                Ok(()) => sql.batch("RELEASE SAVEPOINT valet_run"),
-                Err(_) => sql.batch("ROLLBACK TO SAVEPOINT valet_run; RELEASE SAVEPOINT valet_run"),
-            };
-            let result = result.and(settled).map_err(|e| e.to_string());
-            if let Err(e) = &result {
-                tracing::error!(run_id = %id, error = %e, "could not write a run's record");
-            }
-            result
+    let ends: std::collections::HashMap<&str, usize> = runs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, run)| match run {
+            RunWrite::End(end) => Some((end.id.as_str(), i)),
+            RunWrite::Start(..) => None,
         })
+        .collect();
+    let mut results: Vec<Option<Result<(), String>>> = vec![None; runs.len()];
+    let mut touched: std::collections::HashMap<&str, i64> = Default::default();
+    for (i, run) in runs.iter().enumerate() {
+        if results[i].is_some() {
+            continue; // written with its start
+        }
+        let (id, end) = match run {
+            RunWrite::Start(start, _) => (
+                start.id.as_str(),
+                ends.get(start.id.as_str()).copied().filter(|&j| j > i),
+            ),
+            RunWrite::End(end) => (end.id.as_str(), None),
+        };
+        let mut writes: Vec<&RunWrite> = vec![run];
+        writes.extend(end.map(|j| &runs[j]));
+        let mut result = on_savepoint(sql, &writes);
+        if let (Err(_), Some(j)) = (&result, end) {
+            // Apart, so that an end that cannot be written (whatever a val
+            // made of its logs) still leaves the run's start recorded.
+            result = on_savepoint(sql, &[run]);
+            let ended = on_savepoint(sql, &[&runs[j]]);
+            if let Err(e) = &ended {
+                tracing::error!(run_id = %id, error = %e, "could not write the end of a run's record");
+            }
+            results[j] = Some(ended);
+        }
+        match &result {
+            Err(e) => tracing::error!(run_id = %id, error = %e, "could not write a run's record"),
+            Ok(()) => {
+                if let RunWrite::Start(start, _) = run
+                    && let Some(val_id) = start.val_id.as_deref()
+                {
+                    let at = touched.entry(val_id).or_insert(start.started_at);
+                    *at = (*at).max(start.started_at);
+                }
+            }
+        }
+        if let Some(j) = end
+            && results[j].is_none()
+        {
+            results[j] = Some(result.clone());
+        }
+        results[i] = Some(result);
+    }
+    if !touched.is_empty() {
+        let vals = sql.batch("SAVEPOINT valet_vals").and_then(|()| {
+            touched
+                .iter()
+                .try_for_each(|(val_id, at)| crate::runs::touch_val(sql, val_id, *at))
+        });
+        let settled = match &vals {
+            Ok(()) => sql.batch("RELEASE SAVEPOINT valet_vals"),
+            Err(_) => sql.batch("ROLLBACK TO SAVEPOINT valet_vals; RELEASE SAVEPOINT valet_vals"),
+        };
+        if let Err(e) = vals.and(settled) {
+            tracing::warn!(error = %e, "could not note vals' last run times");
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err("not written".into())))
         .collect()
+}
+
+/// `writes`, all or none, on a savepoint of their own.
+fn on_savepoint(sql: &mut Sql<'_>, writes: &[&RunWrite]) -> Result<(), String> {
+    let written = sql
+        .batch("SAVEPOINT valet_run")
+        .and_then(|()| writes.iter().try_for_each(|run| write_one(sql, run)));
+    let settled = match &written {
+        Ok(()) => sql.batch("RELEASE SAVEPOINT valet_run"),
+        Err(_) => sql.batch("ROLLBACK TO SAVEPOINT valet_run; RELEASE SAVEPOINT valet_run"),
+    };
+    written.and(settled).map_err(|e| e.to_string())
+}
+
+fn write_one(sql: &mut Sql<'_>, run: &RunWrite) -> Result<(), StoreError> {
+    match run {
+        RunWrite::Start(start, node_id) => {
+            crate::runs::write_run_row(sql, &start.as_new(), node_id.as_deref())
+        }
+        RunWrite::End(end) => crate::runs::write_end(sql, end),
+    }
 }
 
 fn write_batch(sql: &mut Sql<'_>, batch: &[AuditEvent]) -> Result<(), StoreError> {

@@ -125,6 +125,28 @@ pub(crate) fn write_start(
     run: &NewRun<'_>,
     node_id: Option<&str>,
 ) -> Result<(), StoreError> {
+    write_run_row(sql, run, node_id)?;
+    if let Some(val_id) = run.val_id {
+        touch_val(sql, val_id, run.started_at)?;
+    }
+    Ok(())
+}
+
+/// A val's last run started at `at` (unless a later one is known).
+pub(crate) fn touch_val(sql: &mut Sql<'_>, val_id: &str, at: i64) -> Result<(), StoreError> {
+    sql.execute(
+        "UPDATE vals SET last_run_at = ?1 WHERE id = ?2 AND (last_run_at IS NULL OR last_run_at < ?1)",
+        args![at, val_id],
+    )?;
+    Ok(())
+}
+
+/// The run's row as started, without touching its val.
+pub(crate) fn write_run_row(
+    sql: &mut Sql<'_>,
+    run: &NewRun<'_>,
+    node_id: Option<&str>,
+) -> Result<(), StoreError> {
     // A val deleted while its run started keeps the run, without the val.
     sql.execute(
         "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline, node_id)
@@ -133,12 +155,6 @@ pub(crate) fn write_start(
              started_at = excluded.started_at, deadline = excluded.deadline",
         args![run.id, run.user_id, run.val_id, run.trigger, run.scopes.to_claim(), run.started_at, run.deadline, node_id],
     )?;
-    if let Some(val_id) = run.val_id {
-        sql.execute(
-            "UPDATE vals SET last_run_at = ?1 WHERE id = ?2",
-            args![run.started_at, val_id],
-        )?;
-    }
     Ok(())
 }
 

@@ -153,7 +153,7 @@ fn finish(routes: Router<AppState>, state: AppState, access: AccessLog) -> Route
         }))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|request: &Request| {
+                .make_span_with(move |request: &Request| {
                     // The matched route, never the raw URI: URIs carry blob
                     // keys and, for careless clients, tokens.
                     let route = request
@@ -161,7 +161,10 @@ fn finish(routes: Router<AppState>, state: AppState, access: AccessLog) -> Route
                         .get::<MatchedPath>()
                         .map(|p| p.as_str().to_owned())
                         .unwrap_or_else(|| "unmatched".into());
-                    tracing::info_span!("request", method = %request.method(), route, principal = tracing::field::Empty)
+                    match access {
+                        AccessLog::Info => tracing::info_span!("request", method = %request.method(), route, principal = tracing::field::Empty),
+                        AccessLog::Debug => tracing::debug_span!("request", method = %request.method(), route, principal = tracing::field::Empty),
+                    }
                 })
                 .on_response(move |response: &axum::response::Response, latency: Duration, _span: &tracing::Span| {
                     let (status, latency_us) = (response.status().as_u16(), latency.as_micros() as u64);
