@@ -167,7 +167,9 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>) {
                 // Retried with backoff: the pool never stays short for long.
                 failures += 1;
                 tracing::warn!(error = %e, failures, "could not start a warm process; retrying");
-                tokio::time::sleep(Duration::from_millis(50 << failures.min(6))).await;
+                // A plain sleep: the thread is the pool's own, and its
+                // runtime's timers may be gone while it shuts down.
+                std::thread::sleep(Duration::from_millis(50 << failures.min(6)));
             }
         }
     }
