@@ -281,6 +281,17 @@ impl ControlEvents {
         }
     }
 
+    /// Waits until an http val listens, or fails trying (an uncaught
+    /// error, out of memory, its process gone), until `deadline`: whether
+    /// it listens.
+    pub async fn listening_by(&mut self, deadline: tokio::time::Instant) -> bool {
+        let settled = self.wait_for(|r| r.listening || r.uncaught || r.oom || r.closed);
+        tokio::time::timeout_at(deadline, settled)
+            .await
+            .unwrap_or(false)
+            && self.state.borrow().listening
+    }
+
     /// Waits for `f` to hold; false when the channel closed first.
     pub async fn wait_for(&mut self, f: impl Fn(&Reported) -> bool) -> bool {
         self.state.wait_for(|r| f(r)).await.is_ok()

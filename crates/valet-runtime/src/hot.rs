@@ -363,13 +363,9 @@ impl Supervisor {
             dir,
         } = started;
         let mut events = control.claim(claim.to_string());
-        let ready = tokio::time::timeout(
-            spec.timeout,
-            events.wait_for(|r| r.listening || r.uncaught || r.oom || r.closed),
-        )
-        .await
-        .unwrap_or(false)
-            && events.now().listening;
+        let ready = events
+            .listening_by(tokio::time::Instant::now() + spec.timeout)
+            .await;
         inner.pool.refill();
         if !ready {
             let logs = process.logs.finish();
@@ -512,12 +508,11 @@ impl Supervisor {
 
     async fn forward_hot(
         &self,
-        run: HotRun,
+        mut run: HotRun,
         mut sender: SendRequest<HotBody>,
         request: Request<HotBody>,
     ) -> Result<Response<RunBody>, HttpRunError> {
         let deadline = run.deadline;
-        let mut run = run;
         let handler_end = run.handler_end.take();
         let result = tokio::time::timeout_at(deadline, sender.send_request(request)).await;
         let response = match result {

@@ -226,17 +226,7 @@ impl Supervisor {
         })?;
         let run_id = active.run_id.clone();
 
-        // Wait for the val to listen, or to fail trying: both are reported
-        // on the control channel, which closes if the process dies.
-        let listening = tokio::time::timeout_at(
-            active.deadline,
-            active
-                .events
-                .wait_for(|r| r.listening || r.uncaught || r.oom || r.closed),
-        )
-        .await
-        .unwrap_or(false)
-            && active.events.now().listening;
+        let listening = active.events.listening_by(active.deadline).await;
         let stream = if listening {
             tokio::net::UnixStream::connect(active.dir.join("http.sock"))
                 .await
