@@ -8,6 +8,13 @@
 //! child's parent-death signal fires when the thread that forked it exits
 //! (which is also why it is not the blocking pool, whose threads exit when
 //! idle).
+//!
+//! A start forks valet, and a fork stalls all of valet for a moment: it
+//! holds the memory map while it copies it and leaves every page
+//! write-protected, so each thread's next write to a page faults. So a
+//! replacement for a process whose run just ended starts a little later,
+//! once that run's answer has left ([`REFILL_GRACE`]); only an empty pool
+//! refills at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +25,9 @@ use tokio::sync::Notify;
 
 use crate::launcher::{Launcher, Started};
 
+/// How long a refill waits after the run that took a process has ended.
+const REFILL_GRACE: Duration = Duration::from_millis(5);
+
 pub struct WarmPool {
     size: usize,
     /// A std `Mutex`: held to push or pop, never across an `.await`.
@@ -27,6 +37,8 @@ pub struct WarmPool {
     added: Notify,
     /// Set by [`WarmPool::close`]: the refilling thread ends.
     closed: AtomicBool,
+    /// Set when the pool ran dry: the next start does not wait.
+    empty: AtomicBool,
 }
 
 impl WarmPool {
@@ -40,6 +52,7 @@ impl WarmPool {
             wake: Arc::new(Notify::new()),
             added: Notify::new(),
             closed: AtomicBool::new(false),
+            empty: AtomicBool::new(false),
         });
         if !refill {
             for _ in 0..size {
@@ -81,6 +94,7 @@ impl WarmPool {
             (taken, ready.len())
         };
         if left == 0 {
+            self.empty.store(true, Ordering::Release);
             self.wake.notify_one();
         }
         taken
@@ -155,7 +169,12 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>) {
             wake.notified().await;
             continue;
         }
+        let empty = strong.empty.swap(false, Ordering::AcqRel) || strong.len() == 0;
         drop(strong);
+        if !empty {
+            // A plain sleep, like the backoff below.
+            std::thread::sleep(REFILL_GRACE);
+        }
         // Started from this thread (see the module's note).
         match launcher.start(&[]) {
             Ok(process) => {
