@@ -171,6 +171,49 @@ async fn requests_share_a_live_process_but_never_a_key() {
     server.stop().await;
 }
 
+/// Keys signed ahead of their requests (by the supervisor's minting
+/// thread) obey the rules of any other: each is live for its own request
+/// only (the val's blob write with it succeeds, the previous request's is
+/// refused), and none is given twice.
+#[tokio::test]
+async fn keys_signed_ahead_are_live_for_their_request_only() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    store_val(
+        &server,
+        &ada,
+        "counter",
+        ValKind::Http,
+        &COUNTER.replace("VERSION", "one"),
+        ScopeSet::default_val(),
+    );
+    let mut keys = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut count = 0;
+    // Until a few requests took a key from the stock (the thread signs
+    // when a core is free, so how many requests that takes varies).
+    while server.supervisor().hot_keys_signed_ahead() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request took a key signed ahead"
+        );
+        let answer = get(&server, "/ada/counter").await;
+        count += 1;
+        assert_eq!(answer["count"], count, "{answer}");
+        if count > 1 {
+            assert_eq!(
+                answer["previous"], 401,
+                "a key outlived its response: {answer}"
+            );
+        }
+        assert!(
+            keys.insert(answer["key"].clone()),
+            "a key was given twice: {answer}"
+        );
+    }
+    server.stop().await;
+}
+
 /// A response sent whole is recorded as answered, whether its body was
 /// empty, known in length or streamed, and the connection it came over
 /// serves the next request (hyper does not poll a body of known length

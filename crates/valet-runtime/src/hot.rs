@@ -30,6 +30,7 @@ use valet_store::{Outcome, RunEnd};
 use crate::control::{ControlEvents, HandlerEnd};
 use crate::executor::Process;
 use crate::http::{BodyEnd, DoneGuard, HttpRunError, RunBody};
+use crate::key_stock::{KeyGrant, KeyStock};
 use crate::logs::LogBuffer;
 use crate::run_dir::RunDir;
 use crate::supervisor::{OpenRun, RunSpec, Source, Supervisor};
@@ -110,6 +111,9 @@ pub(crate) struct Hot {
     idle: Mutex<Vec<SendRequest<HotBody>>>,
     /// The pool's count of connections opened.
     connections: Arc<AtomicU64>,
+    /// Keys signed ahead for its requests (all of one user, val, scopes
+    /// and timeout: the process's fingerprint includes them).
+    keys: Arc<KeyStock>,
 }
 
 /// A request body on its way to a hot process, whatever it came as.
@@ -388,6 +392,7 @@ impl Supervisor {
             concurrency_limit: inner.hot.limits.concurrency.max(1),
             idle: Mutex::new(Vec::new()),
             connections: inner.hot.connections.clone(),
+            keys: KeyStock::new(KeyGrant::of(spec)),
         })
     }
 
@@ -473,12 +478,16 @@ impl Supervisor {
             .acquire_owned()
             .await
             .map_err(|_| HttpRunError::internal())?;
+        let open = match hot.keys.take(&inner.minter) {
+            Some(minted) => Ok(self.open_minted(minted.run_id, minted.key, spec, &hot.channel)),
+            None => self.open_run(spec, &hot.channel),
+        };
         let OpenRun {
             run_id,
             key,
             guard,
             row,
-        } = self.open_run(spec, &hot.channel).map_err(|e| {
+        } = open.map_err(|e| {
             tracing::error!(error = %e, "could not start an http run");
             HttpRunError::internal()
         })?;

@@ -14,6 +14,7 @@ mod executor;
 mod files;
 mod hot;
 mod http;
+mod key_stock;
 mod launcher;
 mod logs;
 mod os_layer;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use valet_core::live_runs::LiveRunGuard;
-use valet_core::{ChannelId, LiveRun, LiveRuns, MintRequest, ScopeSet, SharedKeyRing};
+use valet_core::{ChannelId, LiveRun, LiveRuns, ScopeSet, SharedKeyRing};
 use valet_store::{Outcome, RunEnd, RunStart, Store, Val, ValKind, new_id, time};
 
 use crate::channel::ApiChannel;
@@ -20,6 +20,7 @@ use crate::control::ControlEvents;
 use crate::egress::{self, EgressAllow};
 use crate::executor::{self, Exit, Process};
 use crate::hot::{HotLimits, HotPool};
+use crate::key_stock::{KeyGrant, Minter};
 use crate::launcher::{self, API_ORIGIN, Launcher, Started};
 use crate::os_layer::{LayerReport, OsLayer};
 use crate::pool::WarmPool;
@@ -138,6 +139,8 @@ pub(crate) struct Inner {
     pub(crate) slots: Slots,
     pub(crate) pool: Arc<WarmPool>,
     pub(crate) hot: HotPool,
+    /// Signs hot requests' keys ahead of them.
+    pub(crate) minter: Minter,
     pub(crate) max_log_bytes: usize,
 }
 
@@ -274,6 +277,7 @@ impl Supervisor {
         } = launching;
         let inner = Arc::new(Inner {
             store,
+            minter: Minter::start(keys.clone()),
             keys,
             live,
             launcher,
@@ -337,6 +341,11 @@ impl Supervisor {
     /// process's connections rather than open one per request).
     pub fn hot_connections_opened(&self) -> u64 {
         self.inner.hot.connections_opened()
+    }
+
+    /// Hot requests so far whose key was signed ahead of them.
+    pub fn hot_keys_signed_ahead(&self) -> u64 {
+        self.inner.minter.taken()
     }
 
     /// Warm processes ready right now.
@@ -413,21 +422,29 @@ impl Supervisor {
         spec: &RunSpec,
         channel: &ChannelId,
     ) -> Result<OpenRun, RuntimeError> {
-        let inner = &self.inner;
         let started_ms = time::now_ms();
-        let start_s = (started_ms / 1000) as u64;
-        let timeout_s = spec.timeout.as_secs_f64().ceil() as u64;
-        let scopes = spec.scopes.intersect(ScopeSet::all());
         // The key dies at the run's deadline at the latest; the live-run
         // set kills it sooner when the run ends early.
-        let key = inner.keys.mint(&MintRequest {
-            user_id: &spec.user_id,
-            val_id: spec.val_id.as_deref(),
-            run_id: &run_id,
-            scopes,
-            start: start_s,
-            deadline: start_s + timeout_s.max(1),
-        })?;
+        let key = KeyGrant::of(spec).mint(
+            &self.inner.keys,
+            &run_id,
+            (started_ms / 1000) as u64,
+            Duration::ZERO,
+        )?;
+        Ok(self.open_minted(run_id, key, spec, channel))
+    }
+
+    /// Makes a key minted for `run_id` live on `channel`: its run starts now.
+    pub(crate) fn open_minted(
+        &self,
+        run_id: String,
+        key: String,
+        spec: &RunSpec,
+        channel: &ChannelId,
+    ) -> OpenRun {
+        let inner = &self.inner;
+        let started_ms = time::now_ms();
+        let scopes = spec.scopes.intersect(ScopeSet::all());
         let guard = inner.live.begin(
             &key,
             LiveRun {
@@ -447,12 +464,12 @@ impl Supervisor {
             started_at: started_ms,
             deadline: started_ms + spec.timeout.as_millis() as i64,
         };
-        Ok(OpenRun {
+        OpenRun {
             run_id,
             key,
             guard,
             row,
-        })
+        }
     }
 
     /// Queues a run's row for the store's writer (reads of runs wait for it).
