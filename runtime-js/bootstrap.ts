@@ -68,17 +68,32 @@ function report(event: Record<string, unknown>): Promise<unknown> {
   return sending;
 }
 
-async function readClaim(): Promise<Claim> {
-  const decoder = new TextDecoder();
-  const buffer = new Uint8Array(64 * 1024);
-  let text = "";
+// Lines from the supervisor: the claim, then (a hot process) each
+// request's key, sent just before the request.
+const parse = JSON.parse;
+const read = control.read.bind(control);
+const decoder = new TextDecoder();
+const decode = decoder.decode.bind(decoder);
+const readBuffer = new Uint8Array(64 * 1024);
+let unread = "";
+async function nextLine(): Promise<string | null> {
   while (true) {
-    const n = await control.read(buffer);
-    if (n === null) throw new Error("the supervisor closed the control channel");
-    text += decoder.decode(buffer.subarray(0, n), { stream: true });
-    const end = text.indexOf("\n");
-    if (end >= 0) return JSON.parse(text.slice(0, end));
+    const end = unread.indexOf("\n");
+    if (end >= 0) {
+      const line = unread.slice(0, end);
+      unread = unread.slice(end + 1);
+      return line;
+    }
+    const n = await read(readBuffer);
+    if (n === null) return null;
+    unread += decode(apply(subarray, readBuffer, [0, n]), { stream: true });
   }
+}
+
+async function readClaim(): Promise<Claim> {
+  const line = await nextLine();
+  if (line === null) throw new Error("the supervisor closed the control channel");
+  return parse(line);
 }
 
 // --- Environment: read-only; the run's variables arrive in the claim. ---
@@ -343,7 +358,14 @@ async function start(val: Record<string, unknown>, claim: Claim): Promise<void> 
 interface RequestRun {
   run: string;
   key: string;
+  /** Whether anything was reported for the request (a log line). */
+  said?: boolean;
 }
+
+/** Set on a hot response whose request reported nothing on the control
+ * channel: its handler's end rides on the response (one write fewer per
+ * request); the supervisor removes it before the visitor sees it. */
+const QUIET_END = "x-valet-quiet-end";
 
 /** A hot process's handler: each request runs in its own context, so its
  * key (`Deno.env.get("valtown")`), its logs and its errors are its own. */
@@ -361,6 +383,36 @@ async function hotHandler(
     },
   });
   const context = new AsyncLocalStorage<RequestRun>();
+  // Each request's key comes down the control channel just before the
+  // request, which names its run in a header: the key never travels in the
+  // request, where the val could pass it on (to a server it proxies to)
+  // without knowing. (Copying the request to strip a header instead cost
+  // more than all the rest of a request.)
+  const keys = new Map<string, string>();
+  const awaiting = new Map<string, (key: string) => void>();
+  void (async () => {
+    while (true) {
+      const line = await nextLine();
+      if (line === null) return;
+      let message: { t?: unknown; run?: unknown; key?: unknown };
+      try {
+        message = parse(line);
+      } catch {
+        continue;
+      }
+      const { t, run, key } = message;
+      if (t !== "run" || typeof run !== "string" || typeof key !== "string") continue;
+      const waiter = awaiting.get(run);
+      if (waiter) {
+        awaiting.delete(run);
+        waiter(key);
+        continue;
+      }
+      keys.set(run, key);
+      // The key of a request that never came (its connection failed).
+      if (keys.size > 1024) keys.delete(keys.keys().next().value!);
+    }
+  })();
   requestEnv = () => {
     const run = context.getStore();
     return run ? { valtown: run.key, VAL_TOWN_API_KEY: run.key } : undefined;
@@ -372,30 +424,45 @@ async function hotHandler(
     console[method] = (...args: unknown[]) => {
       const run = context.getStore();
       if (!run) return original(...args);
+      run.said = true;
       const text = args.map((a) => typeof a === "string" ? a : Deno.inspect(a)).join(" ");
       for (const line of text.split("\n")) void report({ t: "log", run: run.run, s: stream, line });
     };
   }
   return async (req: Request) => {
-    const header = req.headers.get("x-valet-run");
-    if (!header) return new Response("Bad Gateway", { status: 502 });
-    const run: RequestRun = JSON.parse(header);
-    const headers = new Headers(req.headers);
-    headers.delete("x-valet-run");
-    const own = new Request(req, { headers });
+    const runId = req.headers.get("x-valet-run");
+    if (!runId) return new Response("Bad Gateway", { status: 502 });
+    let key = keys.get(runId);
+    if (key === undefined) {
+      key = await new Promise<string>((resolve) => awaiting.set(runId, resolve));
+    } else {
+      keys.delete(runId);
+    }
+    const run: RequestRun = { run: runId, key };
     return await context.run(run, async () => {
+      let response: Response;
       try {
-        return await (handler.call(main, own) as Promise<Response>);
+        response = await (handler.call(main, req) as Promise<Response>);
       } catch (error) {
         logError("Uncaught error in http handler:", error);
         // Reported before the answer leaves, so the supervisor knows (an
         // exiting process takes no new request) before the client does.
         await report({ t: "handler_error", run: run.run });
-        return new Response("Internal Server Error", { status: 500 });
-      } finally {
-        // After the request's logs and errors, on the same channel.
         await report({ t: "end", run: run.run });
+        return new Response("Internal Server Error", { status: 500 });
       }
+      if (!run.said) {
+        try {
+          response.headers.set(QUIET_END, "1");
+          return response;
+        } catch {
+          // Immutable headers (a fetched or redirect response), or not a
+          // Response at all: said on the channel instead.
+        }
+      }
+      // After the request's logs, on the same channel.
+      await report({ t: "end", run: run.run });
+      return response;
     });
   };
 }

@@ -171,6 +171,84 @@ async fn requests_share_a_live_process_but_never_a_key() {
     server.stop().await;
 }
 
+/// A hot request's key never travels in the request the val sees (a val
+/// that passes its request on, to a server it proxies to, would hand the
+/// key over unawares): the request names only its run. A request that
+/// said nothing ends with its response, one that logged has its lines in
+/// its own record, and the visitor sees none of the process's own headers.
+#[tokio::test]
+async fn a_request_carries_its_run_but_never_its_key() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let val = store_val(
+        &server,
+        &ada,
+        "echo",
+        ValKind::Http,
+        r#"
+export default (req: Request) => {
+  if (new URL(req.url).pathname === "/loud") console.log("loud request");
+  return Response.json({ headers: Object.fromEntries(req.headers), key: Deno.env.get("valtown") });
+};
+"#,
+        ScopeSet::default_val(),
+    );
+    let mut runs_seen = Vec::new();
+    for path in ["/ada/echo", "/ada/echo/loud"] {
+        let r = server
+            .client
+            .get(format!("{}{path}", server.vals_url))
+            .header("x-visitor", "1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        for header in r.headers().keys() {
+            assert!(
+                !header.as_str().starts_with("x-valet"),
+                "{header} reached the visitor"
+            );
+        }
+        let answer: serde_json::Value = r.json().await.unwrap();
+        let key = answer["key"].as_str().expect("the request has its key");
+        let headers = answer["headers"].as_object().expect("headers");
+        assert_eq!(headers["x-visitor"], "1");
+        for (name, value) in headers {
+            let value = value.as_str().unwrap_or_default();
+            assert!(
+                !value.contains(key),
+                "the key travelled in the request's {name} header"
+            );
+        }
+        // The run it names is the key's own.
+        let run = headers["x-valet-run"]
+            .as_str()
+            .expect("the request names its run");
+        let claims = key.split('.').nth(1).expect("a JWT");
+        use base64::Engine;
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(claims["jti"], run);
+        runs_seen.push(run.to_owned());
+    }
+    let runs = runs_until(&server, &ada.id, &val.id, |runs| {
+        runs.len() == 2 && runs.iter().all(|r| r.outcome == Outcome::Succeeded)
+    })
+    .await;
+    let by_id = |id: &str| runs.iter().find(|r| r.id == id).expect("its run record");
+    let quiet = by_id(&runs_seen[0]);
+    assert_eq!(quiet.outcome, Outcome::Succeeded, "{quiet:?}");
+    assert_eq!(quiet.logs, "", "{quiet:?}");
+    let loud = by_id(&runs_seen[1]);
+    assert_eq!(loud.outcome, Outcome::Succeeded, "{loud:?}");
+    assert!(loud.logs.contains("loud request"), "{loud:?}");
+    server.stop().await;
+}
+
 /// Keys signed ahead of their requests (by the supervisor's minting
 /// thread) obey the rules of any other: each is live for its own request
 /// only (the val's blob write with it succeeds, the previous request's is

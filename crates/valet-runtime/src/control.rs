@@ -4,7 +4,8 @@
 //! The supervisor accepts exactly one connection and unlinks the socket at
 //! once; the bootstrap connects before it has received its claim, and the
 //! val's code is loaded only after the claim, so no val can reach the
-//! channel. The claim (val, env, key, kind) goes down it; events (the val
+//! channel. The claim (val, env, key, kind) goes down it, and in a hot
+//! process each request's key just before the request; events (the val
 //! settled, an uncaught error, out of memory, the http val listens, an http
 //! handler threw) come up. Outcomes are decided from these events and the
 //! exit status, never from what the val prints.
@@ -18,7 +19,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::logs::LogBuffer;
 
@@ -91,7 +92,8 @@ type RunLogs = Arc<Mutex<HashMap<String, Attributed>>>;
 pub struct Control {
     path: PathBuf,
     state: watch::Receiver<Reported>,
-    claim: tokio::sync::oneshot::Sender<String>,
+    /// Lines to the bootstrap: the claim first.
+    down: mpsc::UnboundedSender<String>,
     logs: RunLogs,
 }
 
@@ -110,7 +112,7 @@ impl Control {
             std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
         }
         let (tx, state) = watch::channel(Reported::default());
-        let (claim, claim_rx) = tokio::sync::oneshot::channel::<String>();
+        let (down, mut down_rx) = mpsc::unbounded_channel::<String>();
         let unlink = path.clone();
         let logs: RunLogs = Arc::default();
         let run_logs = logs.clone();
@@ -124,48 +126,61 @@ impl Control {
             tx.send_modify(|r| r.connected = true);
             let (read, write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
-            let mut claim_rx = claim_rx;
-            // Kept open until the process closes its end: dropping the write
-            // half would shut the bootstrap's reads down early.
-            let mut write: OwnedWriteHalf = write;
-            let mut claimed = false;
-            loop {
-                tokio::select! {
-                    claim = &mut claim_rx, if !claimed => {
-                        claimed = true;
-                        if let Ok(line) = claim {
-                            let _ = write.write_all(format!("{line}\n").as_bytes()).await;
-                        }
-                    }
-                    line = lines.next_line() => {
-                        let Ok(Some(line)) = line else { break };
-                        match serde_json::from_str::<Event>(&line) {
-                            Ok(event) => {
-                                if let Some(event) = deliver(&run_logs, event) {
-                                    tx.send_modify(|r| apply(r, event));
-                                }
+            let events = async {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match serde_json::from_str::<Event>(&line) {
+                        Ok(event) => {
+                            if let Some(event) = deliver(&run_logs, event) {
+                                tx.send_modify(|r| apply(r, event));
                             }
-                            Err(e) => tracing::warn!(error = %e, "unreadable control event"),
                         }
+                        Err(e) => tracing::warn!(error = %e, "unreadable control event"),
                     }
                 }
+            };
+            // Written apart from the reading, so a bootstrap slow to read
+            // never holds up its events; what queued meanwhile goes in one
+            // write.
+            let lines_down = async {
+                let mut write: OwnedWriteHalf = write;
+                let mut batch = String::new();
+                while let Some(line) = down_rx.recv().await {
+                    batch.clear();
+                    batch.push_str(&line);
+                    batch.push('\n');
+                    while let Ok(line) = down_rx.try_recv() {
+                        batch.push_str(&line);
+                        batch.push('\n');
+                    }
+                    if write.write_all(batch.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                // Kept open until the process closes its end: dropping the
+                // write half would shut the bootstrap's reads down early.
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = events => {}
+                () = lines_down => {}
             }
             tx.send_modify(|r| r.closed = true);
         });
         Ok(Control {
             path,
             state,
-            claim,
+            down,
             logs,
         })
     }
 
     /// Sends the claim (one JSON line). Only once.
     pub fn claim(self, line: String) -> ControlEvents {
-        let _ = self.claim.send(line);
+        let _ = self.down.send(line);
         ControlEvents {
             state: self.state,
             logs: self.logs,
+            down: self.down,
         }
     }
 
@@ -235,6 +250,7 @@ impl HandlerEnd {
 pub struct ControlEvents {
     state: watch::Receiver<Reported>,
     logs: RunLogs,
+    down: mpsc::UnboundedSender<String>,
 }
 
 impl ControlEvents {
@@ -263,6 +279,14 @@ impl ControlEvents {
             map.insert(run_id.to_owned(), attributed);
         }
         HandlerEnd(rx)
+    }
+
+    /// Gives a hot process the key of its next request, `run_id`: sent
+    /// down the channel before the request, so the key never travels in
+    /// the request, where the val could pass it on unawares.
+    pub fn key_for(&self, run_id: &str, key: &str) {
+        let line = serde_json::json!({ "t": "run", "run": run_id, "key": key });
+        let _ = self.down.send(line.to_string());
     }
 
     /// Whether the handler of an attributed request has thrown so far.

@@ -36,9 +36,17 @@ use crate::run_dir::RunDir;
 use crate::supervisor::{OpenRun, RunSpec, Source, Supervisor};
 use crate::{RuntimeError, launcher};
 
-/// The header that carries a request's run to the bootstrap over the
-/// process's private socket; a visitor's own is removed first.
+/// The header that names a request's run to the bootstrap over the
+/// process's private socket; a visitor's own is removed first. The val
+/// sees it: a run id is no secret (it is also the key's `jti`). The key
+/// itself goes down the control channel ([`ControlEvents::key_for`]).
 pub const RUN_HEADER: &str = "x-valet-run";
+
+/// Set by the bootstrap on a response whose request reported nothing on
+/// the control channel (no log line, no error): the handler's end, without
+/// a line of its own. Never passed on to the visitor. (A val that sets it
+/// itself only loses its own logs from its own run's record.)
+pub const QUIET_END_HEADER: &str = "x-valet-quiet-end";
 
 /// How long a connection whose response has ended may take to be ready
 /// for the next request before it is closed instead of pooled.
@@ -422,12 +430,11 @@ impl Supervisor {
             let run = self.begin_hot(&spec, hot.clone(), permit.take()).await?;
             let mut head = Request::from_parts(parts.clone(), ());
             head.headers_mut().remove(RUN_HEADER);
-            let context = serde_json::json!({ "run": run.run_id, "key": run.key });
             let mut request = match body.take() {
                 Some(b) => head.map(|()| b),
                 None => break,
             };
-            if let Ok(value) = context.to_string().parse() {
+            if let Ok(value) = run.run_id.parse() {
                 request.headers_mut().insert(RUN_HEADER, value);
             }
             let Ok(sender) = hot.connection().await else {
@@ -457,6 +464,7 @@ impl Supervisor {
                 return Err(HttpRunError::failed("the val is not answering".into()));
             };
             let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
+            hot.events.key_for(&run.run_id, &run.key);
             return self.forward_hot(run, sender, request).await;
         }
         Err(HttpRunError::internal())
@@ -522,9 +530,9 @@ impl Supervisor {
         request: Request<HotBody>,
     ) -> Result<Response<RunBody>, HttpRunError> {
         let deadline = run.deadline;
-        let handler_end = run.handler_end.take();
+        let mut handler_end = run.handler_end.take();
         let result = tokio::time::timeout_at(deadline, sender.send_request(request)).await;
-        let response = match result {
+        let mut response = match result {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 let run_id = run.run_id.clone();
@@ -542,6 +550,12 @@ impl Supervisor {
                 )));
             }
         };
+        // A quiet request's handler has ended without a word: nothing to
+        // wait for on the control channel.
+        let quiet = response.headers_mut().remove(QUIET_END_HEADER).is_some();
+        if quiet {
+            handler_end = None;
+        }
         let (done_tx, done_rx) = oneshot::channel::<BodyEnd>();
         tokio::spawn(async move {
             let ended = tokio::time::timeout_at(deadline, done_rx)
@@ -567,7 +581,7 @@ impl Supervisor {
                     .flatten(),
                 None => None,
             };
-            let threw = told.unwrap_or_else(|| run.hot.events.threw(&run.run_id));
+            let threw = !quiet && told.unwrap_or_else(|| run.hot.events.threw(&run.run_id));
             let (outcome, detail) = match (ended, threw) {
                 (None | Some(BodyEnd::CutAtDeadline), _) => (
                     Outcome::TimedOut,
