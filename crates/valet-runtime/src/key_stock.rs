@@ -13,8 +13,12 @@
 //! to one request only; one older than [`MAX_AGE`] is thrown away, so a
 //! key's `iat` is at most that much before its run began, and its `exp` is
 //! that much later to match (the live-run set kills it when its run ends,
-//! long before). The stock grows with demand only: two keys are asked for
-//! per key taken, up to [`DEPTH`], so a quiet process costs nearly nothing.
+//! long before). The stock follows demand: its target doubles (up to
+//! [`DEPTH`]) when a request finds it empty and halves when keys go stale
+//! unused, so a quiet process costs nearly nothing. It is topped up by
+//! whatever it lacks when the last top-up is done (never two asks at
+//! once), so a busy process keeps the thread busy rather than waking it
+//! per request.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,6 +34,9 @@ pub(crate) const MAX_AGE: Duration = Duration::from_secs(1);
 
 /// Keys one stock holds at most.
 const DEPTH: usize = 64;
+
+/// The smallest target of a stock.
+const SHALLOW: usize = 2;
 
 /// Who a key is for, and for how long: the same for every request of a
 /// hot process.
@@ -83,6 +90,8 @@ pub(crate) struct Minted {
 pub(crate) struct KeyStock {
     grant: KeyGrant,
     keys: Mutex<VecDeque<Minted>>,
+    /// How many keys it should hold, after recent demand.
+    target: AtomicUsize,
     /// Keys asked of the minting thread and not made yet.
     wanted: AtomicUsize,
 }
@@ -92,28 +101,40 @@ impl KeyStock {
         Arc::new(KeyStock {
             grant,
             keys: Mutex::default(),
+            target: AtomicUsize::new(SHALLOW),
             wanted: AtomicUsize::new(0),
         })
     }
 
     /// A key signed less than [`MAX_AGE`] ago, if there is one; asks
-    /// `minter` for two more either way.
+    /// `minter` to top the stock up to its target.
     pub(crate) fn take(self: &Arc<KeyStock>, minter: &Minter) -> Option<Minted> {
-        let taken = {
+        let (taken, stale, held) = {
             let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
             let mut taken = None;
+            let mut stale = false;
             while let Some(minted) = keys.pop_front() {
                 if minted.at.elapsed() < MAX_AGE {
                     taken = Some(minted);
                     break;
                 }
+                stale = true;
             }
-            taken
+            (taken, stale, keys.len())
         };
+        let target = self.target.load(Ordering::Relaxed);
+        let target = match (&taken, stale) {
+            (None, _) => (target * 2).min(DEPTH),
+            (Some(_), true) => (target / 2).max(SHALLOW),
+            (Some(_), false) => target,
+        };
+        self.target.store(target, Ordering::Relaxed);
         if taken.is_some() {
             minter.taken.fetch_add(1, Ordering::Relaxed);
         }
-        minter.ask(self, 2);
+        if held < target {
+            minter.ask(self, target - held);
+        }
         taken
     }
 
@@ -159,9 +180,15 @@ impl Minter {
         self.taken.load(Ordering::Relaxed)
     }
 
+    /// Asks for `count` keys for `stock`, unless it has an ask not yet
+    /// done (one wake of the thread per batch).
     fn ask(&self, stock: &Arc<KeyStock>, count: usize) {
-        // Queued once until the thread has made what was asked.
-        if stock.wanted.fetch_add(count, Ordering::AcqRel) == 0 {
+        if count > 0
+            && stock
+                .wanted
+                .compare_exchange(0, count, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             let _ = self.queue.send(Arc::downgrade(stock));
         }
     }
@@ -262,15 +289,15 @@ mod tests {
     }
 
     #[test]
-    fn a_stock_grows_with_demand_and_no_further_than_its_depth() {
+    fn a_stock_fills_to_what_was_asked_and_no_further_than_its_depth() {
         let (stock, keys) = stock();
         let minter = Minter::start(keys.clone());
         // Nothing asked, nothing made.
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(stock.len(), 0);
-        for _ in 0..100 {
-            minter.ask(&stock, 2);
-        }
+        minter.ask(&stock, DEPTH * 2);
+        // Asked while the first ask is being done: ignored.
+        minter.ask(&stock, DEPTH * 2);
         let deadline = Instant::now() + Duration::from_secs(10);
         while stock.wanted.load(Ordering::Acquire) > 0 {
             assert!(
@@ -280,6 +307,53 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(stock.len(), DEPTH);
+    }
+
+    /// A minter whose thread is gone: nothing is ever signed ahead.
+    fn idle_minter() -> Minter {
+        let (queue, _) = mpsc::channel();
+        Minter {
+            queue,
+            taken: Arc::default(),
+        }
+    }
+
+    fn fresh(key: &str) -> Minted {
+        Minted {
+            run_id: format!("run_{key}"),
+            key: key.into(),
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_stock_deepens_when_found_empty_and_shrinks_when_keys_go_stale() {
+        let (stock, _) = stock();
+        let minter = idle_minter();
+        let target = || stock.target.load(Ordering::Relaxed);
+        assert_eq!(target(), SHALLOW);
+        for expected in [4, 8, 16, 32, 64, 64] {
+            assert!(stock.take(&minter).is_none());
+            assert_eq!(target(), expected);
+        }
+        // A fresh key taken: the target holds.
+        stock.keys.lock().expect("lock").push_back(fresh("a"));
+        assert_eq!(stock.take(&minter).map(|m| m.key).as_deref(), Some("a"));
+        assert_eq!(target(), 64);
+        // Behind a stale one: the target halves.
+        let Some(at) = Instant::now().checked_sub(MAX_AGE) else {
+            return; // A clock younger than MAX_AGE: nothing is that old.
+        };
+        let mut keys = stock.keys.lock().expect("lock");
+        keys.push_back(Minted {
+            at,
+            ..fresh("stale")
+        });
+        keys.push_back(fresh("b"));
+        drop(keys);
+        assert_eq!(stock.take(&minter).map(|m| m.key).as_deref(), Some("b"));
+        assert_eq!(target(), 32);
+        assert_eq!(minter.taken(), 2);
     }
 
     #[test]
