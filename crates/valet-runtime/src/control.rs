@@ -285,8 +285,20 @@ impl ControlEvents {
     /// down the channel before the request, so the key never travels in
     /// the request, where the val could pass it on unawares.
     pub fn key_for(&self, run_id: &str, key: &str) {
-        let line = serde_json::json!({ "t": "run", "run": run_id, "key": key });
-        let _ = self.down.send(line.to_string());
+        #[derive(serde::Serialize)]
+        struct RunKey<'a> {
+            t: &'static str,
+            run: &'a str,
+            key: &'a str,
+        }
+        let line = RunKey {
+            t: "run",
+            run: run_id,
+            key,
+        };
+        if let Ok(line) = serde_json::to_string(&line) {
+            let _ = self.down.send(line);
+        }
     }
 
     /// Whether the handler of an attributed request has thrown so far.

@@ -422,21 +422,11 @@ impl Supervisor {
             tracing::warn!(error = %e, "could not start a hot process");
             HttpRunError::failed("the val could not start; its logs are in its run records".into())
         })?;
-        let (parts, body) = request.into_parts();
-        let mut body = Some(body);
+        let mut request = Some(request);
         let mut permit = Some(permit);
         // Once more when the process died since its last request.
         for attempt in 0..2 {
             let run = self.begin_hot(&spec, hot.clone(), permit.take()).await?;
-            let mut head = Request::from_parts(parts.clone(), ());
-            head.headers_mut().remove(RUN_HEADER);
-            let mut request = match body.take() {
-                Some(b) => head.map(|()| b),
-                None => break,
-            };
-            if let Ok(value) = run.run_id.parse() {
-                request.headers_mut().insert(RUN_HEADER, value);
-            }
             let Ok(sender) = hot.connection().await else {
                 // Dead between requests: replace it and try again, once.
                 run.end(Outcome::Lost, "its process had ended");
@@ -450,8 +440,6 @@ impl Supervisor {
                     hot = self.hot_for(&spec, code).await.map_err(|_| {
                         HttpRunError::failed("the val could not be restarted".into())
                     })?;
-                    // The request body was not consumed: the connection failed first.
-                    body = Some(request.into_body());
                     permit = Some(
                         self.inner
                             .slots
@@ -463,6 +451,13 @@ impl Supervisor {
                 }
                 return Err(HttpRunError::failed("the val is not answering".into()));
             };
+            let Some(mut request) = request.take() else {
+                break;
+            };
+            request.headers_mut().remove(RUN_HEADER);
+            if let Ok(value) = run.run_id.parse() {
+                request.headers_mut().insert(RUN_HEADER, value);
+            }
             let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
             hot.events.key_for(&run.run_id, &run.key);
             return self.forward_hot(run, sender, request).await;

@@ -357,10 +357,10 @@ fn write_runs(sql: &mut Sql<'_>, runs: &[RunWrite]) -> Vec<Result<(), String>> {
 /// `writes`, all or none, on a savepoint of their own.
 fn on_savepoint(sql: &mut Sql<'_>, writes: &[&RunWrite]) -> Result<(), String> {
     let written = sql
-        .batch("SAVEPOINT valet_run")
+        .command("SAVEPOINT valet_run")
         .and_then(|()| writes.iter().try_for_each(|run| write_one(sql, run)));
     let settled = match &written {
-        Ok(()) => sql.batch("RELEASE SAVEPOINT valet_run"),
+        Ok(()) => sql.command("RELEASE SAVEPOINT valet_run"),
         Err(_) => sql.batch("ROLLBACK TO SAVEPOINT valet_run; RELEASE SAVEPOINT valet_run"),
     };
     written.and(settled).map_err(|e| e.to_string())

@@ -257,6 +257,18 @@ impl<'a> Sql<'a> {
         }
     }
 
+    /// Runs one statement without arguments or rows that runs often (a
+    /// savepoint's, around each run record): prepared once on SQLite.
+    pub(crate) fn command(&mut self, sql: &str) -> Result<(), StoreError> {
+        match &mut self.exec {
+            Exec::Sqlite(conn) => {
+                conn.prepare_cached(sql)?.execute([])?;
+                Ok(())
+            }
+            Exec::Postgres(run) => run.batch(sql),
+        }
+    }
+
     /// Runs statements separated by `;`, without arguments (migrations).
     pub(crate) fn batch(&mut self, sql: &str) -> Result<(), StoreError> {
         match &mut self.exec {
