@@ -44,16 +44,24 @@ const config: Config = JSON.parse(Deno.args[0] ?? "{}");
 const encoder = new TextEncoder();
 
 // --- The control channel: connected first, before any val exists. ---
-const control = await Deno.connect({ transport: "unix", path: config.control });
+// (Connecting while the rest of the bootstrap sets up; it is awaited
+// before the claim is read, and every report waits for it.)
+const connecting = Deno.connect({ transport: "unix", path: config.control });
 // What `report` uses, taken now: a val that replaces `JSON.stringify` or a
 // prototype's method later cannot make the bootstrap say something else.
 const apply = Reflect.apply;
 const stringify = JSON.stringify;
 const encode = encoder.encode.bind(encoder);
-const write = control.write.bind(control);
 const subarray = Uint8Array.prototype.subarray;
 const then = Promise.prototype.then;
-let sending: Promise<unknown> = Promise.resolve();
+let write!: (p: Uint8Array) => Promise<number>;
+let read!: (p: Uint8Array) => Promise<number | null>;
+const connected = apply(then, connecting, [(control: Deno.UnixConn) => {
+  write = control.write.bind(control);
+  read = control.read.bind(control);
+}]) as Promise<void>;
+// A failed connect is the claim's to report (the bootstrap then exits).
+let sending: Promise<unknown> = apply(then, connected, [undefined, () => {}]);
 function report(event: Record<string, unknown>): Promise<unknown> {
   const line = encode(stringify(event) + "\n");
   const send = async () => {
@@ -71,7 +79,6 @@ function report(event: Record<string, unknown>): Promise<unknown> {
 // Lines from the supervisor: the claim, then (a hot process) each
 // request's key, sent just before the request.
 const parse = JSON.parse;
-const read = control.read.bind(control);
 const decoder = new TextDecoder();
 const decode = decoder.decode.bind(decoder);
 const readBuffer = new Uint8Array(64 * 1024);
@@ -91,6 +98,7 @@ async function nextLine(): Promise<string | null> {
 }
 
 async function readClaim(): Promise<Claim> {
+  await connected;
   const line = await nextLine();
   if (line === null) throw new Error("the supervisor closed the control channel");
   return parse(line);

@@ -23,9 +23,9 @@ fn process_alive(pid: i32) -> bool {
 
 impl RunRoot {
     /// Creates `<parent>/valet-<pid>-<random>` (0711: runs may traverse
-    /// it, nobody may list it) after removing the roots of dead supervisors.
+    /// it, nobody may list it). The roots of dead supervisors are removed
+    /// by [`sweep`], off the way to the first run.
     pub fn create(parent: &Path) -> std::io::Result<RunRoot> {
-        sweep(parent);
         let mut bytes = [0u8; 4];
         getrandom(&mut bytes)?;
         let path = parent.join(format!("{PREFIX}{}-{}", std::process::id(), hex(&bytes)));
@@ -137,7 +137,12 @@ mod tests {
         let stale = parent.path().join("valet-2147483646-abcd");
         std::fs::create_dir_all(stale.join("x")).expect("stale");
         let root = RunRoot::create(parent.path()).expect("root");
+        sweep(parent.path());
         assert!(!stale.exists());
+        assert!(
+            root.path().exists(),
+            "the live supervisor's own root was swept"
+        );
         let (a, b) = (root.dir(None).expect("a"), root.dir(None).expect("b"));
         assert_ne!(a.path(), b.path());
         assert_eq!(a.name().len(), 32);

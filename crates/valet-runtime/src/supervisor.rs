@@ -203,11 +203,17 @@ impl Launching {
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("valet-deno-cache"));
         std::fs::create_dir_all(deno_dir.join("npm"))?;
-        // What Deno cached for the vals of supervisors that died (a thread
-        // of its own: after a crash there may be many).
-        if let Some(emitted) = launcher::emit_dir(&deno_dir, &config.run_parent) {
-            std::thread::spawn(move || crate::run_dir::sweep(&emitted));
-        }
+        // The run roots of supervisors that died, and what Deno cached for
+        // their vals: a thread of its own, so the first run (`valet run`'s
+        // one) does not wait for it, and after a crash there may be many.
+        let parent = config.run_parent.clone();
+        let emitted = launcher::emit_dir(&deno_dir, &config.run_parent);
+        std::thread::spawn(move || {
+            crate::run_dir::sweep(&parent);
+            if let Some(emitted) = emitted {
+                crate::run_dir::sweep(&emitted);
+            }
+        });
         let os = OsLayer::new(
             &deno,
             &runtime_dir,
