@@ -304,6 +304,15 @@ if (config.preloadStd) {
   );
 }
 
+// --- Deno's own internals: no val's business. ---
+// `Deno[Deno.internal]` holds deno_core itself (`core.ops`: raw ops, the
+// exit code, the event loop's state). Deno's runtime keeps references of
+// its own; the property goes before any val exists.
+{
+  const internal = (Deno as unknown as { internal?: symbol }).internal;
+  if (internal !== undefined) delete (Deno as unknown as Record<symbol, unknown>)[internal];
+}
+
 // --- The claim, then the val. ---
 const claim = await readClaim();
 Object.assign(frozenEnv, claim.env);

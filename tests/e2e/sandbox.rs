@@ -251,6 +251,64 @@ async fn private_ipv6_and_mapped_addresses_are_refused() {
     server.stop().await;
 }
 
+/// Deno's internals (deno_core and its raw ops, the exit code, the event
+/// loop's state) are out of a val's reach, in a script run and in a hot
+/// process alike, and the runtime works without them (timers, fetch,
+/// node's async hooks, the std shims).
+#[tokio::test]
+async fn deno_internals_are_out_of_a_vals_reach() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let probe = r#"
+const internal = (Deno as any).internal;
+const reach = [
+  typeof (Deno as any)[internal],
+  typeof (Deno as any)[Symbol.for("Deno.internal")],
+  typeof (globalThis as any).__bootstrap,
+  typeof (Deno as any).core,
+].join(",");
+"#;
+    let code = format!(
+        r#"{probe}
+import {{ blob }} from "https://esm.town/v/std/blob";
+import {{ AsyncLocalStorage }} from "node:async_hooks";
+await new Promise((r) => setTimeout(r, 5));
+await blob.set("k", "v");
+console.log("REACH", reach, await blob.get("k").then((r) => r?.text()), typeof AsyncLocalStorage);"#
+    );
+    let out = server
+        .supervisor()
+        .run(spec(&ada, &code, ScopeSet::default_val(), 10_000))
+        .await
+        .unwrap();
+    assert!(
+        out.logs
+            .contains("REACH undefined,undefined,undefined,undefined v function"),
+        "{}",
+        out.logs
+    );
+    store_val(
+        &server,
+        &ada,
+        "probe",
+        ValKind::Http,
+        &format!("{probe}\nexport default () => new Response(reach);"),
+        ScopeSet::default_val(),
+    );
+    let r = server
+        .client
+        .get(format!("{}/ada/probe", server.vals_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.text().await.unwrap(),
+        "undefined,undefined,undefined,undefined"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn one_users_flood_never_holds_another_users_runs() {
     let server = Server::start_with(Options {
