@@ -36,8 +36,10 @@ interface Claim {
   lastRunAt?: string | null;
   runId: string;
   /** A hot http process: many requests, each its own run, whose key
-   * arrives with the request. */
+   * arrives just before the request. */
   hot?: boolean;
+  /** A hot process's own value of the quiet-end header. */
+  quietEnd?: string;
 }
 
 const config: Config = JSON.parse(Deno.args[0] ?? "{}");
@@ -76,6 +78,25 @@ function report(event: Record<string, unknown>): Promise<unknown> {
   return sending;
 }
 
+// What the paths that run after the val has loaded use (reading the
+// supervisor's lines, a hot request's key), taken now: a val that replaces
+// a prototype's method or `Deno.serve` cannot make the bootstrap misread
+// its lines or hand the val its request handler.
+const indexOf = String.prototype.indexOf;
+const slice = String.prototype.slice;
+const mapGet = Map.prototype.get;
+const mapSet = Map.prototype.set;
+const mapDelete = Map.prototype.delete;
+const mapClear = Map.prototype.clear;
+const mapSize = Object.getOwnPropertyDescriptor(Map.prototype, "size")!.get!;
+const headersGet = Headers.prototype.get;
+const headersSet = Headers.prototype.set;
+const headersDelete = Headers.prototype.delete;
+const responseHeaders = Object.getOwnPropertyDescriptor(Response.prototype, "headers")!.get!;
+const PromiseOf = Promise;
+const MapOf = Map;
+const serve = Deno.serve;
+
 // Lines from the supervisor: the claim, then (a hot process) each
 // request's key, sent just before the request.
 const parse = JSON.parse;
@@ -85,10 +106,10 @@ const readBuffer = new Uint8Array(64 * 1024);
 let unread = "";
 async function nextLine(): Promise<string | null> {
   while (true) {
-    const end = unread.indexOf("\n");
+    const end = apply(indexOf, unread, ["\n"]) as number;
     if (end >= 0) {
-      const line = unread.slice(0, end);
-      unread = unread.slice(end + 1);
+      const line = apply(slice, unread, [0, end]) as string;
+      unread = apply(slice, unread, [end + 1]) as string;
       return line;
     }
     const n = await read(readBuffer);
@@ -354,8 +375,10 @@ async function start(val: Record<string, unknown>, claim: Claim): Promise<void> 
           "an http val must export a default function (req: Request) => Response",
         );
       }
-      const serve = claim.hot ? await hotHandler(handler, main) : (req: Request) => handler.call(main, req);
-      Deno.serve({
+      const onRequest = claim.hot
+        ? await hotHandler(handler, main, claim.quietEnd ?? "")
+        : (req: Request) => handler.call(main, req);
+      apply(serve, Deno, [{
         path: config.httpSocket,
         transport: "unix",
         onListen() {
@@ -366,7 +389,7 @@ async function start(val: Record<string, unknown>, claim: Claim): Promise<void> 
           void report({ t: "handler_error", run: claim.runId });
           return new Response("Internal Server Error", { status: 500 });
         },
-      }, serve);
+      }, onRequest]);
       return;
     }
   }
@@ -389,6 +412,7 @@ const QUIET_END = "x-valet-quiet-end";
 async function hotHandler(
   handler: (req: Request) => unknown,
   main: unknown,
+  quietEnd: string,
 ): Promise<(req: Request) => Promise<Response>> {
   const { AsyncLocalStorage } = await import("node:async_hooks");
   // A val that ends its process: no new request is sent to it.
@@ -405,8 +429,8 @@ async function hotHandler(
   // request, where the val could pass it on (to a server it proxies to)
   // without knowing. (Copying the request to strip a header instead cost
   // more than all the rest of a request.)
-  const keys = new Map<string, string>();
-  const awaiting = new Map<string, (key: string) => void>();
+  const keys: Map<string, string> = new MapOf();
+  const awaiting: Map<string, (key: string) => void> = new MapOf();
   void (async () => {
     while (true) {
       const line = await nextLine();
@@ -419,15 +443,16 @@ async function hotHandler(
       }
       const { t, run, key } = message;
       if (t !== "run" || typeof run !== "string" || typeof key !== "string") continue;
-      const waiter = awaiting.get(run);
+      const waiter = apply(mapGet, awaiting, [run]) as ((key: string) => void) | undefined;
       if (waiter) {
-        awaiting.delete(run);
+        apply(mapDelete, awaiting, [run]);
         waiter(key);
         continue;
       }
-      keys.set(run, key);
-      // The key of a request that never came (its connection failed).
-      if (keys.size > 1024) keys.delete(keys.keys().next().value!);
+      // Keys of requests that never came (their connection failed) are
+      // dropped in one go past a thousand; they are dead already.
+      if ((apply(mapSize, keys, []) as number) >= 1024) apply(mapClear, keys, []);
+      apply(mapSet, keys, [run, key]);
     }
   })();
   requestEnv = () => {
@@ -447,13 +472,13 @@ async function hotHandler(
     };
   }
   return async (req: Request) => {
-    const runId = req.headers.get("x-valet-run");
+    const runId = apply(headersGet, req.headers, ["x-valet-run"]) as string | null;
     if (!runId) return new Response("Bad Gateway", { status: 502 });
-    let key = keys.get(runId);
+    let key = apply(mapGet, keys, [runId]) as string | undefined;
     if (key === undefined) {
-      key = await new Promise<string>((resolve) => awaiting.set(runId, resolve));
+      key = await new PromiseOf<string>((resolve) => apply(mapSet, awaiting, [runId, resolve]));
     } else {
-      keys.delete(runId);
+      apply(mapDelete, keys, [runId]);
     }
     const run: RequestRun = { run: runId, key };
     return await context.run(run, async () => {
@@ -468,14 +493,17 @@ async function hotHandler(
         await report({ t: "end", run: run.run });
         return new Response("Internal Server Error", { status: 500 });
       }
-      if (!run.said) {
-        try {
-          response.headers.set(QUIET_END, "1");
+      try {
+        const headers = apply(responseHeaders, response, []) as Headers;
+        if (!run.said) {
+          apply(headersSet, headers, [QUIET_END, quietEnd]);
           return response;
-        } catch {
-          // Immutable headers (a fetched or redirect response), or not a
-          // Response at all: said on the channel instead.
         }
+        // A response object kept from a quiet request carries the mark.
+        apply(headersDelete, headers, [QUIET_END]);
+      } catch {
+        // Immutable headers (a fetched or redirect response), or not a
+        // Response at all: said on the channel instead.
       }
       // After the request's logs, on the same channel.
       await report({ t: "end", run: run.run });

@@ -186,15 +186,23 @@ async fn a_request_carries_its_run_but_never_its_key() {
         "echo",
         ValKind::Http,
         r#"
+let serveCalls = 0;
+// A val cannot take the bootstrap's request handler by replacing Deno.serve.
+Object.defineProperty(Deno, "serve", { value: () => { serveCalls += 1; } });
 export default (req: Request) => {
-  if (new URL(req.url).pathname === "/loud") console.log("loud request");
-  return Response.json({ headers: Object.fromEntries(req.headers), key: Deno.env.get("valtown") });
+  const path = new URL(req.url).pathname;
+  // Many lines, every one of them in the run's record.
+  if (path !== "/") for (let i = 0; i < (path === "/forged" ? 200 : 1); i++) console.log(`${path} request`);
+  const body = { headers: Object.fromEntries(req.headers), key: Deno.env.get("valtown"), serveCalls };
+  // A response that claims a quiet end (as one copied from an upstream might).
+  const extra: Record<string, string> = path === "/forged" ? { "x-valet-quiet-end": "1" } : {};
+  return Response.json(body, { headers: extra });
 };
 "#,
         ScopeSet::default_val(),
     );
     let mut runs_seen = Vec::new();
-    for path in ["/ada/echo", "/ada/echo/loud"] {
+    for path in ["/ada/echo", "/ada/echo/loud", "/ada/echo/forged"] {
         let r = server
             .client
             .get(format!("{}{path}", server.vals_url))
@@ -210,6 +218,7 @@ export default (req: Request) => {
             );
         }
         let answer: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(answer["serveCalls"], 0, "the val's Deno.serve was called");
         let key = answer["key"].as_str().expect("the request has its key");
         let headers = answer["headers"].as_object().expect("headers");
         assert_eq!(headers["x-visitor"], "1");
@@ -236,7 +245,7 @@ export default (req: Request) => {
         runs_seen.push(run.to_owned());
     }
     let runs = runs_until(&server, &ada.id, &val.id, |runs| {
-        runs.len() == 2 && runs.iter().all(|r| r.outcome == Outcome::Succeeded)
+        runs.len() == 3 && runs.iter().all(|r| r.outcome == Outcome::Succeeded)
     })
     .await;
     let by_id = |id: &str| runs.iter().find(|r| r.id == id).expect("its run record");
@@ -245,7 +254,14 @@ export default (req: Request) => {
     assert_eq!(quiet.logs, "", "{quiet:?}");
     let loud = by_id(&runs_seen[1]);
     assert_eq!(loud.outcome, Outcome::Succeeded, "{loud:?}");
-    assert!(loud.logs.contains("loud request"), "{loud:?}");
+    assert!(loud.logs.contains("/loud request"), "{loud:?}");
+    // A response that only claimed a quiet end keeps its run's logs.
+    let forged = by_id(&runs_seen[2]);
+    assert_eq!(
+        forged.logs.matches("/forged request").count(),
+        200,
+        "{forged:?}"
+    );
     server.stop().await;
 }
 

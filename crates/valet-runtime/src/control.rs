@@ -16,12 +16,26 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, watch};
 
 use crate::logs::LogBuffer;
+
+/// The longest event line read; a longer one is skipped whole. (A log
+/// line is cut to 16 KiB by the run's log buffer anyway.)
+const MAX_EVENT_LINE: usize = 256 * 1024;
+
+/// Lines waiting to go down to one bootstrap. A bootstrap that stops
+/// reading them (a val can break its reader) has its process ended rather
+/// than valet's memory filled ([`ControlEvents::key_for`]).
+const MAX_QUEUED_DOWN: usize = 1024;
+
+/// A one-shot process has one run, whose handler errors count; ids past
+/// this many (or longer than a run id can be) are not kept.
+const MAX_HANDLER_ERRORS: usize = 8;
+const MAX_RUN_ID: usize = 64;
 
 /// What the bootstrap has reported so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -93,7 +107,7 @@ pub struct Control {
     path: PathBuf,
     state: watch::Receiver<Reported>,
     /// Lines to the bootstrap: the claim first.
-    down: mpsc::UnboundedSender<String>,
+    down: mpsc::Sender<String>,
     logs: RunLogs,
 }
 
@@ -112,7 +126,7 @@ impl Control {
             std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
         }
         let (tx, state) = watch::channel(Reported::default());
-        let (down, mut down_rx) = mpsc::unbounded_channel::<String>();
+        let (down, mut down_rx) = mpsc::channel::<String>(MAX_QUEUED_DOWN);
         let unlink = path.clone();
         let logs: RunLogs = Arc::default();
         let run_logs = logs.clone();
@@ -125,10 +139,17 @@ impl Control {
             let _ = std::fs::remove_file(&unlink);
             tx.send_modify(|r| r.connected = true);
             let (read, write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
+            let mut read = BufReader::new(read);
             let events = async {
-                while let Ok(Some(line)) = lines.next_line().await {
-                    match serde_json::from_str::<Event>(&line) {
+                let mut line = Vec::new();
+                while let Ok(Some(whole)) = read_line(&mut read, &mut line).await {
+                    if !whole {
+                        tracing::warn!(
+                            "a control event line over {MAX_EVENT_LINE} bytes was skipped"
+                        );
+                        continue;
+                    }
+                    match serde_json::from_slice::<Event>(&line) {
                         Ok(event) => {
                             if let Some(event) = deliver(&run_logs, event) {
                                 tx.send_modify(|r| apply(r, event));
@@ -176,7 +197,8 @@ impl Control {
 
     /// Sends the claim (one JSON line). Only once.
     pub fn claim(self, line: String) -> ControlEvents {
-        let _ = self.down.send(line);
+        // The first line on an empty queue: it fits.
+        let _ = self.down.try_send(line);
         ControlEvents {
             state: self.state,
             logs: self.logs,
@@ -186,6 +208,38 @@ impl Control {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Reads the next line into `line`, without its newline: `Some(true)`, or
+/// `Some(false)` for a line over [`MAX_EVENT_LINE`], skipped whole; `None`
+/// at the end (a last line without its newline is no whole event).
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<bool>> {
+    line.clear();
+    let mut too_long = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(None);
+        }
+        let newline = available.iter().position(|b| *b == b'\n');
+        let chunk = &available[..newline.unwrap_or(available.len())];
+        if !too_long {
+            if line.len() + chunk.len() > MAX_EVENT_LINE {
+                too_long = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        let used = newline.map_or(available.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            return Ok(Some(!too_long));
+        }
     }
 }
 
@@ -229,7 +283,9 @@ fn apply(reported: &mut Reported, event: Event) {
         Event::Error { kind } if kind == "oom" => reported.oom = true,
         Event::Error { .. } => reported.uncaught = true,
         Event::HandlerError { run } => {
-            reported.handler_errors.insert(run);
+            if run.len() <= MAX_RUN_ID && reported.handler_errors.len() < MAX_HANDLER_ERRORS {
+                reported.handler_errors.insert(run);
+            }
         }
         Event::End { .. } | Event::Log { .. } => {}
     }
@@ -250,7 +306,7 @@ impl HandlerEnd {
 pub struct ControlEvents {
     state: watch::Receiver<Reported>,
     logs: RunLogs,
-    down: mpsc::UnboundedSender<String>,
+    down: mpsc::Sender<String>,
 }
 
 impl ControlEvents {
@@ -283,8 +339,11 @@ impl ControlEvents {
 
     /// Gives a hot process the key of its next request, `run_id`: sent
     /// down the channel before the request, so the key never travels in
-    /// the request, where the val could pass it on unawares.
-    pub fn key_for(&self, run_id: &str, key: &str) {
+    /// the request, where the val could pass it on unawares. False when
+    /// the bootstrap has stopped reading (its queue is full) or is gone:
+    /// the process is no use any more.
+    #[must_use]
+    pub fn key_for(&self, run_id: &str, key: &str) -> bool {
         #[derive(serde::Serialize)]
         struct RunKey<'a> {
             t: &'static str,
@@ -296,8 +355,9 @@ impl ControlEvents {
             run: run_id,
             key,
         };
-        if let Ok(line) = serde_json::to_string(&line) {
-            let _ = self.down.send(line);
+        match serde_json::to_string(&line) {
+            Ok(line) => self.down.try_send(line).is_ok(),
+            Err(_) => false,
         }
     }
 
@@ -331,5 +391,84 @@ impl ControlEvents {
     /// Waits for `f` to hold; false when the channel closed first.
     pub async fn wait_for(&mut self, f: impl Fn(&Reported) -> bool) -> bool {
         self.state.wait_for(|r| f(r)).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn event_lines_past_their_limit_are_skipped_whole() {
+        let mut input = b"{\"t\":\"done\"}\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_EVENT_LINE + 10));
+        input.extend_from_slice(b"\n{\"t\":\"settled\"}\nno newline");
+        // A small buffer: every line spans many reads.
+        let mut reader = BufReader::with_capacity(1024, &input[..]);
+        let mut line = Vec::new();
+        assert_eq!(
+            read_line(&mut reader, &mut line).await.ok(),
+            Some(Some(true))
+        );
+        assert_eq!(line, b"{\"t\":\"done\"}");
+        assert_eq!(
+            read_line(&mut reader, &mut line).await.ok(),
+            Some(Some(false))
+        );
+        assert!(line.is_empty(), "a skipped line is kept in memory");
+        assert_eq!(
+            read_line(&mut reader, &mut line).await.ok(),
+            Some(Some(true))
+        );
+        assert_eq!(line, b"{\"t\":\"settled\"}");
+        assert_eq!(read_line(&mut reader, &mut line).await.ok(), Some(None));
+    }
+
+    /// A bootstrap that stops reading its keys (a val can break its
+    /// reader) fills a bounded queue, not valet's memory: `key_for` says
+    /// so, and the caller ends the process.
+    #[tokio::test]
+    async fn keys_a_bootstrap_does_not_read_are_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut tasks = tokio::task::JoinSet::new();
+        let control = Control::bind(dir.path(), None, &mut tasks).expect("bind");
+        // Connected, and never reads.
+        let _stalled = tokio::net::UnixStream::connect(control.path())
+            .await
+            .expect("connect");
+        let events = control.claim("{}".into());
+        let key = "k".repeat(4096);
+        let mut sent = 0usize;
+        while events.key_for(&format!("run_{sent}"), &key) {
+            sent += 1;
+            // Lets the writer move what it can into the socket.
+            tokio::task::yield_now().await;
+            assert!(
+                sent < 100_000,
+                "the queue to a stalled bootstrap never filled"
+            );
+        }
+        assert!(sent >= MAX_QUEUED_DOWN, "refused after {sent} keys");
+    }
+
+    #[test]
+    fn handler_errors_kept_are_few_and_run_sized() {
+        let mut reported = Reported::default();
+        apply(
+            &mut reported,
+            Event::HandlerError {
+                run: "x".repeat(MAX_RUN_ID + 1),
+            },
+        );
+        assert!(reported.handler_errors.is_empty());
+        for i in 0..100 {
+            apply(
+                &mut reported,
+                Event::HandlerError {
+                    run: format!("run_{i}"),
+                },
+            );
+        }
+        assert_eq!(reported.handler_errors.len(), MAX_HANDLER_ERRORS);
     }
 }

@@ -44,8 +44,9 @@ pub const RUN_HEADER: &str = "x-valet-run";
 
 /// Set by the bootstrap on a response whose request reported nothing on
 /// the control channel (no log line, no error): the handler's end, without
-/// a line of its own. Never passed on to the visitor. (A val that sets it
-/// itself only loses its own logs from its own run's record.)
+/// a line of its own. Its value is the process's own secret, given in its
+/// claim, so a response copied from elsewhere (a proxying val's upstream)
+/// cannot pass for it. Never passed on to the visitor.
 pub const QUIET_END_HEADER: &str = "x-valet-quiet-end";
 
 /// How long a connection whose response has ended may take to be ready
@@ -102,6 +103,8 @@ fn fingerprint(spec: &RunSpec, code: &str) -> Fingerprint {
 /// One live process of one val.
 pub(crate) struct Hot {
     fingerprint: Fingerprint,
+    /// The value of [`QUIET_END_HEADER`] from this process's bootstrap.
+    quiet_end: String,
     // Field order is drop order: the process dies before its directory.
     process: Mutex<Process>,
     events: ControlEvents,
@@ -183,11 +186,19 @@ impl Hot {
     }
 }
 
-impl Drop for Hot {
-    fn drop(&mut self) {
+impl Hot {
+    /// Ends the process (its control channel closes, so it is no longer
+    /// usable, and the next request replaces it).
+    fn kill(&self) {
         if let Ok(process) = self.process.lock() {
             process.kill_group();
         }
+    }
+}
+
+impl Drop for Hot {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -360,9 +371,11 @@ impl Supervisor {
         };
         let path = started.dir.join("val.ts");
         std::fs::write(&path, code)?;
+        let quiet_end = valet_store::new_id("quiet");
         let claim = serde_json::json!({
             "kind": "http",
             "hot": true,
+            "quietEnd": quiet_end,
             "valUrl": launcher::file_url(&path),
             "env": crate::supervisor::run_env_without_key(spec),
             "runId": "",
@@ -388,6 +401,7 @@ impl Supervisor {
         }
         Ok(Hot {
             fingerprint,
+            quiet_end,
             process: Mutex::new(process),
             events,
             channel,
@@ -431,12 +445,13 @@ impl Supervisor {
                 // Dead between requests: replace it and try again, once.
                 run.end(Outcome::Lost, "its process had ended");
                 if attempt == 0 {
-                    *self
-                        .inner
-                        .hot
-                        .slot(spec.val_id.as_deref().unwrap_or(""))
-                        .lock()
-                        .await = None;
+                    // Unless another request has replaced it already.
+                    let slot = self.inner.hot.slot(spec.val_id.as_deref().unwrap_or(""));
+                    let mut current = slot.lock().await;
+                    if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &hot)) {
+                        *current = None;
+                    }
+                    drop(current);
                     hot = self.hot_for(&spec, code).await.map_err(|_| {
                         HttpRunError::failed("the val could not be restarted".into())
                     })?;
@@ -459,7 +474,14 @@ impl Supervisor {
                 request.headers_mut().insert(RUN_HEADER, value);
             }
             let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
-            hot.events.key_for(&run.run_id, &run.key);
+            if !hot.events.key_for(&run.run_id, &run.key) {
+                // Its bootstrap stopped reading its control channel (a val
+                // can break its reader): the process is no use; end it, and
+                // the next request starts another.
+                hot.kill();
+                run.end(Outcome::Failed, "its process stopped taking requests' keys");
+                return Err(HttpRunError::failed("the val is not answering".into()));
+            }
             return self.forward_hot(run, sender, request).await;
         }
         Err(HttpRunError::internal())
@@ -547,7 +569,10 @@ impl Supervisor {
         };
         // A quiet request's handler has ended without a word: nothing to
         // wait for on the control channel.
-        let quiet = response.headers_mut().remove(QUIET_END_HEADER).is_some();
+        let quiet = response
+            .headers_mut()
+            .remove(QUIET_END_HEADER)
+            .is_some_and(|value| value.as_bytes() == run.hot.quiet_end.as_bytes());
         if quiet {
             handler_end = None;
         }
@@ -557,15 +582,6 @@ impl Supervisor {
                 .await
                 .ok()
                 .and_then(Result::ok);
-            // A connection is ready for its next request only once hyper's
-            // task has seen the end of this response, which may come just
-            // after the body's end reached us: wait for it, or pooling
-            // finds it busy and opens a new connection every time.
-            if ended == Some(BodyEnd::Complete)
-                && let Ok(Ok(())) = tokio::time::timeout(IDLE_HANDOVER, sender.ready()).await
-            {
-                run.hot.release(sender);
-            }
             // The handler's end is reported after its logs and errors on the
             // control channel, which is read apart from the response: wait
             // (briefly) until it has been read, so they are all counted.
@@ -592,7 +608,19 @@ impl Supervisor {
                     "answered; the visitor went away before the end of the body",
                 ),
             };
+            // The key dies now, before the connection is handed over (which
+            // a visitor slow to send the rest of a request can delay).
+            let hot = run.hot.clone();
             run.end(outcome, detail);
+            // A connection is ready for its next request only once hyper's
+            // task has seen the end of this response, which may come just
+            // after the body's end reached us: wait for it, or pooling
+            // finds it busy and opens a new connection every time.
+            if ended == Some(BodyEnd::Complete)
+                && let Ok(Ok(())) = tokio::time::timeout(IDLE_HANDOVER, sender.ready()).await
+            {
+                hot.release(sender);
+            }
         });
         let (parts, incoming) = response.into_parts();
         Ok(Response::from_parts(

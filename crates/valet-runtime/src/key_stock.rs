@@ -123,9 +123,12 @@ impl KeyStock {
             (taken, stale, keys.len())
         };
         let target = self.target.load(Ordering::Relaxed);
+        // Keys gone stale say the stock is deeper than the demand, even
+        // when none was left fresh: a process asked once a second must not
+        // grow to the full depth and sign it all again each time.
         let target = match (&taken, stale) {
-            (None, _) => (target * 2).min(DEPTH),
-            (Some(_), true) => (target / 2).max(SHALLOW),
+            (_, true) => (target / 2).max(SHALLOW),
+            (None, false) => (target * 2).min(DEPTH),
             (Some(_), false) => target,
         };
         self.target.store(target, Ordering::Relaxed);
@@ -354,6 +357,14 @@ mod tests {
         assert_eq!(stock.take(&minter).map(|m| m.key).as_deref(), Some("b"));
         assert_eq!(target(), 32);
         assert_eq!(minter.taken(), 2);
+        // Only stale ones left (a process asked about once a second): it
+        // shrinks rather than grows.
+        stock.keys.lock().expect("lock").push_back(Minted {
+            at,
+            ..fresh("stale")
+        });
+        assert!(stock.take(&minter).is_none());
+        assert_eq!(target(), 16);
     }
 
     #[test]
