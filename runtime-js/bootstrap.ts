@@ -80,8 +80,10 @@ function report(event: Record<string, unknown>): Promise<unknown> {
 
 // What the paths that run after the val has loaded use (reading the
 // supervisor's lines, a hot request's key), taken now: a val that replaces
-// a prototype's method or `Deno.serve` cannot make the bootstrap misread
-// its lines or hand the val its request handler.
+// a prototype's method cannot make the bootstrap misread its lines. (The
+// http ones are taken once the claim says the val is an http val, before
+// it loads: touching `Deno.serve` or `Headers` makes Deno load its http
+// and fetch code, 1-3 ms that a script run does not need.)
 const indexOf = String.prototype.indexOf;
 const slice = String.prototype.slice;
 const mapGet = Map.prototype.get;
@@ -89,13 +91,25 @@ const mapSet = Map.prototype.set;
 const mapDelete = Map.prototype.delete;
 const mapClear = Map.prototype.clear;
 const mapSize = Object.getOwnPropertyDescriptor(Map.prototype, "size")!.get!;
-const headersGet = Headers.prototype.get;
-const headersSet = Headers.prototype.set;
-const headersDelete = Headers.prototype.delete;
-const responseHeaders = Object.getOwnPropertyDescriptor(Response.prototype, "headers")!.get!;
 const PromiseOf = Promise;
 const MapOf = Map;
-const serve = Deno.serve;
+interface HttpPrimordials {
+  serve: typeof Deno.serve;
+  headersGet: typeof Headers.prototype.get;
+  headersSet: typeof Headers.prototype.set;
+  headersDelete: typeof Headers.prototype.delete;
+  responseHeaders: () => Headers;
+}
+let http!: HttpPrimordials;
+function takeHttpPrimordials(): HttpPrimordials {
+  return {
+    serve: Deno.serve,
+    headersGet: Headers.prototype.get,
+    headersSet: Headers.prototype.set,
+    headersDelete: Headers.prototype.delete,
+    responseHeaders: Object.getOwnPropertyDescriptor(Response.prototype, "headers")!.get!,
+  };
+}
 
 // Lines from the supervisor: the claim, then (a hot process) each
 // request's key, sent just before the request.
@@ -336,6 +350,7 @@ if (config.preloadStd) {
 
 // --- The claim, then the val. ---
 const claim = await readClaim();
+if (claim.kind === "http") http = takeHttpPrimordials();
 Object.assign(frozenEnv, claim.env);
 let val: Record<string, unknown>;
 try {
@@ -378,7 +393,7 @@ async function start(val: Record<string, unknown>, claim: Claim): Promise<void> 
       const onRequest = claim.hot
         ? await hotHandler(handler, main, claim.quietEnd ?? "")
         : (req: Request) => handler.call(main, req);
-      apply(serve, Deno, [{
+      apply(http.serve, Deno, [{
         path: config.httpSocket,
         transport: "unix",
         onListen() {
@@ -472,7 +487,7 @@ async function hotHandler(
     };
   }
   return async (req: Request) => {
-    const runId = apply(headersGet, req.headers, ["x-valet-run"]) as string | null;
+    const runId = apply(http.headersGet, req.headers, ["x-valet-run"]) as string | null;
     if (!runId) return new Response("Bad Gateway", { status: 502 });
     let key = apply(mapGet, keys, [runId]) as string | undefined;
     if (key === undefined) {
@@ -494,13 +509,13 @@ async function hotHandler(
         return new Response("Internal Server Error", { status: 500 });
       }
       try {
-        const headers = apply(responseHeaders, response, []) as Headers;
+        const headers = apply(http.responseHeaders, response, []) as Headers;
         if (!run.said) {
-          apply(headersSet, headers, [QUIET_END, quietEnd]);
+          apply(http.headersSet, headers, [QUIET_END, quietEnd]);
           return response;
         }
         // A response object kept from a quiet request carries the mark.
-        apply(headersDelete, headers, [QUIET_END]);
+        apply(http.headersDelete, headers, [QUIET_END]);
       } catch {
         // Immutable headers (a fetched or redirect response), or not a
         // Response at all: said on the channel instead.
