@@ -358,7 +358,17 @@ fn write_runs(sql: &mut Sql<'_>, runs: &[RunWrite]) -> Vec<Result<(), String>> {
 fn on_savepoint(sql: &mut Sql<'_>, writes: &[&RunWrite]) -> Result<(), String> {
     let written = sql
         .command("SAVEPOINT valet_run")
-        .and_then(|()| writes.iter().try_for_each(|run| write_one(sql, run)));
+        .and_then(|()| match writes {
+            [RunWrite::Start(start, node_id), RunWrite::End(end)] if start.id == end.id => {
+                let new = start.as_new();
+                if crate::runs::write_whole_run(sql, &new, node_id.as_deref(), end)? {
+                    Ok(())
+                } else {
+                    writes.iter().try_for_each(|run| write_one(sql, run))
+                }
+            }
+            _ => writes.iter().try_for_each(|run| write_one(sql, run)),
+        });
     let settled = match &written {
         Ok(()) => sql.command("RELEASE SAVEPOINT valet_run"),
         Err(_) => sql.batch("ROLLBACK TO SAVEPOINT valet_run; RELEASE SAVEPOINT valet_run"),
@@ -521,6 +531,63 @@ mod tests {
 
     /// Through the queue: a run's end is answered once written, and a
     /// read of runs waits for the writes queued before it.
+    /// A run that starts and ends in one batch is written as one row; a run
+    /// whose row was there already (claimed from a cluster's queue) gets
+    /// its start and end as before, and a run already `lost` stays lost.
+    #[test]
+    fn a_run_ending_in_its_starts_batch_is_written_whole() {
+        for backends in Backends::all() {
+            let store = backends.open();
+            let ada = store
+                .create_user("ada", "ada@example.com", None)
+                .expect("user");
+            let begun = start("run_whole", &ada.id, None);
+            let started_at = begun.started_at;
+            store.queue_run_start(begun);
+            let ended = store.queue_run_end(RunEnd {
+                detail: "answered".into(),
+                ..end("run_whole", "one line")
+            });
+            let run = store
+                .run_by_id("run_whole")
+                .expect("read")
+                .expect("recorded");
+            assert_eq!(run.outcome, Outcome::Succeeded);
+            assert_eq!(run.logs, "one line");
+            assert_eq!(run.exit_detail.as_deref(), Some("answered"));
+            assert_eq!(run.started_at, started_at);
+            assert!(run.ended_at.is_some_and(|at| at >= started_at));
+            assert_eq!(ended.blocking_recv().expect("answered"), Ok(()));
+
+            for (id, lost) in [("run_claimed", false), ("run_lost", true)] {
+                let mut early = start(id, &ada.id, None);
+                early.started_at -= 10_000;
+                store.insert_run(&early.as_new()).expect("claimed row");
+                if lost {
+                    store
+                        .finish_run(id, Outcome::Lost, "its node went away", "")
+                        .expect("lost");
+                }
+                store.queue_run_start(start(id, &ada.id, None));
+                let ended = store.queue_run_end(end(id, "late line"));
+                assert_eq!(ended.blocking_recv().expect("answered"), Ok(()));
+                let run = store.run_by_id(id).expect("read").expect("recorded");
+                if lost {
+                    assert_eq!(run.outcome, Outcome::Lost, "{run:?}");
+                } else {
+                    assert_eq!(
+                        (run.outcome, run.logs.as_str()),
+                        (Outcome::Succeeded, "late line")
+                    );
+                    assert!(
+                        run.started_at > early.started_at,
+                        "the actual start is recorded"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn queued_run_writes_are_read_back_in_order() {
         let backends = Backends::sqlite();

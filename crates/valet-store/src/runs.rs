@@ -158,6 +158,43 @@ pub(crate) fn write_run_row(
     Ok(())
 }
 
+/// A run that started and ended within one batch of the writer (a hot
+/// request, mostly): its row written whole, in one statement instead of an
+/// insert and an update. False when a row was there already (a run claimed
+/// from a cluster's queue): then [`write_run_row`] and [`write_end`] apply.
+pub(crate) fn write_whole_run(
+    sql: &mut Sql<'_>,
+    run: &NewRun<'_>,
+    node_id: Option<&str>,
+    end: &RunEnd,
+) -> Result<bool, StoreError> {
+    let written = sql.execute(
+        "INSERT INTO runs (id, user_id, val_id, trigger, scopes, status, started_at, deadline, node_id,
+                           ended_at, exit_detail, logs)
+         VALUES (?1, ?2, (SELECT id FROM vals WHERE id = ?3), ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (id) DO NOTHING",
+        args![
+            run.id,
+            run.user_id,
+            run.val_id,
+            run.trigger,
+            run.scopes.to_claim(),
+            end.outcome.as_str(),
+            run.started_at,
+            run.deadline,
+            node_id,
+            end.ended_at,
+            end.detail,
+            end.logs
+        ],
+    )?;
+    if written == 0 {
+        return Ok(false);
+    }
+    crate::cluster::notify(sql, crate::cluster::DONE, &end.id)?;
+    Ok(true)
+}
+
 /// A run already marked `lost` (its node's lease ran out while it ran)
 /// stays lost: the cluster has told its waiters so, and a lost run is
 /// never run again.
