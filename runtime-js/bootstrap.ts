@@ -64,8 +64,13 @@ const connected = apply(then, connecting, [(control: Deno.UnixConn) => {
 }]) as Promise<void>;
 // A failed connect is the claim's to report (the bootstrap then exits).
 let sending: Promise<unknown> = apply(then, connected, [undefined, () => {}]);
+const assign = Object.assign;
 function report(event: Record<string, unknown>): Promise<unknown> {
-  const line = encode(stringify(event) + "\n");
+  // Its own fields copied onto an object without a prototype: a val that
+  // defines `Object.prototype.toJSON` (which `JSON.stringify` consults)
+  // cannot rewrite the event. Its values are strings and booleans.
+  const own = assign({ __proto__: null }, event);
+  const line = encode(stringify(own) + "\n");
   const send = async () => {
     try {
       let written = 0;

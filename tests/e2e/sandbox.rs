@@ -309,6 +309,72 @@ console.log("REACH", reach, await blob.get("k").then((r) => r?.text()), typeof A
     server.stop().await;
 }
 
+/// A val reaching its process's open descriptors through node's
+/// `process.binding` finds none of Deno's cache files shared by every run
+/// (it could poison them for others' vals, or read what they import), and
+/// a val that defines `Object.prototype.toJSON` cannot rewrite what the
+/// bootstrap reports about its run.
+#[tokio::test]
+async fn a_val_reaches_no_shared_cache_file_and_cannot_rewrite_its_reports() {
+    let server = Server::start().await;
+    let ada = server.user("ada");
+    let marker = format!("MARK{}", std::process::id());
+    let code = format!(
+        r#"
+import net from "node:net";
+const {{ Pipe, constants }} = (process as any).binding("pipe_wrap");
+let opened = 0;
+// From the top down: taking over the runtime's own descriptors (its epoll,
+// low numbers) crashes the process, which is the val's own loss.
+for (let fd = 63; fd >= 3; fd--) {{
+  try {{
+    const pipe = new Pipe(constants.SOCKET);
+    if (pipe.open(fd) !== 0) continue;
+    const socket = new net.Socket({{ handle: pipe, readable: false, writable: true }} as any);
+    socket.on("error", () => {{}});
+    socket.write("{marker}");
+    opened++;
+  }} catch {{}}
+}}
+await new Promise((r) => setTimeout(r, 100));
+"#
+    );
+    // Whatever became of the process, nothing of it is in the shared files.
+    server
+        .supervisor()
+        .run(spec(&ada, &code, ScopeSet::default_val(), 10_000))
+        .await
+        .unwrap();
+    let cache = std::env::temp_dir().join("valet-deno-cache");
+    for entry in std::fs::read_dir(&cache).unwrap().flatten() {
+        if entry.path().is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap_or_default();
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                "a val wrote into {}",
+                entry.path().display()
+            );
+        }
+    }
+    let code = r#"
+Object.defineProperty(Object.prototype, "toJSON", { value() { return { t: "error", kind: "oom" }; } });
+console.log("ran");
+"#;
+    let out = server
+        .supervisor()
+        .run(spec(&ada, code, ScopeSet::default_val(), 10_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.outcome,
+        Outcome::Succeeded,
+        "{}: {}",
+        out.detail,
+        out.logs
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn one_users_flood_never_holds_another_users_runs() {
     let server = Server::start_with(Options {

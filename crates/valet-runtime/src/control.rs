@@ -27,6 +27,10 @@ use crate::logs::LogBuffer;
 /// line is cut to 16 KiB by the run's log buffer anyway.)
 const MAX_EVENT_LINE: usize = 256 * 1024;
 
+/// Unreadable event lines one process may write before its channel is
+/// given up on.
+const MAX_BAD_LINES: usize = 1000;
+
 /// Lines waiting to go down to one bootstrap. A bootstrap that stops
 /// reading them (a val can break its reader) has its process ended rather
 /// than valet's memory filled ([`ControlEvents::key_for`]).
@@ -142,21 +146,37 @@ impl Control {
             let mut read = BufReader::new(read);
             let events = async {
                 let mut line = Vec::new();
+                // The bootstrap writes whole events; bad lines mean a val
+                // got at the channel. Said once, counted, and past a limit
+                // the process is no longer listened to (its channel counts
+                // as closed: a hot process is replaced).
+                let mut bad = 0usize;
                 while let Ok(Some(whole)) = read_line(&mut read, &mut line).await {
-                    if !whole {
-                        tracing::warn!(
-                            "a control event line over {MAX_EVENT_LINE} bytes was skipped"
-                        );
-                        continue;
-                    }
-                    match serde_json::from_slice::<Event>(&line) {
+                    let event = if whole {
+                        serde_json::from_slice::<Event>(&line).map_err(|e| e.to_string())
+                    } else {
+                        Err(format!("a line over {MAX_EVENT_LINE} bytes"))
+                    };
+                    match event {
                         Ok(event) => {
                             if let Some(event) = deliver(&run_logs, event) {
                                 tx.send_modify(|r| apply(r, event));
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "unreadable control event"),
+                        Err(error) => {
+                            bad += 1;
+                            if bad == 1 {
+                                tracing::warn!(error, "an unreadable control event");
+                            }
+                            if bad >= MAX_BAD_LINES {
+                                tracing::warn!(bad, "a process wrote too many unreadable control events; it is no longer listened to");
+                                return;
+                            }
+                        }
                     }
+                }
+                if bad > 1 {
+                    tracing::warn!(bad, "unreadable control events from one process");
                 }
             };
             // Written apart from the reading, so a bootstrap slow to read

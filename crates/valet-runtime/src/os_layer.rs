@@ -16,6 +16,17 @@
 //!   sockets outside the domain are unreachable.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+
+/// The directories of Deno's cache that runs write (made before any run):
+/// transpiled modules, npm packages, remote modules, registry metadata.
+pub const CACHE_WRITABLE: [&str; 6] = [
+    "gen",
+    "npm",
+    "remote",
+    "deps",
+    "registries",
+    "node_compat_bin",
+];
 use std::path::{Path, PathBuf};
 
 use landlock::{
@@ -195,9 +206,19 @@ impl OsLayer {
                 ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, access))?;
             }
         }
-        for path in [dir, self.cache.as_path()] {
-            let fd = landlock::PathFd::new(path)?;
-            ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, all))?;
+        // The run's own directory, and of Deno's cache only the
+        // directories of modules: the cache's own SQLite files (dependency
+        // and node analysis, code cache) sit in its root, which runs can
+        // neither read nor write, so Deno keeps those in memory rather than
+        // hold a file shared by every run open, which a val could reach
+        // through a descriptor (node's `process.binding`), to poison it
+        // for others or read what other runs' modules import.
+        let fd = landlock::PathFd::new(dir)?;
+        ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, all))?;
+        for sub in CACHE_WRITABLE {
+            if let Ok(fd) = landlock::PathFd::new(self.cache.join(sub)) {
+                ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, all))?;
+            }
         }
         // /dev/null is written to as well.
         if let Ok(fd) = landlock::PathFd::new("/dev/null") {

@@ -202,7 +202,9 @@ impl Launching {
             .deno_dir
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("valet-deno-cache"));
-        std::fs::create_dir_all(deno_dir.join("npm"))?;
+        for sub in crate::os_layer::CACHE_WRITABLE {
+            std::fs::create_dir_all(deno_dir.join(sub))?;
+        }
         // The run roots of supervisors that died, and what Deno cached for
         // their vals: a thread of its own, so the first run (`valet run`'s
         // one) does not wait for it, and after a crash there may be many.
@@ -228,7 +230,9 @@ impl Launching {
             if std::fs::metadata(&deno_dir)?.uid() != owner.0 {
                 chown_tree(&deno_dir, owner)?;
             }
-            launcher::chown(&deno_dir.join("npm"), Some(owner))?;
+            for sub in crate::os_layer::CACHE_WRITABLE {
+                launcher::chown(&deno_dir.join(sub), Some(owner))?;
+            }
         }
         let launcher = Arc::new(Launcher {
             deno,
