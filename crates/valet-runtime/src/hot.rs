@@ -547,7 +547,6 @@ impl Supervisor {
         request: Request<HotBody>,
     ) -> Result<Response<RunBody>, HttpRunError> {
         let deadline = run.deadline;
-        let mut handler_end = run.handler_end.take();
         let result = tokio::time::timeout_at(deadline, sender.send_request(request)).await;
         let mut response = match result {
             Ok(Ok(response)) => response,
@@ -573,9 +572,7 @@ impl Supervisor {
             .headers_mut()
             .remove(QUIET_END_HEADER)
             .is_some_and(|value| value.as_bytes() == run.hot.quiet_end.as_bytes());
-        if quiet {
-            handler_end = None;
-        }
+        let handler_end = run.handler_end.take().filter(|_| !quiet);
         let (done_tx, done_rx) = oneshot::channel::<BodyEnd>();
         tokio::spawn(async move {
             let ended = tokio::time::timeout_at(deadline, done_rx)

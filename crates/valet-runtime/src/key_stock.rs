@@ -148,12 +148,11 @@ impl KeyStock {
 }
 
 /// The supervisor's minting thread, fed with stocks that want keys. It
-/// ends when the supervisor (the last [`Minter`]) is dropped.
-#[derive(Clone)]
+/// ends when the supervisor (its [`Minter`]) is dropped.
 pub(crate) struct Minter {
     queue: mpsc::Sender<Weak<KeyStock>>,
     /// Keys taken from stocks so far.
-    taken: Arc<AtomicU64>,
+    taken: AtomicU64,
 }
 
 impl Minter {
@@ -175,7 +174,7 @@ impl Minter {
         }
         Minter {
             queue,
-            taken: Arc::default(),
+            taken: AtomicU64::new(0),
         }
     }
 
@@ -317,7 +316,7 @@ mod tests {
         let (queue, _) = mpsc::channel();
         Minter {
             queue,
-            taken: Arc::default(),
+            taken: AtomicU64::new(0),
         }
     }
 

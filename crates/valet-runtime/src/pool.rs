@@ -37,8 +37,6 @@ pub struct WarmPool {
     added: Notify,
     /// Set by [`WarmPool::close`]: the refilling thread ends.
     closed: AtomicBool,
-    /// Set when the pool ran dry: the next start does not wait.
-    empty: AtomicBool,
 }
 
 impl WarmPool {
@@ -52,7 +50,6 @@ impl WarmPool {
             wake: Arc::new(Notify::new()),
             added: Notify::new(),
             closed: AtomicBool::new(false),
-            empty: AtomicBool::new(false),
         });
         if !refill {
             for _ in 0..size {
@@ -94,7 +91,6 @@ impl WarmPool {
             (taken, ready.len())
         };
         if left == 0 {
-            self.empty.store(true, Ordering::Release);
             self.wake.notify_one();
         }
         taken
@@ -169,7 +165,9 @@ async fn refill_loop(pool: std::sync::Weak<WarmPool>, launcher: Arc<Launcher>) {
             wake.notified().await;
             continue;
         }
-        let empty = strong.empty.swap(false, Ordering::AcqRel) || strong.len() == 0;
+        // Only this thread adds to the pool: one found empty here is one a
+        // run has just emptied, and does not wait.
+        let empty = strong.len() == 0;
         drop(strong);
         if !empty {
             // A plain sleep, like the backoff below.
