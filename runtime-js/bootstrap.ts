@@ -27,6 +27,9 @@ interface Config {
   httpSocket: string;
   /** Compile the std shims before the claim (a process started ahead). */
   preloadStd?: boolean;
+  /** Seed Deno's cache (valet does, once, as itself): analyse and
+   * transpile the bootstrap and the std shims, then exit. */
+  seed?: boolean;
 }
 
 interface Claim {
@@ -44,6 +47,15 @@ interface Claim {
 
 const config: Config = JSON.parse(Deno.args[0] ?? "{}");
 const encoder = new TextEncoder();
+
+if (config.seed) {
+  // Loading them is what caches them; running them (they read the
+  // environment, which is not set up here) is not needed.
+  await Promise.all(
+    ["blob", "sqlite", "email"].map((name) => import(`https://esm.town/v/std/${name}`).catch(() => {})),
+  );
+  Deno.exit(0);
+}
 
 // --- The control channel: connected first, before any val exists. ---
 // (Connecting while the rest of the bootstrap sets up; it is awaited

@@ -345,8 +345,19 @@ await new Promise((r) => setTimeout(r, 100));
         .run(spec(&ada, &code, ScopeSet::default_val(), 10_000))
         .await
         .unwrap();
-    let cache = std::env::temp_dir().join("valet-deno-cache");
-    for entry in std::fs::read_dir(&cache).unwrap().flatten() {
+    let shared = server.supervisor().shared_deno_cache().to_owned();
+    let seeds = std::fs::read_dir(server.supervisor().runtime_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".deno-seed-"))
+        .map(|e| e.path());
+    let files = [shared].into_iter().chain(seeds).flat_map(|dir| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .collect::<Vec<_>>()
+    });
+    for entry in files {
         if entry.path().is_file() {
             let bytes = std::fs::read(entry.path()).unwrap_or_default();
             assert!(
@@ -373,6 +384,94 @@ console.log("ran");
         out.logs
     );
     server.stop().await;
+}
+
+/// No run can write a transpiled module that another run loads: the
+/// runtime's own (the bootstrap's, in the seed of Deno's cache) are
+/// read-only to runs, each run's `gen` is its own, and the shared cache
+/// gives runs only its directories of downloaded modules.
+#[tokio::test]
+async fn no_run_can_plant_a_transpiled_module_for_another() {
+    let server = Server::start().await;
+    let supervisor = server.supervisor();
+    let seed = std::fs::read_dir(supervisor.runtime_dir())
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(".deno-seed-"))
+        .expect("valet seeds Deno's cache")
+        .path();
+    let bootstrap = find(&seed.join("gen"), "bootstrap.ts.js").expect("the seed has the bootstrap");
+    let before = std::fs::read(&bootstrap).unwrap();
+    // A shared `gen`, as older valets had, owned by the runs' uid: only
+    // the OS layer's own rules can refuse it.
+    let shared_gen = supervisor.shared_deno_cache().join("gen");
+    std::fs::create_dir_all(&shared_gen).unwrap();
+    if let Some(uid) = supervisor.os_layer().uid {
+        std::os::unix::fs::chown(&shared_gen, Some(uid), Some(uid)).unwrap();
+    }
+    let planted = shared_gen.join("planted.js");
+    for target in [&bootstrap, &planted] {
+        let out = supervisor
+            .run_confined(
+                std::path::Path::new("/bin/sh"),
+                &[
+                    "-c".into(),
+                    format!("echo 'globalThis.owned = 1;' >> '{}'", target.display()),
+                ],
+            )
+            .await
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "a confined process wrote {}",
+            target.display()
+        );
+    }
+    assert_eq!(std::fs::read(&bootstrap).unwrap(), before);
+    assert!(!planted.exists());
+    // The same process writes its own directory (so the refusals above
+    // are the layer's doing, not a broken probe).
+    let out = supervisor
+        .run_confined(
+            std::path::Path::new("/bin/sh"),
+            &["-c".into(), "echo ok > ./own".into()],
+        )
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And runs load the seed's bootstrap: a val runs as ever.
+    let ada = server.user("ada");
+    let out = supervisor
+        .run(spec(
+            &ada,
+            "console.log(typeof (globalThis as any).owned)",
+            ScopeSet::default_val(),
+            10_000,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
+    assert!(out.logs.contains("undefined"), "{}", out.logs);
+    server.stop().await;
+}
+
+fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_file() && entry.file_name() == name {
+            return Some(path);
+        }
+        if path.is_dir()
+            && let Some(found) = find(&path, name)
+        {
+            return Some(found);
+        }
+    }
+    None
 }
 
 #[tokio::test]

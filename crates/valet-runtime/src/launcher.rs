@@ -12,6 +12,7 @@ use valet_core::ChannelId;
 use crate::RuntimeError;
 use crate::channel::ApiChannel;
 use crate::control::Control;
+use crate::deno_cache::DenoCache;
 use crate::egress::{self, EgressAllow};
 use crate::executor::{self, Process};
 use crate::logs::LogBuffer;
@@ -31,7 +32,7 @@ pub const HOSTED_API_ORIGINS: &[&str] = &["https://api.val.town"];
 pub struct Launcher {
     pub deno: PathBuf,
     pub runtime_dir: PathBuf,
-    pub deno_dir: PathBuf,
+    pub cache: DenoCache,
     pub root: RunRoot,
     pub os: OsLayer,
     pub channel: Arc<dyn ApiChannel>,
@@ -102,13 +103,14 @@ impl Launcher {
         let mut read_paths = vec![
             dir.path().to_owned(),
             self.runtime_dir.clone(),
-            self.deno_dir.join("npm"),
+            self.cache.shared().join("npm"),
         ];
         read_paths.extend(read.iter().cloned());
+        let deno_dir = self.cache.for_run(dir.path(), owner)?;
         let command = sandbox::command(&SandboxSpec {
             deno: &self.deno,
             runtime_dir: &self.runtime_dir,
-            deno_dir: &self.deno_dir,
+            deno_dir: &deno_dir,
             sockets,
             read_paths,
             deny_net: &self.deny_net,
@@ -117,7 +119,7 @@ impl Launcher {
         });
         let confinement = self.os.confinement(dir.path(), read)?;
         let logs = LogBuffer::new(self.max_log_bytes, Vec::new());
-        let process = executor::spawn(command, confinement, logs).map_err(|e| {
+        let process = executor::spawn(command.into(), confinement, logs).map_err(|e| {
             RuntimeError::Spawn(format!("could not start {}: {e}", self.deno.display()))
         })?;
         Ok(Started {
@@ -130,23 +132,20 @@ impl Launcher {
     }
 }
 
-impl Launcher {
-    /// Removes a finished run's directory, and what Deno cached for the
-    /// files in it: the val is written there afresh for each run, so its
-    /// transpiled copy would never be read again.
-    pub fn forget(&self, dir: RunDir) {
-        let emitted = emit_dir(&self.deno_dir, dir.path());
-        drop(dir);
-        if let Some(emitted) = emitted {
-            let _ = std::fs::remove_dir_all(emitted);
-        }
-    }
-}
-
-/// Where Deno keeps its transpiled copies of the files under `dir`.
-pub fn emit_dir(deno_dir: &Path, dir: &Path) -> Option<PathBuf> {
-    let relative = dir.strip_prefix("/").ok()?;
-    Some(deno_dir.join("gen").join("file").join(relative))
+/// The bootstrap in seed mode (see `deno_cache`): the run processes' own
+/// command line, so what it caches is what they look up, reading only the
+/// runtime's files; it analyses and transpiles them, then exits.
+pub fn seed_command(deno: &Path, runtime_dir: &Path, heap_mb: u64) -> std::process::Command {
+    sandbox::command(&SandboxSpec {
+        deno,
+        runtime_dir,
+        deno_dir: runtime_dir,
+        sockets: Vec::new(),
+        read_paths: vec![runtime_dir.to_owned()],
+        deny_net: &[],
+        heap_mb,
+        config_json: serde_json::json!({ "seed": true }).to_string(),
+    })
 }
 
 pub fn chown(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {

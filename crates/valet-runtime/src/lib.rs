@@ -9,6 +9,7 @@ mod channel;
 mod control;
 mod cron;
 mod deno;
+mod deno_cache;
 mod egress;
 mod executor;
 mod files;

@@ -17,16 +17,6 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-/// The directories of Deno's cache that runs write (made before any run):
-/// transpiled modules, npm packages, remote modules, registry metadata.
-pub const CACHE_WRITABLE: [&str; 6] = [
-    "gen",
-    "npm",
-    "remote",
-    "deps",
-    "registries",
-    "node_compat_bin",
-];
 use std::path::{Path, PathBuf};
 
 use landlock::{
@@ -85,8 +75,9 @@ pub struct OsLayer {
     /// Read-only paths besides the system's (the Deno binary, the
     /// runtime's JavaScript).
     read: Vec<PathBuf>,
-    /// Deno's module cache, which Deno itself writes.
-    cache: PathBuf,
+    /// The directories of Deno's shared cache that runs write: downloaded
+    /// modules and npm packages (reached through each run's own cache).
+    cache: Vec<PathBuf>,
     /// Whole-process data cap, in bytes.
     memory_bytes: u64,
     /// Uid and gid of runs (valet running as root), or `None`.
@@ -130,17 +121,23 @@ impl OsLayer {
     pub fn new(
         deno: &Path,
         runtime_dir: &Path,
-        cache: &Path,
+        cache: Vec<PathBuf>,
         memory_mb: u64,
         sandbox_uid: u32,
     ) -> OsLayer {
         OsLayer {
             read: vec![deno.to_owned(), runtime_dir.to_owned()],
-            cache: cache.to_owned(),
+            cache,
             memory_bytes: memory_mb.saturating_mul(1 << 20),
-            ids: (effective_uid() == 0).then_some((sandbox_uid, sandbox_uid)),
+            ids: OsLayer::runs_owner(sandbox_uid),
             landlock_abi: kernel_landlock_abi(),
         }
+    }
+
+    /// The uid and gid runs get: `sandbox_uid`'s when valet runs as root,
+    /// none (valet's own) otherwise.
+    pub fn runs_owner(sandbox_uid: u32) -> Option<(u32, u32)> {
+        (effective_uid() == 0).then_some((sandbox_uid, sandbox_uid))
     }
 
     pub fn report(&self) -> LayerReport {
@@ -206,17 +203,16 @@ impl OsLayer {
                 ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, access))?;
             }
         }
-        // The run's own directory, and of Deno's cache only the
-        // directories of modules: the cache's own SQLite files (dependency
-        // and node analysis, code cache) sit in its root, which runs can
-        // neither read nor write, so Deno keeps those in memory rather than
-        // hold a file shared by every run open, which a val could reach
-        // through a descriptor (node's `process.binding`), to poison it
-        // for others or read what other runs' modules import.
+        // The run's own directory (with its own view of Deno's cache: its
+        // analysis databases and transpiled files), and of the shared cache
+        // only the directories of downloaded modules: no file shared by
+        // every run is held open by one, where a val could reach it through
+        // a descriptor (node's `process.binding`), and no transpiled file
+        // another run loads can be written by one.
         let fd = landlock::PathFd::new(dir)?;
         ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, all))?;
-        for sub in CACHE_WRITABLE {
-            if let Ok(fd) = landlock::PathFd::new(self.cache.join(sub)) {
+        for sub in &self.cache {
+            if let Ok(fd) = landlock::PathFd::new(sub) {
                 ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, all))?;
             }
         }

@@ -117,7 +117,7 @@ impl Drop for RunDir {
     }
 }
 
-fn getrandom(bytes: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn getrandom(bytes: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(bytes)
 }

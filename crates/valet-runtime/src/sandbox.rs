@@ -5,13 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
-use tokio::process::Command;
+use std::process::Command;
 
 /// Everything that decides a run process's sandbox.
 #[derive(Debug)]
 pub struct SandboxSpec<'a> {
     pub deno: &'a Path,
     pub runtime_dir: &'a Path,
+    /// The process's own view of Deno's cache (see `deno_cache`).
     pub deno_dir: &'a Path,
     /// Unix sockets the process may use (control, API, http, egress).
     pub sockets: Vec<PathBuf>,
@@ -28,6 +29,8 @@ pub struct SandboxSpec<'a> {
     pub config_json: String,
 }
 
+/// The command of a run process (for the seed of Deno's cache, the same
+/// line in seed mode).
 pub fn command(spec: &SandboxSpec<'_>) -> Command {
     let join = |paths: &mut dyn Iterator<Item = &PathBuf>| {
         paths
@@ -51,9 +54,15 @@ pub fn command(spec: &SandboxSpec<'_>) -> Command {
             spec.runtime_dir.join("import_map.json").display()
         ))
         .arg("--allow-net")
-        .arg(format!("--deny-net={}", spec.deny_net.join(",")))
-        .arg(format!("--allow-read={readable}"))
-        .arg(format!("--allow-write={writable}"))
+        .arg(format!("--allow-read={readable}"));
+    // (Deno refuses empty lists: nothing to deny or write, no flag.)
+    if !spec.deny_net.is_empty() {
+        cmd.arg(format!("--deny-net={}", spec.deny_net.join(",")));
+    }
+    if !writable.is_empty() {
+        cmd.arg(format!("--allow-write={writable}"));
+    }
+    cmd
         // No --allow-env at all: the run's variables live in the
         // bootstrap's frozen view, never in the process environment.
         .arg("--deny-env")

@@ -17,6 +17,7 @@ use valet_store::{Outcome, RunEnd, RunStart, Store, Val, ValKind, new_id, time};
 
 use crate::channel::ApiChannel;
 use crate::control::ControlEvents;
+use crate::deno_cache::DenoCache;
 use crate::egress::{self, EgressAllow};
 use crate::executor::{self, Exit, Process};
 use crate::hot::{HotLimits, HotPool};
@@ -198,46 +199,42 @@ impl Launching {
         let deno = deno::find_deno()?;
         let root = RunRoot::create(&config.run_parent)?;
         let runtime_dir = files::install_shared(root.path())?;
-        let deno_dir = config
+        let shared_cache = config
             .deno_dir
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join("valet-deno-cache"));
-        for sub in crate::os_layer::CACHE_WRITABLE {
-            std::fs::create_dir_all(deno_dir.join(sub))?;
-        }
-        // The run roots of supervisors that died, and what Deno cached for
-        // their vals: a thread of its own, so the first run (`valet run`'s
-        // one) does not wait for it, and after a crash there may be many.
+        // The run roots of supervisors that died: a thread of its own, so
+        // the first run (`valet run`'s one) does not wait for it, and after
+        // a crash there may be many.
         let parent = config.run_parent.clone();
-        let emitted = launcher::emit_dir(&deno_dir, &config.run_parent);
-        std::thread::spawn(move || {
-            crate::run_dir::sweep(&parent);
-            if let Some(emitted) = emitted {
-                crate::run_dir::sweep(&emitted);
-            }
-        });
-        let os = OsLayer::new(
-            &deno,
-            &runtime_dir,
-            &deno_dir,
-            config.memory_mb,
-            config.sandbox_uid,
-        );
-        if let Some(owner) = os.owner() {
+        std::thread::spawn(move || crate::run_dir::sweep(&parent));
+        let owner = OsLayer::runs_owner(config.sandbox_uid);
+        if let Some(owner) = owner {
             // Walked only when the cache is not the runs' yet (made by an
             // older valet, or by hand): what runs add is theirs already.
             use std::os::unix::fs::MetadataExt;
-            if std::fs::metadata(&deno_dir)?.uid() != owner.0 {
-                chown_tree(&deno_dir, owner)?;
-            }
-            for sub in crate::os_layer::CACHE_WRITABLE {
-                launcher::chown(&deno_dir.join(sub), Some(owner))?;
+            std::fs::create_dir_all(&shared_cache)?;
+            if std::fs::metadata(&shared_cache)?.uid() != owner.0 {
+                chown_tree(&shared_cache, owner)?;
             }
         }
+        let mut cache = DenoCache::open(&shared_cache, owner)?;
+        if let Err(e) = cache.seed(&deno, &runtime_dir, || {
+            launcher::seed_command(&deno, &runtime_dir, config.heap_mb)
+        }) {
+            tracing::warn!(error = %e, "every run analyses and transpiles the bootstrap again");
+        }
+        let os = OsLayer::new(
+            &deno,
+            &runtime_dir,
+            cache.shared_dirs().collect(),
+            config.memory_mb,
+            config.sandbox_uid,
+        );
         let launcher = Arc::new(Launcher {
             deno,
             runtime_dir,
-            deno_dir,
+            cache,
             root,
             os,
             channel,
@@ -342,6 +339,16 @@ impl Supervisor {
         self.inner.launcher.root.path()
     }
 
+    /// The runtime's JavaScript (and the seed of Deno's cache).
+    pub fn runtime_dir(&self) -> &std::path::Path {
+        &self.inner.launcher.runtime_dir
+    }
+
+    /// Deno's cache shared by all runs (downloaded modules, npm packages).
+    pub fn shared_deno_cache(&self) -> &std::path::Path {
+        self.inner.launcher.cache.shared()
+    }
+
     /// Hot processes of http vals alive right now.
     pub fn hot_processes(&self) -> usize {
         self.inner.hot.len()
@@ -371,9 +378,6 @@ impl Supervisor {
         self.inner.hot.clear();
         let launcher = &self.inner.launcher;
         launcher.root.remove();
-        if let Some(emitted) = launcher::emit_dir(&launcher.deno_dir, launcher.root.path()) {
-            let _ = std::fs::remove_dir_all(emitted);
-        }
     }
 
     /// A process for `spec`: a warm one when its code is stored, or one
@@ -604,10 +608,9 @@ impl Supervisor {
         let logs = process.logs.finish();
         drop(guard);
         drop(tasks);
-        let launcher = self.inner.launcher.clone();
         tokio::spawn(async move {
             process.reap().await;
-            launcher.forget(dir);
+            drop(dir);
             drop(permit);
         });
         // Answered once the record is written: a caller that reads the run
