@@ -150,8 +150,11 @@ struct VerifyKey {
 pub struct KeyRing {
     current: SigningKey,
     /// The current key, expanded once (deriving it is most of a signature's
-    /// cost), and the JWT header it signs under, encoded once.
-    signer: ed25519_dalek::SigningKey,
+    /// cost), and the JWT header it signs under, encoded once. It signs
+    /// with AWS-LC's Ed25519 (9 µs a signature here, against 18.5 µs for
+    /// ed25519-dalek, whose signatures are the same bytes: Ed25519 is
+    /// deterministic); tokens are verified with jsonwebtoken's.
+    signer: std::sync::Arc<aws_lc_rs::signature::Ed25519KeyPair>,
     header: String,
     verifying: Vec<VerifyKey>,
 }
@@ -169,7 +172,14 @@ impl fmt::Debug for KeyRing {
 
 impl KeyRing {
     pub fn new(current: SigningKey) -> Result<KeyRing, RunTokenError> {
-        let signer = ed25519_dalek::SigningKey::from_bytes(&current.secret);
+        let signer = aws_lc_rs::signature::Ed25519KeyPair::from_seed_and_public_key(
+            &current.secret,
+            &current.public,
+        )
+        .map_err(|e| {
+            RunTokenError::Key(format!("the signing key is not a valid Ed25519 key: {e}"))
+        })?;
+        let signer = std::sync::Arc::new(signer);
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(current.kid.clone());
         let header = URL_SAFE_NO_PAD
@@ -228,14 +238,13 @@ impl KeyRing {
             exp: grant.deadline,
         };
         // A compact JWS (RFC 7515): header.claims.signature, each base64url.
-        use ed25519_dalek::Signer;
         let mut token = self.header.clone();
         token.push('.');
         let claims = serde_json::to_vec(&claims).map_err(|e| RunTokenError::Key(e.to_string()))?;
         URL_SAFE_NO_PAD.encode_string(claims, &mut token);
         let signature = self.signer.sign(token.as_bytes());
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature.to_bytes(), &mut token);
+        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
         Ok(token)
     }
 
