@@ -39,7 +39,7 @@ interface Claim {
   lastRunAt?: string | null;
   runId: string;
   /** A hot http process: many requests, each its own run, whose key
-   * arrives just before the request. */
+   * arrives before the request. */
   hot?: boolean;
   /** A hot process's own value of the quiet-end header. */
   quietEnd?: string;
@@ -106,7 +106,8 @@ const slice = String.prototype.slice;
 const mapGet = Map.prototype.get;
 const mapSet = Map.prototype.set;
 const mapDelete = Map.prototype.delete;
-const mapClear = Map.prototype.clear;
+const mapKeys = Map.prototype.keys;
+const iteratorNext = Object.getPrototypeOf(new Map().keys()).next;
 const mapSize = Object.getOwnPropertyDescriptor(Map.prototype, "size")!.get!;
 const PromiseOf = Promise;
 const MapOf = Map;
@@ -129,7 +130,7 @@ function takeHttpPrimordials(): HttpPrimordials {
 }
 
 // Lines from the supervisor: the claim, then (a hot process) each
-// request's key, sent just before the request.
+// request's key, sent before the request.
 const parse = JSON.parse;
 const decoder = new TextDecoder();
 const decode = decoder.decode.bind(decoder);
@@ -456,8 +457,8 @@ async function hotHandler(
     },
   });
   const context = new AsyncLocalStorage<RequestRun>();
-  // Each request's key comes down the control channel just before the
-  // request, which names its run in a header: the key never travels in the
+  // Each request's key comes down the control channel before the
+  // request (as it is signed ahead, or just before), which names its run in a header: the key never travels in the
   // request, where the val could pass it on (to a server it proxies to)
   // without knowing. (Copying the request to strip a header instead cost
   // more than all the rest of a request.)
@@ -481,9 +482,14 @@ async function hotHandler(
         waiter(key);
         continue;
       }
-      // Keys of requests that never came (their connection failed) are
-      // dropped in one go past a thousand; they are dead already.
-      if ((apply(mapSize, keys, []) as number) >= 1024) apply(mapClear, keys, []);
+      // Keys come ahead of their requests (signed ahead, and not live
+      // until their request begins). Those whose request never came (valet
+      // threw them away unused, or the connection failed) are dropped
+      // oldest first past a thousand: they are dead already.
+      if ((apply(mapSize, keys, []) as number) >= 1024) {
+        const oldest = apply(iteratorNext, apply(mapKeys, keys, []), []) as IteratorResult<string>;
+        apply(mapDelete, keys, [oldest.value]);
+      }
       apply(mapSet, keys, [run, key]);
     }
   })();

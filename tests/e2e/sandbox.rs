@@ -409,7 +409,8 @@ async fn no_run_can_plant_a_transpiled_module_for_another() {
     if let Some(uid) = supervisor.os_layer().uid {
         std::os::unix::fs::chown(&shared_gen, Some(uid), Some(uid)).unwrap();
     }
-    let planted = shared_gen.join("planted.js");
+    let planted = shared_gen.join(format!("planted-{}.js", std::process::id()));
+    let _ = std::fs::remove_file(&planted);
     for target in [&bootstrap, &planted] {
         let out = supervisor
             .run_confined(

@@ -5,7 +5,7 @@
 //! once; the bootstrap connects before it has received its claim, and the
 //! val's code is loaded only after the claim, so no val can reach the
 //! channel. The claim (val, env, key, kind) goes down it, and in a hot
-//! process each request's key just before the request; events (the val
+//! process each request's key before the request; events (the val
 //! settled, an uncaught error, out of memory, the http val listens, an http
 //! handler threw) come up. Outcomes are decided from these events and the
 //! exit status, never from what the val prints.

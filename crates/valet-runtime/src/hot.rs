@@ -280,9 +280,11 @@ impl HotPool {
 /// One request's run on a hot process, from its start to its end.
 struct HotRun {
     run_id: String,
-    /// The request's valet key: it travels to the process in the request's
-    /// private header, never in an environment.
+    /// The request's valet key: it travels to the process on its control
+    /// channel, never in the request or an environment.
     key: String,
+    /// Whether it is in the process already (signed ahead and sent then).
+    key_sent: bool,
     hot: Arc<Hot>,
     logs: LogBuffer,
     began: Instant,
@@ -399,6 +401,8 @@ impl Supervisor {
                 logs.lines().last().unwrap_or("no output")
             )));
         }
+        let down = events.clone();
+        let deliver: crate::key_stock::Deliver = Box::new(move |run, key| down.key_for(run, key));
         Ok(Hot {
             fingerprint,
             quiet_end,
@@ -414,7 +418,7 @@ impl Supervisor {
             concurrency_limit: inner.hot.limits.concurrency.max(1),
             idle: Mutex::new(Vec::new()),
             connections: inner.hot.connections.clone(),
-            keys: KeyStock::new(KeyGrant::of(spec)),
+            keys: KeyStock::new(KeyGrant::of(spec), Some(deliver)),
         })
     }
 
@@ -474,7 +478,7 @@ impl Supervisor {
                 request.headers_mut().insert(RUN_HEADER, value);
             }
             let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
-            if !hot.events.key_for(&run.run_id, &run.key) {
+            if !run.key_sent && !hot.events.key_for(&run.run_id, &run.key) {
                 // Its bootstrap stopped reading its control channel (a val
                 // can break its reader): the process is no use; end it, and
                 // the next request starts another.
@@ -503,9 +507,12 @@ impl Supervisor {
             .acquire_owned()
             .await
             .map_err(|_| HttpRunError::internal())?;
-        let open = match hot.keys.take(&inner.minter) {
-            Some(minted) => Ok(self.open_minted(minted.run_id, minted.key, spec, &hot.channel)),
-            None => self.open_run(spec, &hot.channel),
+        let (open, key_sent) = match hot.keys.take(&inner.minter) {
+            Some(minted) => (
+                Ok(self.open_minted(minted.run_id, minted.key, spec, &hot.channel)),
+                minted.sent,
+            ),
+            None => (self.open_run(spec, &hot.channel), false),
         };
         let OpenRun {
             run_id,
@@ -529,6 +536,7 @@ impl Supervisor {
         Ok(HotRun {
             run_id,
             key,
+            key_sent,
             hot,
             logs,
             began,

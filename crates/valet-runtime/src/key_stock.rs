@@ -83,12 +83,24 @@ impl KeyGrant {
 pub(crate) struct Minted {
     pub run_id: String,
     pub key: String,
+    /// Whether it went down to its process when it was signed (so the
+    /// request finds it there and need not send it).
+    pub sent: bool,
     at: Instant,
 }
+
+/// Sends a key signed ahead down to its process (run id, key): false when
+/// it could not (the process's queue is full, or it is gone).
+pub(crate) type Deliver = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 /// One hot process's keys.
 pub(crate) struct KeyStock {
     grant: KeyGrant,
+    /// Each key goes down to the process as it is signed: not live yet
+    /// (the API refuses it until a request takes it), it waits there for
+    /// its request, which then needs no write of its own on the channel
+    /// and no wait for one in the bootstrap.
+    deliver: Option<Deliver>,
     keys: Mutex<VecDeque<Minted>>,
     /// How many keys it should hold, after recent demand.
     target: AtomicUsize,
@@ -97,9 +109,10 @@ pub(crate) struct KeyStock {
 }
 
 impl KeyStock {
-    pub(crate) fn new(grant: KeyGrant) -> Arc<KeyStock> {
+    pub(crate) fn new(grant: KeyGrant, deliver: Option<Deliver>) -> Arc<KeyStock> {
         Arc::new(KeyStock {
             grant,
+            deliver,
             keys: Mutex::default(),
             target: AtomicUsize::new(SHALLOW),
             wanted: AtomicUsize::new(0),
@@ -209,9 +222,11 @@ fn fill(stock: &KeyStock, keys: &SharedKeyRing) {
         let start_s = (time::now_ms() / 1000) as u64;
         match stock.grant.mint(keys, &run_id, start_s, MAX_AGE) {
             Ok(key) => {
+                let sent = stock.deliver.as_ref().is_some_and(|d| d(&run_id, &key));
                 let minted = Minted {
                     run_id,
                     key,
+                    sent,
                     at: Instant::now(),
                 };
                 if let Ok(mut held) = stock.keys.lock() {
@@ -250,12 +265,15 @@ mod tests {
     fn stock() -> (Arc<KeyStock>, SharedKeyRing) {
         let keys =
             SharedKeyRing::new(KeyRing::new(SigningKey::generate().expect("key")).expect("ring"));
-        let stock = KeyStock::new(KeyGrant {
-            user_id: "u1".into(),
-            val_id: Some("v1".into()),
-            scopes: ScopeSet::default_val(),
-            timeout: Duration::from_secs(30),
-        });
+        let stock = KeyStock::new(
+            KeyGrant {
+                user_id: "u1".into(),
+                val_id: Some("v1".into()),
+                scopes: ScopeSet::default_val(),
+                timeout: Duration::from_secs(30),
+            },
+            None,
+        );
         (stock, keys)
     }
 
@@ -324,6 +342,7 @@ mod tests {
         Minted {
             run_id: format!("run_{key}"),
             key: key.into(),
+            sent: false,
             at: Instant::now(),
         }
     }
@@ -376,10 +395,75 @@ mod tests {
         let old = Minted {
             run_id: "run_old".into(),
             key: "stale".into(),
+            sent: false,
             at,
         };
         stock.keys.lock().expect("lock").push_back(old);
         // Thrown away, and nothing newer was asked for before this take.
         assert!(stock.take(&minter).is_none());
+    }
+
+    /// Each key goes down to its process once, as it is signed, with its
+    /// run's id; a key that could not be sent is marked so (its request
+    /// sends it).
+    #[test]
+    fn keys_go_down_to_their_process_as_they_are_signed() {
+        let keys =
+            SharedKeyRing::new(KeyRing::new(SigningKey::generate().expect("key")).expect("ring"));
+        let grant = KeyGrant {
+            user_id: "u1".into(),
+            val_id: Some("v1".into()),
+            scopes: ScopeSet::default_val(),
+            timeout: Duration::from_secs(30),
+        };
+        let sent = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+        let log = sent.clone();
+        let accept = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let open = accept.clone();
+        let deliver: Deliver = Box::new(move |run, key| {
+            if !open.load(Ordering::SeqCst) {
+                return false;
+            }
+            log.lock()
+                .expect("lock")
+                .push((run.to_owned(), key.to_owned()));
+            true
+        });
+        let stock = KeyStock::new(grant, Some(deliver));
+        let minter = Minter::start(keys);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let take = || loop {
+            assert!(Instant::now() < deadline, "the minting thread made no keys");
+            match stock.take(&minter) {
+                Some(minted) => return minted,
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        let minted = take();
+        assert!(minted.sent);
+        let down = sent.lock().expect("lock").clone();
+        let once: Vec<_> = down
+            .iter()
+            .filter(|(run, _)| *run == minted.run_id)
+            .collect();
+        assert_eq!(once, [&(minted.run_id.clone(), minted.key.clone())]);
+        // A process that takes no more: what is signed from now on is not
+        // marked sent. (Keys signed before stay in the stock, sent.)
+        accept.store(false, Ordering::SeqCst);
+        let before = sent.lock().expect("lock").len();
+        loop {
+            let minted = take();
+            if !minted.sent {
+                assert!(
+                    !sent
+                        .lock()
+                        .expect("lock")
+                        .iter()
+                        .any(|(run, _)| *run == minted.run_id)
+                );
+                break;
+            }
+        }
+        assert_eq!(sent.lock().expect("lock").len(), before);
     }
 }
