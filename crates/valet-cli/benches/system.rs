@@ -320,6 +320,9 @@ async fn memory_bench() {
     let host = Host::start(store.clone(), config).await.unwrap();
     let file = dir.path().join("idle.ts");
     std::fs::write(&file, "import { blob } from 'https://esm.town/v/std/blob';\nawait blob.set('k', 'v');\nawait new Promise((r) => setTimeout(r, 4000));\n").unwrap();
+    // Runs read it as their own uid when valet runs as root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let concurrent = 24;
     let mut runs = Vec::new();
     for _ in 0..concurrent {
@@ -342,7 +345,14 @@ async fn memory_bench() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let rss = rss_of(&dir.path().display().to_string());
     for r in runs {
-        assert_eq!(r.await.unwrap().outcome, valet_store::Outcome::Succeeded);
+        let out = r.await.unwrap();
+        assert_eq!(
+            out.outcome,
+            valet_store::Outcome::Succeeded,
+            "{}: {}",
+            out.detail,
+            out.logs
+        );
     }
     let total: u64 = rss.iter().sum();
     let per = total / rss.len().max(1) as u64;
