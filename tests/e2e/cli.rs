@@ -194,6 +194,59 @@ fn valet_run_prints_logs_and_exit_status() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("nope"));
 }
 
+/// As root, valet gives runs a uid of their own: a file that uid cannot
+/// reach is refused before the run, saying why, not with a bare
+/// "permission denied" from inside it.
+#[test]
+fn a_file_the_runs_cannot_read_is_explained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).expect("mkdir");
+    let file = private.join("hello.ts");
+    std::fs::write(&file, "console.log('hi')").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let out = valet(&dir.path().join("data"))
+        .arg("run")
+        .arg(&file)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("as uid 65534")
+                && stderr.contains("cannot enter")
+                && stderr.contains("private"),
+            "{stderr}"
+        );
+        // Readable by them: it runs.
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let out = valet(&dir.path().join("data"))
+            .arg("run")
+            .arg(&file)
+            .output()
+            .expect("run");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read it"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let out = valet(&dir.path().join("data"))
+        .arg("run")
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hi"));
+}
+
 #[test]
 fn a_missing_deno_is_explained() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -34,6 +34,7 @@ pub async fn run(store: Store, args: Args) -> anyhow::Result<ExitCode> {
     if !args.file.is_file() {
         anyhow::bail!("no such file: {}", args.file.display());
     }
+    super::run::check_readable_by_runs(&args.file)?;
     let spec = RunSpec {
         user_id: super::run::local_user(&store, &args.user)?.id,
         val_id: None,

@@ -43,6 +43,57 @@ pub fn file_dir(file: &std::path::Path) -> anyhow::Result<PathBuf> {
     Ok(file.parent().map(PathBuf::from).unwrap_or_default())
 }
 
+/// When valet runs as root, runs get a uid of their own, which must be able
+/// to read the file (and reach it): say so before the run, rather than
+/// let its import fail with a bare "permission denied".
+pub fn check_readable_by_runs(file: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let uid = valet_runtime::RuntimeConfig::default().sandbox_uid;
+    let file = std::fs::canonicalize(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    // The permission bits that apply to `uid` (whose gid is the same).
+    let allows = |meta: &std::fs::Metadata, bit: u32| {
+        let shift = if meta.uid() == uid {
+            6
+        } else if meta.gid() == uid {
+            3
+        } else {
+            0
+        };
+        meta.mode() >> shift & bit != 0
+    };
+    let mut steps: Vec<&std::path::Path> = file.ancestors().skip(1).collect();
+    steps.reverse();
+    for dir in steps {
+        if let Ok(meta) = std::fs::metadata(dir)
+            && !allows(&meta, 0o1)
+        {
+            anyhow::bail!(
+                "runs read {} as uid {uid} (valet runs as root and gives runs a uid of their own), \
+                 which cannot enter {}: move the file, make the directory enterable (chmod o+x), \
+                 or run valet as your own user",
+                file.display(),
+                dir.display()
+            );
+        }
+    }
+    if let Ok(meta) = std::fs::metadata(&file)
+        && !allows(&meta, 0o4)
+    {
+        anyhow::bail!(
+            "runs read {} as uid {uid} (valet runs as root and gives runs a uid of their own), \
+             which cannot read it: make it readable (chmod o+r), or run valet as your own user",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 /// The local user, created on first use.
 pub fn local_user(store: &Store, name: &str) -> anyhow::Result<User> {
     if let Some(user) = store.user_by_name(name)? {
@@ -72,6 +123,7 @@ pub async fn run(
     if !args.file.is_file() {
         anyhow::bail!("no such file: {}", args.file.display());
     }
+    check_readable_by_runs(&args.file)?;
     let mut config = HostConfig::new("127.0.0.1:0".parse()?);
     config.cron = false;
     config.smtp = args.smtp;
