@@ -460,6 +460,44 @@ async fn no_run_can_plant_a_transpiled_module_for_another() {
     server.stop().await;
 }
 
+/// A val reads no file of its process's own directory but its code: not
+/// its cache, whose links lead to modules other users' runs downloaded.
+#[tokio::test]
+async fn a_val_reads_nothing_of_its_cache_or_others_downloads() {
+    let server = Server::start().await;
+    let shared = server.supervisor().shared_deno_cache().to_owned();
+    let private = shared.join("remote/https/private.example");
+    std::fs::create_dir_all(&private).unwrap();
+    let secret = format!("sk_live_{}", std::process::id());
+    std::fs::write(private.join("abc123"), format!("const TOKEN = '{secret}';")).unwrap();
+    let ada = server.user("ada");
+    // The bootstrap's configuration names the process's directory.
+    let code = r#"
+const dir = JSON.parse(Deno.args[0]).control.replace(/\/control\.sock$/, "");
+for (const path of [`${dir}/deno/remote/https/private.example/abc123`, `${dir}/deno/remote`, `${dir}/deno`, dir]) {
+  try {
+    const text = Deno.statSync(path).isDirectory
+      ? [...Deno.readDirSync(path)].map((e) => e.name).join(",")
+      : Deno.readTextFileSync(path);
+    console.log("READ", path, text);
+  } catch (e) {
+    console.log("REFUSED", path, (e as Error).name);
+  }
+}
+"#;
+    let out = server
+        .supervisor()
+        .run(spec(&ada, code, ScopeSet::default_val(), 10_000))
+        .await
+        .unwrap();
+    assert_eq!(out.outcome, Outcome::Succeeded, "{}", out.logs);
+    assert!(!out.logs.contains(&secret), "{}", out.logs);
+    assert!(!out.logs.contains("READ"), "{}", out.logs);
+    assert_eq!(out.logs.matches("REFUSED").count(), 4, "{}", out.logs);
+    let _ = std::fs::remove_dir_all(&private);
+    server.stop().await;
+}
+
 fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();

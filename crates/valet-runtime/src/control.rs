@@ -381,6 +381,13 @@ impl ControlEvents {
         }
     }
 
+    /// Whether the bootstrap keeps up with what goes down to it: false once
+    /// half its queue waits (keys sent ahead are at most a stock's depth,
+    /// far fewer), as when a val has broken its reader.
+    pub fn reading(&self) -> bool {
+        !self.down.is_closed() && self.down.capacity() > MAX_QUEUED_DOWN / 2
+    }
+
     /// Whether the handler of an attributed request has thrown so far.
     pub fn threw(&self, run_id: &str) -> bool {
         self.logs
@@ -457,6 +464,7 @@ mod tests {
             .await
             .expect("connect");
         let events = control.claim("{}".into());
+        assert!(events.reading());
         let key = "k".repeat(4096);
         let mut sent = 0usize;
         while events.key_for(&format!("run_{sent}"), &key) {
@@ -469,6 +477,8 @@ mod tests {
             );
         }
         assert!(sent >= MAX_QUEUED_DOWN, "refused after {sent} keys");
+        // A request whose key went ahead sees it too.
+        assert!(!events.reading());
     }
 
     #[test]

@@ -52,10 +52,32 @@ struct Seed {
 impl DenoCache {
     /// The shared cache at `shared`, with its directories made (and owned
     /// by the runs, which write them); no seed.
+    ///
+    /// valet (often root) works on these paths, and Landlock grants what
+    /// they name: so `shared` must be valet's own and writable by nobody
+    /// else, and neither it nor its directories may be links (a planted
+    /// `npm -> /etc` would have root hand `/etc` to the runs' uid, and
+    /// Landlock open it to every run). Anything else is refused, never
+    /// repaired.
     pub fn open(shared: &Path, owner: Option<(u32, u32)>) -> std::io::Result<DenoCache> {
+        make_private_dir(shared)?;
+        check_own_dir(shared, effective_uid())?;
         for sub in SHARED {
-            std::fs::create_dir_all(shared.join(sub))?;
-            crate::launcher::chown(&shared.join(sub), owner)?;
+            let dir = shared.join(sub);
+            make_private_dir(&dir)?;
+            // Owned by the runs' uid (they write it), writable by no one
+            // else; the first time (a cache made before runs had a uid of
+            // their own) its contents too, never through a link.
+            let want = owner.map_or_else(effective_uid, |(uid, _)| uid);
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::symlink_metadata(&dir)?;
+            if let Some(owner) = owner
+                && meta.file_type().is_dir()
+                && meta.uid() != want
+            {
+                lchown_tree(&dir, owner)?;
+            }
+            check_own_dir(&dir, want)?;
         }
         Ok(DenoCache {
             shared: shared.to_owned(),
@@ -142,6 +164,94 @@ impl DenoCache {
         }
         Ok(own)
     }
+}
+
+/// Makes `path` (mode 0755) unless something is there already.
+fn make_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o755).create(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+/// Refuses `path` unless it is a directory (not a link) owned by `uid`
+/// and writable by no one else.
+fn check_own_dir(path: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "Deno's cache directory {} must be a directory (not a link) owned by uid {uid} \
+             and writable by no one else (it is {}, uid {}, mode {:o}): remove it, or give \
+             valet another cache directory",
+            path.display(),
+            if meta.file_type().is_symlink() {
+                "a link"
+            } else if meta.is_dir() {
+                "a directory"
+            } else {
+                "a file"
+            },
+            meta.uid(),
+            meta.mode() & 0o7777,
+        )));
+    }
+    Ok(())
+}
+
+/// Gives the directory `path` and everything under it to `owner`, through
+/// directory descriptors opened without following links: a link is
+/// changed itself, never what it points to, and a directory swapped for a
+/// link while the walk runs is not entered. Entries that vanish meanwhile
+/// (Deno renames its temporary files into place) are skipped.
+fn lchown_tree(path: &Path, owner: (u32, u32)) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, CWD, Mode, OFlags};
+    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
+    let dir = rustix::fs::openat(CWD, path, flags, Mode::empty())?;
+    chown_dir(&dir, owner)?;
+    fn chown_dir(dir: &std::os::fd::OwnedFd, (uid, gid): (u32, u32)) -> std::io::Result<()> {
+        let ids = (
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        );
+        rustix::fs::fchown(dir, ids.0, ids.1)?;
+        for entry in rustix::fs::Dir::read_from(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            match rustix::fs::chownat(dir, name, ids.0, ids.1, AtFlags::SYMLINK_NOFOLLOW) {
+                Err(rustix::io::Errno::NOENT) => continue,
+                other => other?,
+            }
+            if matches!(
+                entry.file_type(),
+                rustix::fs::FileType::Directory | rustix::fs::FileType::Unknown
+            ) {
+                let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
+                match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+                    Ok(sub) => chown_dir(&sub, (uid, gid))?,
+                    // Gone, or swapped for a link or a file: not entered.
+                    Err(
+                        rustix::io::Errno::NOENT
+                        | rustix::io::Errno::LOOP
+                        | rustix::io::Errno::NOTDIR,
+                    ) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
 }
 
 fn make_dir(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
@@ -356,5 +466,66 @@ mod tests {
         std::fs::create_dir(&run).unwrap();
         let own = cache.for_run(&run, None).unwrap();
         assert!(own.join("npm").symlink_metadata().is_ok());
+    }
+
+    #[test]
+    fn a_shared_cache_that_is_a_link_or_open_to_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        // A directory writable by others.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = DenoCache::open(&open, None).unwrap_err().to_string();
+        assert!(err.contains("writable by no one else"), "{err}");
+        // A link, at the top or for one of its directories.
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        let linked = tmp.path().join("linked");
+        std::os::unix::fs::symlink(&victim, &linked).unwrap();
+        let err = DenoCache::open(&linked, None).unwrap_err().to_string();
+        assert!(err.contains("a link"), "{err}");
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::os::unix::fs::symlink(&victim, shared.join("npm")).unwrap();
+        let err = DenoCache::open(&shared, None).unwrap_err().to_string();
+        assert!(err.contains("a link"), "{err}");
+        // What is right is taken as it is.
+        let fine = tmp.path().join("fine");
+        DenoCache::open(&fine, None).unwrap();
+        DenoCache::open(&fine, None).unwrap();
+    }
+
+    /// As root (the only way to test it), handing an older cache to the
+    /// runs' uid changes links themselves, never what they point to.
+    #[test]
+    fn handing_a_cache_to_the_runs_never_follows_a_link() {
+        use std::os::unix::fs::MetadataExt;
+        if effective_uid() != 0 {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("file"), "x").unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir_all(shared.join("npm/pkg")).unwrap();
+        std::os::unix::fs::symlink(&victim, shared.join("npm/pkg/escape")).unwrap();
+        std::os::unix::fs::symlink(victim.join("file"), shared.join("npm/file-link")).unwrap();
+        DenoCache::open(&shared, Some((65534, 65534))).unwrap();
+        assert_eq!(
+            std::fs::metadata(shared.join("npm/pkg")).unwrap().uid(),
+            65534
+        );
+        assert_eq!(
+            std::fs::symlink_metadata(shared.join("npm/pkg/escape"))
+                .unwrap()
+                .uid(),
+            65534
+        );
+        assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);
+        assert_eq!(std::fs::metadata(victim.join("file")).unwrap().uid(), 0);
+        // The top stays valet's own.
+        assert_eq!(std::fs::metadata(&shared).unwrap().uid(), 0);
     }
 }

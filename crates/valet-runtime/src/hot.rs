@@ -371,7 +371,7 @@ impl Supervisor {
             Some(started) => started,
             None => inner.launcher.start(&[])?,
         };
-        let path = started.dir.join("val.ts");
+        let path = started.dir.join(crate::launcher::VAL_FILE);
         std::fs::write(&path, code)?;
         let quiet_end = valet_store::new_id("quiet");
         let claim = serde_json::json!({
@@ -478,7 +478,14 @@ impl Supervisor {
                 request.headers_mut().insert(RUN_HEADER, value);
             }
             let request = request.map(|b| b.map_err(Into::into).boxed_unsync());
-            if !run.key_sent && !hot.events.key_for(&run.run_id, &run.key) {
+            let key_there = if run.key_sent {
+                // Sent ahead: unless the bootstrap has stopped reading, in
+                // which case the request would wait for it until its deadline.
+                hot.events.reading()
+            } else {
+                hot.events.key_for(&run.run_id, &run.key)
+            };
+            if !key_there {
                 // Its bootstrap stopped reading its control channel (a val
                 // can break its reader): the process is no use; end it, and
                 // the next request starts another.

@@ -28,6 +28,11 @@ pub const API_ORIGIN: &str = "http://api.valet.internal";
 /// run they lead to valet too.
 pub const HOSTED_API_ORIGINS: &[&str] = &["https://api.val.town"];
 
+/// The file a stored val's code is written to, in its process's directory:
+/// the only file of that directory the process may read (its cache, in
+/// `deno/`, is Deno's own business, and links to modules others fetched).
+pub const VAL_FILE: &str = "val.ts";
+
 /// Starts run processes.
 pub struct Launcher {
     pub deno: PathBuf,
@@ -100,13 +105,16 @@ impl Launcher {
             "httpSocket": http_socket,
             "preloadStd": self.preload_std,
         });
+        let deno_dir = self.cache.for_run(dir.path(), owner)?;
+        // npm packages, by either path Deno may name them (node's module
+        // loading reads them with Deno's permissions).
         let mut read_paths = vec![
-            dir.path().to_owned(),
+            dir.join(VAL_FILE),
             self.runtime_dir.clone(),
             self.cache.shared().join("npm"),
+            deno_dir.join("npm"),
         ];
         read_paths.extend(read.iter().cloned());
-        let deno_dir = self.cache.for_run(dir.path(), owner)?;
         let command = sandbox::command(&SandboxSpec {
             deno: &self.deno,
             runtime_dir: &self.runtime_dir,

@@ -16,9 +16,9 @@ pub struct SandboxSpec<'a> {
     pub deno_dir: &'a Path,
     /// Unix sockets the process may use (control, API, http, egress).
     pub sockets: Vec<PathBuf>,
-    /// Files and directories the process may read besides (the run's
-    /// directory, where its val is written; npm packages in Deno's cache;
-    /// for `valet run FILE`, the file's directory).
+    /// Files and directories the process may read besides (its val's file
+    /// in the run's directory; npm packages in Deno's cache; for `valet
+    /// run FILE`, the file's directory).
     pub read_paths: Vec<PathBuf>,
     /// Addresses denied besides the fixed ranges (this host's own IPv6
     /// addresses).

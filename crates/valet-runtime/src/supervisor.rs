@@ -199,25 +199,22 @@ impl Launching {
         let deno = deno::find_deno()?;
         let root = RunRoot::create(&config.run_parent)?;
         let runtime_dir = files::install_shared(root.path())?;
-        let shared_cache = config
-            .deno_dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join("valet-deno-cache"));
+        // By default beside the runtime's files, in a directory that is
+        // valet's own and writable by no one else (a fixed name in /tmp
+        // could be made first by anyone, with what they like in it).
+        let shared_cache = match &config.deno_dir {
+            Some(dir) => dir.clone(),
+            None => runtime_dir
+                .parent()
+                .unwrap_or(root.path())
+                .join("deno-cache"),
+        };
         // The run roots of supervisors that died: a thread of its own, so
         // the first run (`valet run`'s one) does not wait for it, and after
         // a crash there may be many.
         let parent = config.run_parent.clone();
         std::thread::spawn(move || crate::run_dir::sweep(&parent));
         let owner = OsLayer::runs_owner(config.sandbox_uid);
-        if let Some(owner) = owner {
-            // Walked only when the cache is not the runs' yet (made by an
-            // older valet, or by hand): what runs add is theirs already.
-            use std::os::unix::fs::MetadataExt;
-            std::fs::create_dir_all(&shared_cache)?;
-            if std::fs::metadata(&shared_cache)?.uid() != owner.0 {
-                chown_tree(&shared_cache, owner)?;
-            }
-        }
         let mut cache = DenoCache::open(&shared_cache, owner)?;
         if let Err(e) = cache.seed(&deno, &runtime_dir, || {
             launcher::seed_command(&deno, &runtime_dir, config.heap_mb)
@@ -544,7 +541,7 @@ impl Supervisor {
 
         let val_url = match &spec.source {
             Source::Code(code) => {
-                let path = started.dir.join("val.ts");
+                let path = started.dir.join(crate::launcher::VAL_FILE);
                 std::fs::write(&path, code)?;
                 launcher::file_url(&path)
             }
@@ -685,25 +682,4 @@ pub(crate) fn run_env_without_key(spec: &RunSpec) -> BTreeMap<String, String> {
     let mut env = spec.env.clone();
     env.insert("VALTOWN_API_URL".into(), API_ORIGIN.into());
     env
-}
-
-/// Gives the runs' uid Deno's cache. Entries that vanish meanwhile (Deno
-/// renames its temporary files into place) are skipped.
-fn chown_tree(path: &std::path::Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
-    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-    match std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
-        Err(e) if gone(&e) => return Ok(()),
-        other => other?,
-    }
-    let entries = match std::fs::read_dir(path) {
-        Ok(entries) => entries,
-        Err(e) if gone(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| !t.is_symlink()) {
-            chown_tree(&entry.path(), (uid, gid))?;
-        }
-    }
-    Ok(())
 }
