@@ -206,11 +206,14 @@ fn a_file_the_runs_cannot_read_is_explained() {
     std::fs::write(&file, "console.log('hi')").expect("write");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    let out = valet(&dir.path().join("data"))
-        .arg("run")
-        .arg(&file)
-        .output()
-        .expect("run");
+    let run = || {
+        valet(&dir.path().join("data"))
+            .arg("run")
+            .arg(&file)
+            .output()
+            .expect("run")
+    };
+    let out = run();
     let stderr = String::from_utf8_lossy(&out.stderr);
     #[allow(unsafe_code)]
     // SAFETY: geteuid has no preconditions.
@@ -226,11 +229,7 @@ fn a_file_the_runs_cannot_read_is_explained() {
         // Readable by them: it runs.
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let out = valet(&dir.path().join("data"))
-            .arg("run")
-            .arg(&file)
-            .output()
-            .expect("run");
+        let out = run();
         assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read it"));
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
