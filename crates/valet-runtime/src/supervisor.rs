@@ -47,7 +47,10 @@ pub struct RuntimeConfig {
     pub warm_pool: usize,
     /// Whether the pool starts a replacement for each process taken.
     pub warm_pool_refill: bool,
-    /// Deno's module and transpile cache; default `$TMPDIR/valet-deno-cache`.
+    /// Deno's cache shared by runs (downloaded modules, npm packages);
+    /// default `deno-cache` beside the runtime's files
+    /// (`$TMPDIR/valet-runtime/deno-cache`). It must be valet's own and
+    /// writable by no one else.
     pub deno_dir: Option<PathBuf>,
     /// The uid and gid runs get when valet runs as root.
     pub sandbox_uid: u32,
