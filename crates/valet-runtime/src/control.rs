@@ -112,7 +112,26 @@ pub struct Control {
     state: watch::Receiver<Reported>,
     /// Lines to the bootstrap: the claim first.
     down: mpsc::Sender<String>,
+    down_stalled: Stalled,
     logs: RunLogs,
+}
+
+/// When the write down to a bootstrap began waiting for it to read (ms
+/// from [`clock_ms`]'s start), or 0 while nothing waits.
+type Stalled = Arc<std::sync::atomic::AtomicU64>;
+
+/// A write down that has waited this long means a bootstrap that stopped
+/// reading (its socket buffer holds hundreds of lines by then).
+const STALLED_AFTER_MS: u64 = 2_000;
+
+/// Milliseconds on a monotonic clock (from 1: 0 means none).
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 impl Control {
@@ -131,6 +150,8 @@ impl Control {
         }
         let (tx, state) = watch::channel(Reported::default());
         let (down, mut down_rx) = mpsc::channel::<String>(MAX_QUEUED_DOWN);
+        let down_stalled = Stalled::default();
+        let stalled = down_stalled.clone();
         let unlink = path.clone();
         let logs: RunLogs = Arc::default();
         let run_logs = logs.clone();
@@ -193,9 +214,12 @@ impl Control {
                         batch.push_str(&line);
                         batch.push('\n');
                     }
+                    use std::sync::atomic::Ordering;
+                    stalled.store(clock_ms(), Ordering::Relaxed);
                     if write.write_all(batch.as_bytes()).await.is_err() {
                         break;
                     }
+                    stalled.store(0, Ordering::Relaxed);
                 }
                 // Kept open until the process closes its end: dropping the
                 // write half would shut the bootstrap's reads down early.
@@ -211,6 +235,7 @@ impl Control {
             path,
             state,
             down,
+            down_stalled,
             logs,
         })
     }
@@ -223,6 +248,7 @@ impl Control {
             state: self.state,
             logs: self.logs,
             down: self.down,
+            down_stalled: self.down_stalled,
         }
     }
 
@@ -327,6 +353,7 @@ pub struct ControlEvents {
     state: watch::Receiver<Reported>,
     logs: RunLogs,
     down: mpsc::Sender<String>,
+    down_stalled: Stalled,
 }
 
 impl ControlEvents {
@@ -382,10 +409,13 @@ impl ControlEvents {
     }
 
     /// Whether the bootstrap keeps up with what goes down to it: false once
-    /// half its queue waits (keys sent ahead are at most a stock's depth,
-    /// far fewer), as when a val has broken its reader.
+    /// a write to it has waited [`STALLED_AFTER_MS`] (its socket buffer
+    /// full) or half its queue waits behind (keys sent ahead are at most a
+    /// stock's depth, far fewer), as when a val has broken its reader.
     pub fn reading(&self) -> bool {
-        !self.down.is_closed() && self.down.capacity() > MAX_QUEUED_DOWN / 2
+        let since = self.down_stalled.load(std::sync::atomic::Ordering::Relaxed);
+        let stalled = since != 0 && clock_ms().saturating_sub(since) >= STALLED_AFTER_MS;
+        !stalled && !self.down.is_closed() && self.down.capacity() > MAX_QUEUED_DOWN / 2
     }
 
     /// Whether the handler of an attributed request has thrown so far.
@@ -478,6 +508,30 @@ mod tests {
         }
         assert!(sent >= MAX_QUEUED_DOWN, "refused after {sent} keys");
         // A request whose key went ahead sees it too.
+        assert!(!events.reading());
+    }
+
+    /// A bootstrap that stops reading while its queue is still short (its
+    /// socket buffer took what was written, the rest waits on it) is found
+    /// out too, once the write has waited long enough.
+    #[tokio::test]
+    async fn a_write_waiting_on_a_bootstrap_says_it_stopped_reading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut tasks = tokio::task::JoinSet::new();
+        let control = Control::bind(dir.path(), None, &mut tasks).expect("bind");
+        let _stalled = tokio::net::UnixStream::connect(control.path())
+            .await
+            .expect("connect");
+        let events = control.claim("{}".into());
+        // Far more than a socket buffer holds, far fewer lines than the
+        // queue's half.
+        let key = "k".repeat(64 * 1024);
+        for n in 0..64 {
+            assert!(events.key_for(&format!("run_{n}"), &key));
+            tokio::task::yield_now().await;
+        }
+        assert!(events.reading(), "a write that just began is no stall");
+        tokio::time::sleep(std::time::Duration::from_millis(STALLED_AFTER_MS + 200)).await;
         assert!(!events.reading());
     }
 

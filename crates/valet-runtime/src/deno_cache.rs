@@ -222,6 +222,19 @@ fn lchown_tree(path: &Path, owner: (u32, u32)) -> std::io::Result<()> {
             if name == c"." || name == c".." {
                 continue;
             }
+            // A file with other names may be someone else's, linked in
+            // (where the kernel lets anyone link what they do not own).
+            match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat)
+                    if rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                        == rustix::fs::FileType::RegularFile
+                        && stat.st_nlink > 1 =>
+                {
+                    continue;
+                }
+                Err(rustix::io::Errno::NOENT) => continue,
+                _ => {}
+            }
             match rustix::fs::chownat(dir, name, ids.0, ids.1, AtFlags::SYMLINK_NOFOLLOW) {
                 Err(rustix::io::Errno::NOENT) => continue,
                 other => other?,
@@ -512,16 +525,16 @@ mod tests {
         std::fs::create_dir_all(shared.join("npm/pkg")).unwrap();
         std::os::unix::fs::symlink(&victim, shared.join("npm/pkg/escape")).unwrap();
         std::os::unix::fs::symlink(victim.join("file"), shared.join("npm/file-link")).unwrap();
-        DenoCache::open(&shared, Some((65534, 65534))).unwrap();
+        DenoCache::open(&shared, Some((65533, 65533))).unwrap();
         assert_eq!(
             std::fs::metadata(shared.join("npm/pkg")).unwrap().uid(),
-            65534
+            65533
         );
         assert_eq!(
             std::fs::symlink_metadata(shared.join("npm/pkg/escape"))
                 .unwrap()
                 .uid(),
-            65534
+            65533
         );
         assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);
         assert_eq!(std::fs::metadata(victim.join("file")).unwrap().uid(), 0);

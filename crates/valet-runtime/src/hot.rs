@@ -371,8 +371,7 @@ impl Supervisor {
             Some(started) => started,
             None => inner.launcher.start(&[])?,
         };
-        let path = started.dir.join(crate::launcher::VAL_FILE);
-        std::fs::write(&path, code)?;
+        let path = crate::launcher::write_val(&started.dir, code)?;
         let quiet_end = valet_store::new_id("quiet");
         let claim = serde_json::json!({
             "kind": "http",

@@ -33,6 +33,24 @@ pub const HOSTED_API_ORIGINS: &[&str] = &["https://api.val.town"];
 /// `deno/`, is Deno's own business, and links to modules others fetched).
 pub const VAL_FILE: &str = "val.ts";
 
+/// Writes a stored val's code into its process's directory, which is the
+/// runs' uid's, after the process (and with it the directory's name, in
+/// its command line) exists: a file or link another process of that uid
+/// planted there is refused, never followed or overwritten.
+pub fn write_val(dir: &RunDir, code: &str) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(VAL_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(&path)?;
+    file.write_all(code.as_bytes())?;
+    Ok(path)
+}
+
 /// Starts run processes.
 pub struct Launcher {
     pub deno: PathBuf,
@@ -176,4 +194,32 @@ pub fn file_url(path: &Path) -> String {
         }
     }
     url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run_dir::RunRoot;
+
+    /// A link (or file) planted where the val's code goes, by a process of
+    /// the runs' uid that read the directory's name from the command line,
+    /// is refused: its target is never written.
+    #[test]
+    fn a_planted_val_file_is_never_followed_or_overwritten() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = RunRoot::create(tmp.path()).expect("root");
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "secret").expect("write");
+        let dir = root.dir(None).expect("dir");
+        std::os::unix::fs::symlink(&victim, dir.join(VAL_FILE)).expect("link");
+        assert!(write_val(&dir, "export default 1").is_err());
+        assert_eq!(std::fs::read_to_string(&victim).expect("read"), "secret");
+        // Where nothing was planted, the code is written.
+        let clean = root.dir(None).expect("dir");
+        let path = write_val(&clean, "export default 1").expect("write");
+        assert_eq!(
+            std::fs::read_to_string(path).expect("read"),
+            "export default 1"
+        );
+    }
 }

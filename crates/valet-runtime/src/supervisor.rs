@@ -73,7 +73,12 @@ impl Default for RuntimeConfig {
             warm_pool: 0,
             warm_pool_refill: true,
             deno_dir: None,
-            sandbox_uid: 65534,
+            // Not 65534 (`nobody`, which other daemons and NFS share: any
+            // of them could reach the runs' directories and their shared
+            // cache). 65533 is in the block Debian reserves and never
+            // allocates, and inside the 65,536 uids a rootless container
+            // maps.
+            sandbox_uid: 65533,
             hot: HotLimits::default(),
             extra_read: Vec::new(),
         }
@@ -544,8 +549,7 @@ impl Supervisor {
 
         let val_url = match &spec.source {
             Source::Code(code) => {
-                let path = started.dir.join(crate::launcher::VAL_FILE);
-                std::fs::write(&path, code)?;
+                let path = crate::launcher::write_val(&started.dir, code)?;
                 launcher::file_url(&path)
             }
             Source::File(path) => launcher::file_url(&std::fs::canonicalize(path)?),
