@@ -36,6 +36,9 @@ fn is_database(name: &str) -> bool {
 #[derive(Debug)]
 pub struct DenoCache {
     shared: PathBuf,
+    /// [`SHARED`]'s directories, opened when they were checked (not
+    /// following links): what Landlock grants is what was checked.
+    shared_fds: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
     seed: Option<Seed>,
 }
 
@@ -62,6 +65,7 @@ impl DenoCache {
     pub fn open(shared: &Path, owner: Option<(u32, u32)>) -> std::io::Result<DenoCache> {
         make_private_dir(shared)?;
         check_own_dir(shared, effective_uid())?;
+        let mut shared_fds = Vec::new();
         for sub in SHARED {
             let dir = shared.join(sub);
             make_private_dir(&dir)?;
@@ -77,10 +81,22 @@ impl DenoCache {
             {
                 lchown_tree(&dir, owner)?;
             }
-            check_own_dir(&dir, want)?;
+            let checked = check_own_dir(&dir, want)?;
+            use rustix::fs::{CWD, Mode, OFlags};
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let fd = rustix::fs::openat(CWD, &dir, flags, Mode::empty())?;
+            let opened = rustix::fs::fstat(&fd)?;
+            if (opened.st_dev, opened.st_ino) != (checked.dev(), checked.ino()) {
+                return Err(std::io::Error::other(format!(
+                    "Deno's cache directory {} changed while valet checked it",
+                    dir.display()
+                )));
+            }
+            shared_fds.push(std::sync::Arc::new(fd));
         }
         Ok(DenoCache {
             shared: shared.to_owned(),
+            shared_fds,
             seed: None,
         })
     }
@@ -89,9 +105,10 @@ impl DenoCache {
         &self.shared
     }
 
-    /// The shared directories runs write (through the links in their own).
-    pub fn shared_dirs(&self) -> impl Iterator<Item = PathBuf> + '_ {
-        SHARED.iter().map(|sub| self.shared.join(sub))
+    /// The shared directories runs write (through the links in their own),
+    /// as opened when they were checked.
+    pub fn shared_dirs(&self) -> Vec<std::sync::Arc<std::os::fd::OwnedFd>> {
+        self.shared_fds.clone()
     }
 
     /// Uses the seed at `<runtime_dir>/.deno-seed-<id of deno>`, making it
@@ -177,7 +194,7 @@ fn make_private_dir(path: &Path) -> std::io::Result<()> {
 
 /// Refuses `path` unless it is a directory (not a link) owned by `uid`
 /// and writable by no one else.
-fn check_own_dir(path: &Path, uid: u32) -> std::io::Result<()> {
+fn check_own_dir(path: &Path, uid: u32) -> std::io::Result<std::fs::Metadata> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(path)?;
     if !meta.file_type().is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
@@ -197,7 +214,7 @@ fn check_own_dir(path: &Path, uid: u32) -> std::io::Result<()> {
             meta.mode() & 0o7777,
         )));
     }
-    Ok(())
+    Ok(meta)
 }
 
 /// Gives the directory `path` and everything under it to `owner`, through

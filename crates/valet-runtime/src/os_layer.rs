@@ -76,8 +76,9 @@ pub struct OsLayer {
     /// runtime's JavaScript).
     read: Vec<PathBuf>,
     /// The directories of Deno's shared cache that runs write: downloaded
-    /// modules and npm packages (reached through each run's own cache).
-    cache: Vec<PathBuf>,
+    /// modules and npm packages (reached through each run's own cache),
+    /// opened once, without following links, when the cache was checked.
+    cache: Vec<std::sync::Arc<OwnedFd>>,
     /// Whole-process data cap, in bytes.
     memory_bytes: u64,
     /// Uid and gid of runs (valet running as root), or `None`.
@@ -121,7 +122,7 @@ impl OsLayer {
     pub fn new(
         deno: &Path,
         runtime_dir: &Path,
-        cache: Vec<PathBuf>,
+        cache: Vec<std::sync::Arc<OwnedFd>>,
         memory_mb: u64,
         sandbox_uid: u32,
     ) -> OsLayer {
@@ -212,9 +213,7 @@ impl OsLayer {
         let fd = landlock::PathFd::new(dir)?;
         ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, all))?;
         for sub in &self.cache {
-            if let Ok(fd) = landlock::PathFd::new(sub) {
-                ruleset = ruleset.add_rule(landlock::PathBeneath::new(fd, all))?;
-            }
+            ruleset = ruleset.add_rule(landlock::PathBeneath::new(sub.as_ref(), all))?;
         }
         // /dev/null is written to as well.
         if let Ok(fd) = landlock::PathFd::new("/dev/null") {

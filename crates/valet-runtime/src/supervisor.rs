@@ -232,7 +232,7 @@ impl Launching {
         let os = OsLayer::new(
             &deno,
             &runtime_dir,
-            cache.shared_dirs().collect(),
+            cache.shared_dirs(),
             config.memory_mb,
             config.sandbox_uid,
         );
