@@ -20,7 +20,12 @@
 //! slower (each analyses and transpiles the bootstrap again).
 
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::{AtFlags, CWD, Mode, OFlags};
 
 /// The directories of the shared cache a run reaches through its own:
 /// remote modules, their older layout, registry metadata, npm packages.
@@ -38,7 +43,7 @@ pub struct DenoCache {
     shared: PathBuf,
     /// [`SHARED`]'s directories, opened when they were checked (not
     /// following links): what Landlock grants is what was checked.
-    shared_fds: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
+    shared_fds: Vec<Arc<OwnedFd>>,
     seed: Option<Seed>,
 }
 
@@ -63,17 +68,16 @@ impl DenoCache {
     /// Landlock open it to every run). Anything else is refused, never
     /// repaired.
     pub fn open(shared: &Path, owner: Option<(u32, u32)>) -> std::io::Result<DenoCache> {
-        make_private_dir(shared)?;
+        make_dir_if_missing(shared)?;
         check_own_dir(shared, effective_uid())?;
+        // Its directories are the runs' uid's (they write them), writable
+        // by no one else; the first time (a cache made before runs had this
+        // uid) their contents too, never through a link.
+        let want = owner.map_or_else(effective_uid, |(uid, _)| uid);
         let mut shared_fds = Vec::new();
         for sub in SHARED {
             let dir = shared.join(sub);
-            make_private_dir(&dir)?;
-            // Owned by the runs' uid (they write it), writable by no one
-            // else; the first time (a cache made before runs had a uid of
-            // their own) its contents too, never through a link.
-            let want = owner.map_or_else(effective_uid, |(uid, _)| uid);
-            use std::os::unix::fs::MetadataExt;
+            make_dir_if_missing(&dir)?;
             let meta = std::fs::symlink_metadata(&dir)?;
             if let Some(owner) = owner
                 && meta.file_type().is_dir()
@@ -82,7 +86,6 @@ impl DenoCache {
                 lchown_tree(&dir, owner)?;
             }
             let checked = check_own_dir(&dir, want)?;
-            use rustix::fs::{CWD, Mode, OFlags};
             let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             let fd = rustix::fs::openat(CWD, &dir, flags, Mode::empty())?;
             let opened = rustix::fs::fstat(&fd)?;
@@ -92,7 +95,7 @@ impl DenoCache {
                     dir.display()
                 )));
             }
-            shared_fds.push(std::sync::Arc::new(fd));
+            shared_fds.push(Arc::new(fd));
         }
         Ok(DenoCache {
             shared: shared.to_owned(),
@@ -107,7 +110,7 @@ impl DenoCache {
 
     /// The shared directories runs write (through the links in their own),
     /// as opened when they were checked.
-    pub fn shared_dirs(&self) -> Vec<std::sync::Arc<std::os::fd::OwnedFd>> {
+    pub fn shared_dirs(&self) -> Vec<Arc<OwnedFd>> {
         self.shared_fds.clone()
     }
 
@@ -184,7 +187,7 @@ impl DenoCache {
 }
 
 /// Makes `path` (mode 0755) unless something is there already.
-fn make_private_dir(path: &Path) -> std::io::Result<()> {
+fn make_dir_if_missing(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     match std::fs::DirBuilder::new().mode(0o755).create(path) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
@@ -195,7 +198,6 @@ fn make_private_dir(path: &Path) -> std::io::Result<()> {
 /// Refuses `path` unless it is a directory (not a link) owned by `uid`
 /// and writable by no one else.
 fn check_own_dir(path: &Path, uid: u32) -> std::io::Result<std::fs::Metadata> {
-    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(path)?;
     if !meta.file_type().is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
         return Err(std::io::Error::other(format!(
@@ -223,11 +225,10 @@ fn check_own_dir(path: &Path, uid: u32) -> std::io::Result<std::fs::Metadata> {
 /// link while the walk runs is not entered. Entries that vanish meanwhile
 /// (Deno renames its temporary files into place) are skipped.
 fn lchown_tree(path: &Path, owner: (u32, u32)) -> std::io::Result<()> {
-    use rustix::fs::{AtFlags, CWD, Mode, OFlags};
     let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
     let dir = rustix::fs::openat(CWD, path, flags, Mode::empty())?;
     chown_dir(&dir, owner)?;
-    fn chown_dir(dir: &std::os::fd::OwnedFd, (uid, gid): (u32, u32)) -> std::io::Result<()> {
+    fn chown_dir(dir: &OwnedFd, (uid, gid): (u32, u32)) -> std::io::Result<()> {
         let ids = (
             Some(rustix::fs::Uid::from_raw(uid)),
             Some(rustix::fs::Gid::from_raw(gid)),
@@ -293,7 +294,6 @@ fn make_dir(path: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
 /// Deno gets a new seed.
 fn binary_id(deno: &Path) -> Result<String, String> {
     use sha2::{Digest, Sha256};
-    use std::os::unix::fs::MetadataExt;
     let meta =
         std::fs::metadata(deno).map_err(|e| format!("cannot read {}: {e}", deno.display()))?;
     let mut hash = Sha256::new();
@@ -530,7 +530,6 @@ mod tests {
     /// runs' uid changes links themselves, never what they point to.
     #[test]
     fn handing_a_cache_to_the_runs_never_follows_a_link() {
-        use std::os::unix::fs::MetadataExt;
         if effective_uid() != 0 {
             return;
         }
