@@ -481,19 +481,31 @@ mod tests {
         assert_eq!(read_line(&mut reader, &mut line).await.ok(), Some(None));
     }
 
+    /// A claimed channel whose bootstrap is connected and never reads; the
+    /// rest keeps it alive.
+    async fn stalled_bootstrap() -> (
+        ControlEvents,
+        (
+            tempfile::TempDir,
+            tokio::task::JoinSet<()>,
+            tokio::net::UnixStream,
+        ),
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut tasks = tokio::task::JoinSet::new();
+        let control = Control::bind(dir.path(), None, &mut tasks).expect("bind");
+        let stalled = tokio::net::UnixStream::connect(control.path())
+            .await
+            .expect("connect");
+        (control.claim("{}".into()), (dir, tasks, stalled))
+    }
+
     /// A bootstrap that stops reading its keys (a val can break its
     /// reader) fills a bounded queue, not valet's memory: `key_for` says
     /// so, and the caller ends the process.
     #[tokio::test]
     async fn keys_a_bootstrap_does_not_read_are_bounded() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut tasks = tokio::task::JoinSet::new();
-        let control = Control::bind(dir.path(), None, &mut tasks).expect("bind");
-        // Connected, and never reads.
-        let _stalled = tokio::net::UnixStream::connect(control.path())
-            .await
-            .expect("connect");
-        let events = control.claim("{}".into());
+        let (events, _held) = stalled_bootstrap().await;
         assert!(events.reading());
         let key = "k".repeat(4096);
         let mut sent = 0usize;
@@ -516,13 +528,7 @@ mod tests {
     /// out too, once the write has waited long enough.
     #[tokio::test]
     async fn a_write_waiting_on_a_bootstrap_says_it_stopped_reading() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut tasks = tokio::task::JoinSet::new();
-        let control = Control::bind(dir.path(), None, &mut tasks).expect("bind");
-        let _stalled = tokio::net::UnixStream::connect(control.path())
-            .await
-            .expect("connect");
-        let events = control.claim("{}".into());
+        let (events, _held) = stalled_bootstrap().await;
         // Far more than a socket buffer holds, far fewer lines than the
         // queue's half.
         let key = "k".repeat(64 * 1024);
@@ -530,8 +536,10 @@ mod tests {
             assert!(events.key_for(&format!("run_{n}"), &key));
             tokio::task::yield_now().await;
         }
-        assert!(events.reading(), "a write that just began is no stall");
         tokio::time::sleep(std::time::Duration::from_millis(STALLED_AFTER_MS + 200)).await;
+        // The queue is far from half full: it is the waiting write that
+        // says so.
+        assert!(events.down.capacity() > MAX_QUEUED_DOWN / 2);
         assert!(!events.reading());
     }
 
